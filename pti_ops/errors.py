@@ -1,0 +1,38 @@
+"""Exceptions raised for problems a user can cause and fix.
+
+Every message names the input as the user sees it (CLI option or node widget), the value
+received, what was expected and what to do. They subclass the standard types so callers
+that catch ``ValueError`` / ``FileNotFoundError`` keep working.
+"""
+
+
+class PivotalError(Exception):
+    """Base class of this package's errors."""
+
+
+class InvalidInputError(PivotalError, ValueError):
+    """An input value (setting, name, prompt, tensor shape) is not usable."""
+
+
+class DatasetError(PivotalError, ValueError):
+    """The training images or captions cannot be used."""
+
+
+class ModelLoadError(PivotalError, ValueError):
+    """A model could not be built or loaded from what was given."""
+
+
+class MissingModelFileError(ModelLoadError, FileNotFoundError):
+    """A model file or folder the loader needs is not on disk (nothing is ever downloaded)."""
+
+
+class TokenizerError(PivotalError, ValueError):
+    """A placeholder or initializer word does not tokenize as the method needs."""
+
+
+class OutputExistsError(PivotalError, FileExistsError):
+    """An output file already exists and overwriting was not asked for."""
+
+
+class TrainingStopped(PivotalError, RuntimeError):
+    """Training was stopped before the end (cancelled by the caller or diverged)."""
