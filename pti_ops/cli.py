@@ -1,0 +1,87 @@
+"""Command line: `python -m pti_ops <command> …` (also installed as `pti-ops`).
+
+Each command is a pair of functions — `add_<name>_command(subparsers)` declares its options,
+the function it sets as `handler` runs it — so every feature stays in its own module.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import PivotalError
+
+logger = logging.getLogger("pti_ops")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that loads a model."""
+    parser.add_argument("--model", required=True, help="`tiny` (random test model), a diffusers folder, or an SD1.5 .safetensors checkpoint.")
+    parser.add_argument("--tokenizer-dir", default=None, help="folder with CLIP's vocab.json and merges.txt, for single-file checkpoints (see README).")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps (default: cpu).")
+
+
+def add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    """Options that describe the training images."""
+    parser.add_argument("--images", required=True, help="folder of .png/.jpg/.webp images of the character (optional NAME.txt captions beside them).")
+    parser.add_argument("--resolution", type=int, default=None, help="training resolution in pixels (default: the model's native size, 512 for SD1.5).")
+    parser.add_argument("--flip", action="store_true", help="also train on mirrored images.")
+    parser.add_argument("--captions", default="template", choices=["template", "files", "files_or_template"],
+                        help="where prompts come from: the templates, NAME.txt files (with {} for the placeholder), or files where present.")
+    parser.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out with a warning instead of stopping.")
+
+
+class TerminalProgress:
+    """`on_step` callback drawing a tqdm bar with the latest loss and distance."""
+
+    def __init__(self, total: int, description: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, step: int, total: int, logs: dict) -> None:
+        self.bar.update(step - self.bar.n)
+        shown = {k: f"{v:.4g}" for k, v in logs.items() if isinstance(v, float)}
+        if shown:
+            self.bar.set_postfix(shown, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def write_json(path: str | Path, data, overwrite: bool = True) -> Path:
+    """Write `data` as indented JSON atomically."""
+    from .file_io import atomic_write
+
+    text = json.dumps(data, indent=2, default=str)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"), overwrite=overwrite)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .commands import COMMANDS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pti_ops",
+        description="Pivotal tuning for Stable Diffusion: textual inversion, LoRA around the frozen token, measurements.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except PivotalError as err:
+        # Errors a user can fix: one clear sentence, no traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written.", file=sys.stderr)
+        return 130

@@ -1,0 +1,216 @@
+"""Training images: a folder of png/jpg/webp files (+ optional same-name `.txt` captions).
+
+Images are converted to RGB (grayscale, palette, RGBA composited on white, 16-bit scaled, CMYK),
+resized so the shorter side equals the resolution, centre-cropped to a square and kept as uint8
+`[N, 3, H, W]` (one decoded copy). Captions use `{}` where the placeholder goes.
+"""
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DatasetError, InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+CaptionSource = Literal["template", "files", "files_or_template"]
+CAPTION_SOURCES: tuple[str, ...] = ("template", "files", "files_or_template")
+BadImagePolicy = Literal["error", "skip"]
+BAD_IMAGE_POLICIES: tuple[str, ...] = ("error", "skip")
+
+
+@dataclass
+class DatasetConfig:
+    """How to turn image files into training tensors.
+
+    Args:
+        resolution (`int`): side of the square training images in pixels (512 for SD1.5).
+        flip (`bool`): also train on horizontal mirror images (chosen at random per sample).
+        caption_source (`str`): `"template"` uses the prompt templates for every image; `"files"`
+            reads `NAME.txt` beside each image (an error if one is missing); `"files_or_template"`
+            uses the file where there is one and the templates elsewhere.
+        on_bad_image (`str`): `"error"` stops on an unreadable image; `"skip"` leaves it out with a
+            warning that lists the files.
+    """
+
+    resolution: int = 512
+    flip: bool = False
+    caption_source: CaptionSource = "template"
+    on_bad_image: BadImagePolicy = "error"
+
+    def __post_init__(self):
+        if not isinstance(self.resolution, int) or self.resolution < 8:
+            raise InvalidInputError(f"`resolution` must be an integer of at least 8 pixels, got {self.resolution!r}.")
+        if self.caption_source not in CAPTION_SOURCES:
+            raise InvalidInputError(f"`caption_source` must be one of {CAPTION_SOURCES}, got {self.caption_source!r}.")
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise InvalidInputError(f"`on_bad_image` must be one of {BAD_IMAGE_POLICIES}, got {self.on_bad_image!r}.")
+
+
+@dataclass
+class ImageDataset:
+    """Training images and their captions.
+
+    Args:
+        images (`torch.Tensor`): uint8 `[N, 3, resolution, resolution]`.
+        names (`list[str]`): a name per image (file name), for messages and reports.
+        captions (`list[str | None]`): per-image caption with `{}` for the placeholder, or None
+            where the prompt templates are used.
+        flip (`bool`): whether mirrored copies are trained on too.
+    """
+
+    images: torch.Tensor
+    names: list[str]
+    captions: list[str | None] = field(default_factory=list)
+    flip: bool = False
+
+    def __post_init__(self):
+        if not self.captions:
+            self.captions = [None] * len(self.names)
+        if len(self.images) == 0:
+            raise DatasetError("the dataset has no image.")
+        if not (len(self.images) == len(self.names) == len(self.captions)):
+            raise DatasetError("images, names and captions must have the same length.")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[-1]
+
+    def pixels(self, indices: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """Images as float `[n, 3, H, W]` in [-1, 1], the VAE's input range."""
+        images = self.images if indices is None else self.images[indices]
+        return images.float() / 127.5 - 1.0
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: alpha composited on white, 16-bit scaled, CMYK converted."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize so the shorter side is `resolution`, then crop the centre square."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(new_size, Image.Resampling.LANCZOS)
+    left = (new_size[0] - resolution) // 2
+    top = (new_size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 `[3, H, W]` from an RGB PIL image."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Image files of `folder` (not recursive), sorted by name so runs are reproducible."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def read_caption(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"caption file {path} is not UTF-8 text ({err.reason} at byte {err.start}).") from err
+    if not text:
+        raise DatasetError(f"caption file {path} is empty: write a caption with {{}} where the placeholder goes, or delete it.")
+    return " ".join(text.split())
+
+
+def load_image_folder(folder: str | Path, config: DatasetConfig | None = None) -> ImageDataset:
+    """Load every image of `folder` (+ captions) as an `ImageDataset`.
+
+    Args:
+        folder (`str`): folder of png/jpg/jpeg/webp files, with optional `NAME.txt` captions.
+        config (`DatasetConfig`): resolution, flip, caption source, bad-image policy.
+    """
+    config = config or DatasetConfig()
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"image folder {str(folder)!r} does not exist or is not a folder.")
+    files = list_image_files(folder)
+    if not files:
+        raise DatasetError(
+            f"image folder {folder} contains no image: put .png, .jpg, .jpeg or .webp files of the character in it."
+        )
+    captions = _captions_for(files, config.caption_source)
+    tensors, names, kept_captions, bad, small = [], [], [], [], []
+    for path, caption in zip(files, captions):
+        try:
+            with Image.open(path) as image:
+                image.load()
+                rgb = to_rgb(image)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            bad.append(f"{path.name} ({type(err).__name__}: {err})")
+            continue
+        if min(rgb.size) < config.resolution:
+            small.append(f"{path.name} {rgb.size[0]}x{rgb.size[1]}")
+        tensors.append(image_to_tensor(resize_and_crop(rgb, config.resolution)))
+        names.append(path.name)
+        kept_captions.append(caption)
+    _report_problems(folder, bad, small, config, n_good=len(tensors))
+    return ImageDataset(torch.stack(tensors), names, kept_captions, flip=config.flip)
+
+
+def _captions_for(files: list[Path], source: CaptionSource) -> list[str | None]:
+    if source == "template":
+        return [None] * len(files)
+    paths = [f.with_suffix(".txt") for f in files]
+    missing = [f.name for f, p in zip(files, paths) if not p.is_file()]
+    if source == "files" and missing:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise DatasetError(
+            f"captions are read from files but {len(missing)} image(s) have no same-name .txt file: {shown}. "
+            "Add them, or use caption source `files_or_template`."
+        )
+    return [read_caption(p) if p.is_file() else None for p in paths]
+
+
+def _report_problems(folder: Path, bad: list[str], small: list[str], config: DatasetConfig, n_good: int) -> None:
+    if bad and (config.on_bad_image == "error" or n_good == 0):
+        raise DatasetError(
+            f"{len(bad)} file(s) in {folder} could not be read as images: {'; '.join(bad[:5])}. "
+            + ("No readable image is left." if n_good == 0 else "Fix or remove them, or set on_bad_image to `skip`.")
+        )
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {folder}: {'; '.join(bad)}", stacklevel=3)
+    if small:
+        warnings.warn(
+            f"{len(small)} image(s) are smaller than the training resolution {config.resolution} and were "
+            f"upscaled, which blurs them: {', '.join(small[:5])}",
+            stacklevel=3,
+        )
+
+
+def dataset_from_tensor(images: torch.Tensor, resolution: int, flip: bool = False, captions: list[str | None] | None = None) -> ImageDataset:
+    """An `ImageDataset` from a float image batch `[N, H, W, 3]` in [0, 1] (ComfyUI's IMAGE layout)."""
+    if images.ndim != 4 or images.shape[-1] not in (3, 4):
+        raise DatasetError(f"image batch must be [N, H, W, 3], got shape {tuple(images.shape)}.")
+    pil_images = [
+        Image.fromarray((img[..., :3].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy(), mode="RGB")
+        for img in images
+    ]
+    tensors = [image_to_tensor(resize_and_crop(img, resolution)) for img in pil_images]
+    names = [f"image_{i:04d}" for i in range(len(tensors))]
+    return ImageDataset(torch.stack(tensors), names, captions or [None] * len(names), flip=flip)

@@ -1,0 +1,253 @@
+"""Textual inversion of the placeholder token: step 1 of pivotal tuning (the TokenInversion core).
+
+Only the placeholder's embedding rows are trained, with the ordinary denoising loss on the
+character's images; UNet, VAE and the rest of the text encoder stay frozen. The distance the
+token travels from its initializer is measured along the run, because the method chooses the
+inversion learning rate by that distance (METHOD.md, step 1).
+"""
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from .batches import DEFAULT_TEMPLATES, BatchSampler, build_caption_table, check_templates
+from .bundle import ModelBundle
+from .dataset import ImageDataset
+from .diffusion_loss import add_noise, check_timestep_range, denoising_loss
+from .errors import InvalidInputError, TrainingStopped
+from .latent_cache import encode_latents
+from .placeholder import PlaceholderToken, TrainableVectors, add_placeholder, placeholder_vectors, spliced_placeholder
+from .text_conditioning import encode_tokens
+
+logger = logging.getLogger(__name__)
+
+NormMode = Literal["none", "pull", "fixed"]
+NORM_MODES: tuple[str, ...] = ("none", "pull", "fixed")
+StepCallback = Callable[[int, int, dict], None]
+
+
+@dataclass
+class InversionConfig:
+    """Settings of a textual inversion run.
+
+    Args:
+        placeholder (`str`): the new word prompts will use, e.g. `tok1`.
+        initializer (`str`): class word whose embedding the placeholder starts from, e.g. `character`.
+        num_vectors (`int`): embedding vectors behind the placeholder (more = more capacity, less editable).
+        templates (`list[str]`): prompt templates with `{}` for the placeholder, used for images without
+            their own caption.
+        steps (`int`): optimiser steps (the notes fix 1000 and vary the learning rate).
+        learning_rate (`float`): AdamW learning rate; the distance travelled grows with lr × steps.
+        batch_size (`int`): images per micro-batch.
+        gradient_accumulation_steps (`int`): micro-batches per optimiser step.
+        seed (`int`): fixes noise, timesteps, image order, flips and caption choice.
+        timestep_range (`tuple[int, int]`, *optional*): train on timesteps in [t_min, t_max) only.
+        norm_mode (`str`): `none`; `pull` adds `norm_strength · (‖e‖ − m)²` with m the measured mean
+            norm of the vocabulary rows; `fixed` learns directions only, the norm held at m.
+        norm_strength (`float`): weight of the `pull` term.
+        weight_decay (`float`): AdamW decay of the vectors (towards zero, so off by default).
+        max_grad_norm (`float`, *optional*): clip the vectors' gradient norm.
+        clip_skip (`int`): 1 = last text-encoder layer, 2 = penultimate (as the model is sampled).
+        history_every (`int`): record loss and distances every this many steps (and at the last).
+        nearest_k (`int`): vocabulary tokens nearest to each vector reported in the history.
+    """
+
+    placeholder: str = "tok1"
+    initializer: str = "character"
+    num_vectors: int = 1
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    steps: int = 1000
+    learning_rate: float = 5e-4
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    timestep_range: tuple[int, int] | None = None
+    norm_mode: NormMode = "none"
+    norm_strength: float = 1.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    clip_skip: int = 1
+    history_every: int = 10
+    nearest_k: int = 3
+
+    def __post_init__(self):
+        self.templates = check_templates(self.templates)
+        _check_positive_int("steps", self.steps)
+        _check_positive_int("batch_size", self.batch_size)
+        _check_positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _check_positive_int("history_every", self.history_every)
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise InvalidInputError(f"`learning_rate` must be a positive finite number, got {self.learning_rate!r}.")
+        if self.norm_mode not in NORM_MODES:
+            raise InvalidInputError(f"`norm_mode` must be one of {NORM_MODES}, got {self.norm_mode!r}.")
+        if self.norm_strength < 0 or self.weight_decay < 0:
+            raise InvalidInputError("`norm_strength` and `weight_decay` must not be negative.")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidInputError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+@dataclass
+class InversionResult:
+    """What an inversion run produced.
+
+    Args:
+        token (`PlaceholderToken`): the placeholder as added to the bundle's tokenizer.
+        vectors (`torch.Tensor`): trained vectors `[num_vectors, dim]`, float32 on the CPU.
+        initial_vectors (`torch.Tensor`): the vectors before training.
+        vocabulary_norm (`float`): measured mean norm of the original vocabulary rows.
+        history (`list[dict]`): records of step, loss, distance, norm, cosine, nearest tokens.
+        config (`InversionConfig`): the settings used.
+    """
+
+    token: PlaceholderToken
+    vectors: torch.Tensor
+    initial_vectors: torch.Tensor
+    vocabulary_norm: float
+    history: list[dict]
+    config: InversionConfig
+
+    def metadata(self, base_model: str) -> dict[str, str]:
+        """String metadata for the embedding file: the inputs that produced it."""
+        c = self.config
+        return {
+            "placeholder": c.placeholder,
+            "initializer": c.initializer,
+            "num_vectors": str(c.num_vectors),
+            "steps": str(c.steps),
+            "lr": repr(c.learning_rate),
+            "batch_size": str(c.batch_size),
+            "seed": str(c.seed),
+            "norm_mode": c.norm_mode,
+            "templates": " | ".join(c.templates),
+            "base_model": base_model,
+            "distance_from_init": f"{self.history[-1]['distance']:.6g}" if self.history else "",
+        }
+
+
+def vocabulary_mean_norm(bundle: ModelBundle, exclude_ids: tuple[int, ...] = ()) -> float:
+    """Mean L2 norm of the token-embedding rows, without the given (placeholder) rows."""
+    weight = bundle.text_encoder.get_input_embeddings().weight.detach()
+    keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+    keep[list(exclude_ids)] = False
+    return weight[keep].float().norm(dim=-1).mean().item()
+
+
+def run_inversion(
+    bundle: ModelBundle,
+    dataset: ImageDataset,
+    config: InversionConfig,
+    on_step: StepCallback | None = None,
+) -> InversionResult:
+    """Train the placeholder's embedding on `dataset`; add the trained token to `bundle`.
+
+    The bundle's tokenizer and text encoder gain the placeholder (its rows hold the trained
+    vectors at the end, or the last vectors if `on_step` raised to stop). Everything else in the
+    bundle is left bit-identical.
+
+    Args:
+        bundle (`ModelBundle`): the model; its modules are frozen by this function.
+        dataset (`ImageDataset`): the character's images.
+        config (`InversionConfig`): the settings.
+        on_step (`callable`, *optional*): `on_step(step, total, logs)` after every optimiser step;
+            `logs` holds the latest history record on recording steps. It may raise to stop.
+    """
+    bundle.freeze()
+    t_range = check_timestep_range(config.timestep_range, bundle.noise_scheduler)
+    token = add_placeholder(bundle.tokenizer, bundle.text_encoder, config.placeholder, config.initializer, config.num_vectors)
+    captions = build_caption_table(dataset, config.templates, token, bundle.tokenizer)
+    vocab_norm = vocabulary_mean_norm(bundle, token.token_ids)
+    initial = placeholder_vectors(bundle.text_encoder, token).to(bundle.device)
+    vectors = TrainableVectors(initial, fixed_norm=vocab_norm if config.norm_mode == "fixed" else None)
+    latents = encode_latents(bundle.vae, dataset, batch_size=max(config.batch_size, 4))
+
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = BatchSampler(len(dataset), config.batch_size, latents.num_views, captions, generator)
+    optimizer = torch.optim.AdamW([vectors.raw], lr=config.learning_rate, weight_decay=config.weight_decay)
+    tracker = _HistoryTracker(bundle, token, initial, vocab_norm, config)
+    try:
+        with spliced_placeholder(bundle.text_encoder, token, vectors):
+            for step in range(1, config.steps + 1):
+                loss = _inversion_step(bundle, sampler, latents, vectors, optimizer, config, t_range, vocab_norm)
+                logs = tracker.update(step, loss, vectors)
+                if on_step is not None:
+                    on_step(step, config.steps, logs)
+    finally:
+        del optimizer
+    return InversionResult(token, placeholder_vectors(bundle.text_encoder, token), initial.cpu(), vocab_norm, tracker.history, config)
+
+
+def _inversion_step(bundle, sampler, latents, vectors, optimizer, config, t_range, vocab_norm) -> torch.Tensor:
+    """One optimiser step over `gradient_accumulation_steps` micro-batches; returns the mean loss (no sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=bundle.device)
+    accum = config.gradient_accumulation_steps
+    for _ in range(accum):
+        batch_latents, input_ids = sampler.next(latents)
+        noised = add_noise(bundle.noise_scheduler, batch_latents.to(bundle.device), sampler.generator, t_range)
+        conditioning = encode_tokens(bundle.text_encoder, input_ids, config.clip_skip)
+        loss = denoising_loss(bundle.unet, noised, conditioning)
+        if config.norm_mode == "pull":
+            loss = loss + config.norm_strength * (vectors().norm(dim=-1) - vocab_norm).pow(2).mean()
+        (loss / accum).backward()
+        total += loss.detach() / accum
+    if config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([vectors.raw], config.max_grad_norm)
+    optimizer.step()
+    return total
+
+
+class _HistoryTracker:
+    """Records loss and the placeholder's distance from its start every `history_every` steps."""
+
+    def __init__(self, bundle: ModelBundle, token: PlaceholderToken, initial: torch.Tensor, vocab_norm: float, config: InversionConfig):
+        self.config = config
+        self.initial = initial.float()
+        self.tokenizer = bundle.tokenizer
+        weight = bundle.text_encoder.get_input_embeddings().weight.detach().float()
+        # Nearest tokens are searched among the original vocabulary only (not the placeholder rows).
+        self.vocab_unit = torch.nn.functional.normalize(weight[: min(token.token_ids)], dim=-1)
+        self.history: list[dict] = []
+        self.loss_sum = torch.zeros((), device=initial.device)
+        self.loss_count = 0
+
+    def update(self, step: int, loss: torch.Tensor, vectors: TrainableVectors) -> dict:
+        self.loss_sum += loss
+        self.loss_count += 1
+        if step % self.config.history_every and step != self.config.steps:
+            return {}
+        mean_loss = (self.loss_sum / self.loss_count).item()  # the only host sync, once per record
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        if not math.isfinite(mean_loss):
+            raise TrainingStopped(
+                f"the loss became {mean_loss} at step {step}: training diverged. Lower the learning rate "
+                f"(now {self.config.learning_rate:g})."
+            )
+        record = {"step": step, "loss": mean_loss, **self.measure(vectors().detach().float())}
+        self.history.append(record)
+        return record
+
+    def measure(self, current: torch.Tensor) -> dict:
+        """‖e − e0‖ (over all vectors), mean ‖e‖, mean cos(e, e0), nearest vocabulary tokens per vector."""
+        cosine = torch.nn.functional.cosine_similarity(current, self.initial, dim=-1)
+        similarity = torch.nn.functional.normalize(current, dim=-1) @ self.vocab_unit.T
+        nearest_ids = similarity.topk(self.config.nearest_k, dim=-1).indices.tolist()
+        return {
+            "distance": (current - self.initial).norm().item(),
+            "norm": current.norm(dim=-1).mean().item(),
+            "cosine": cosine.mean().item(),
+            "nearest": [self.tokenizer.convert_ids_to_tokens(ids) for ids in nearest_ids],
+        }
+
+
+def config_to_dict(config: InversionConfig) -> dict:
+    """A JSON-ready dict of the settings."""
+    data = asdict(config)
+    data["timestep_range"] = list(config.timestep_range) if config.timestep_range else None
+    return data
