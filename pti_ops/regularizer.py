@@ -1,0 +1,401 @@
+"""The locality regulariser of pivotal tuning for diffusion (METHOD.md step 3).
+
+While the UNet's LoRA learns the placeholder, the tuned UNet must keep predicting what the
+original UNet predicts at *other* conditionings `c_r`, near the placeholder's. This module picks
+those conditionings; the trainer compares the two UNets' predictions there (`locality_loss`).
+
+Modes (`REGULARIZER_MODES`):
+- `none`: no regularisation.
+- `empty`: the encoding of the empty prompt `""` (PTI's "random image" baseline).
+- `class`: the template with the class word (`anchor`) instead of the placeholder.
+- `path`: per token position, SLERP (or vSLERP around a centre) between the encoding of the
+  template with the placeholder and with the class word, at t. Positions before the placeholder
+  are identical in both prompts under CLIP's causal mask; they are copied from the placeholder
+  prompt's encoding.
+- `sphere`: per token position, a random point at the same angle from the placeholder's encoding
+  (and the same norm) as the `path` point at t (note 003).
+
+The encodings of both endpoints do not change while the LoRA is tuned (the pivot is frozen), so
+they are computed once, by one text-encoder call; only the cheap interpolation is redone per step
+when t is sampled or the mode is random.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Mapping, get_args
+
+import torch
+
+from .bundle import ModelBundle
+from .errors import InvalidInputError, TokenizerError
+from .interpolation import rotate_towards_random, slerp, vslerp
+from .placeholder import PlaceholderToken
+from .text_conditioning import encode_prompts, tokenize
+
+RegularizerMode = Literal["none", "empty", "class", "path", "sphere"]
+REGULARIZER_MODES: tuple[str, ...] = get_args(RegularizerMode)
+InterpolationMode = Literal["slerp", "vslerp"]
+INTERPOLATION_MODES: tuple[str, ...] = get_args(InterpolationMode)
+# Modes that interpolate between the placeholder prompt and the class prompt, position by position.
+POSITIONAL_MODES = ("path", "sphere")
+
+DEFAULT_TEMPLATES = ("an anime illustration of {}",)
+DEFAULT_T = 0.5
+
+
+def _check_number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInputError(f"`{name}` must be a finite number, got {value!r}.")
+    if low is not None and value < low or high is not None and value > high:
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise InvalidInputError(f"`{name}` must be {bounds}, got {value}.")
+    return float(value)
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"`{name}` must be a whole number of at least 1, got {value!r}.")
+    return value
+
+
+def _check_pair(name: str, value: Any, low: float, high: float | None, kind: type) -> tuple:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise InvalidInputError(f"`{name}` must be a pair (min, max), got {value!r}.")
+    lo, hi = (_check_number(name, v, low, high) for v in value)
+    if kind is int and not all(float(v).is_integer() for v in value):
+        raise InvalidInputError(f"`{name}` must hold whole numbers, got {value!r}.")
+    if lo > hi:
+        raise InvalidInputError(f"`{name}` must be (min, max) with min <= max, got {value!r}.")
+    return kind(lo), kind(hi)
+
+
+@dataclass
+class RegularizerConfig:
+    """Settings of the locality regulariser.
+
+    Args:
+        mode (`str`): which conditionings to keep unchanged: `none`, `empty`, `class`, `path` (the
+            method's default: halfway between the placeholder and the class word) or `sphere`.
+        anchor (`str`): the class word that replaces the placeholder, e.g. `character`.
+        templates (`list[str]`): prompt templates with `{}` where the placeholder / class word goes.
+        interpolation (`str`): `slerp` (around the origin) or `vslerp` (around a centre vector:
+            `centre`, or the per-position centres of the norm statistics).
+        centre (`torch.Tensor`, *optional*): vSLERP centre, `[tokens, dim]` or `[dim]`.
+        t (`float`): position on the path, 0 = placeholder prompt, 1 = class prompt.
+        t_range (`tuple[float, float]`, *optional*): sample t uniformly in [min, max] at each
+            application instead (then `t` is ignored).
+        weight (`float`): λ_R, the weight of the locality loss next to the diffusion loss. 1.0 as
+            DreamBooth's prior-preservation weight: both are ε-prediction MSEs, on the same scale
+            (PTI's 0.1 weighs an image-space LPIPS term, a different scale). 0 turns it off.
+        every (`int`): apply the regulariser every k training steps (fewer UNet passes).
+        samples (`int`): regularisation conditionings per application (a UNet pass each).
+        image_space (`bool`): also compare decoded x0 predictions with LPIPS + L2, as PTI does
+            (costs two VAE decodes; the trainer computes it).
+        image_l2_weight (`float`): λ_L2 of that image-space L2 term (PTI's λ^R_L2 = 0.1).
+        timestep_range (`tuple[int, int]`, *optional*): (min, max) timesteps, inclusive, for the
+            regularisation's noisy latents; None uses the training timesteps.
+    """
+
+    mode: RegularizerMode = "path"
+    anchor: str = "character"
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    interpolation: InterpolationMode = "slerp"
+    # compare/repr off: a [77, 768] tensor has no truth value and would flood the repr.
+    centre: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    t: float = DEFAULT_T
+    t_range: tuple[float, float] | None = None
+    weight: float = 1.0
+    every: int = 1
+    samples: int = 1
+    image_space: bool = False
+    image_l2_weight: float = 0.1
+    timestep_range: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.mode not in REGULARIZER_MODES:
+            raise InvalidInputError(f"`mode` must be one of {', '.join(REGULARIZER_MODES)}; got {self.mode!r}.")
+        if self.interpolation not in INTERPOLATION_MODES:
+            raise InvalidInputError(
+                f"`interpolation` must be one of {', '.join(INTERPOLATION_MODES)}; got {self.interpolation!r}."
+            )
+        if not isinstance(self.anchor, str) or not self.anchor.strip() or "{}" in self.anchor:
+            raise InvalidInputError(f"`anchor` must be a class word such as `character`, got {self.anchor!r}.")
+        self.anchor = self.anchor.strip()
+        self.templates = self._checked_templates(self.templates)
+        self.t = _check_number("t", self.t, 0.0, 1.0)
+        if self.t_range is not None:
+            self.t_range = _check_pair("t_range", self.t_range, 0.0, 1.0, float)
+            if self.t != DEFAULT_T:
+                warnings.warn(f"`t`={self.t} is ignored because `t_range` {self.t_range} is given.", stacklevel=3)
+        self.weight = _check_number("weight", self.weight, 0.0)
+        self.every = _check_count("every", self.every)
+        self.samples = _check_count("samples", self.samples)
+        if not isinstance(self.image_space, bool):
+            raise InvalidInputError(f"`image_space` must be true or false, got {self.image_space!r}.")
+        self.image_l2_weight = _check_number("image_l2_weight", self.image_l2_weight, 0.0)
+        if self.timestep_range is not None:
+            self.timestep_range = _check_pair("timestep_range", self.timestep_range, 0, None, int)
+        self._check_centre()
+
+    @staticmethod
+    def _checked_templates(templates: Any) -> list[str]:
+        if isinstance(templates, str):  # one template given as text (JSON, a node's text box)
+            templates = [templates]
+        if not isinstance(templates, (list, tuple)) or not templates:
+            raise InvalidInputError(f"`templates` must be a non-empty list of prompts, got {templates!r}.")
+        for template in templates:
+            if not isinstance(template, str) or "{}" not in template:
+                raise InvalidInputError(
+                    f"each of `templates` must contain {{}} where the placeholder goes, e.g. "
+                    f"'an anime illustration of {{}}'; got {template!r}."
+                )
+        return list(templates)
+
+    def _check_centre(self) -> None:
+        if self.centre is None:
+            return
+        if not isinstance(self.centre, torch.Tensor):
+            self.centre = torch.as_tensor(self.centre, dtype=torch.float32)  # a list from JSON
+        if self.centre.ndim not in (1, 2) or not torch.isfinite(self.centre).all():
+            raise InvalidInputError(
+                f"`centre` must be a finite [tokens, dim] or [dim] tensor, got shape {tuple(self.centre.shape)}."
+            )
+        if self.interpolation != "vslerp":
+            warnings.warn("`centre` is ignored because `interpolation` is not `vslerp`.", stacklevel=4)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RegularizerConfig":
+        """A config from a plain dict (sweep file, JSON input); unknown keys are an error.
+
+        `centre_shape`, written by `to_dict` for metadata, is accepted and ignored: the centre
+        tensor itself must be given again.
+        """
+        names = {f.name for f in fields(cls)}
+        data = {k: v for k, v in dict(data).items() if k != "centre_shape"}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InvalidInputError(
+                f"unknown regulariser setting(s) {', '.join(map(repr, unknown))}; valid settings are "
+                f"{', '.join(sorted(names))}."
+            )
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings for file metadata; the centre tensor is recorded by its shape only."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "centre"}
+        out["templates"] = list(self.templates)
+        for key in ("t_range", "timestep_range"):
+            out[key] = None if out[key] is None else list(out[key])
+        out["centre_shape"] = None if self.centre is None else list(self.centre.shape)
+        return out
+
+
+@dataclass
+class _Encodings:
+    """The encoder outputs the conditionings are made from, computed once.
+
+    `placeholder`, `anchor`: `[n_templates, tokens, dim]` (`anchor` alone for `class`, the empty
+    prompt alone for `empty`). `interpolated`: `[n_templates, tokens, 1]`, True at positions from the
+    placeholder's first token on.
+    """
+
+    placeholder: torch.Tensor | None
+    anchor: torch.Tensor
+    interpolated: torch.Tensor | None
+
+
+class LocalityRegularizer:
+    """Regularisation conditionings `c_r` for one placeholder, one model and one config.
+
+    Everything is checked when it is built; the text encoder runs once, on first use (so build it
+    once the pivot is final, or call `refresh()` after the placeholder's vectors change, as in a
+    joint schedule). With a text-encoder LoRA, make the first call before tuning starts so that
+    `c_r` comes from the original encoder.
+
+    Args:
+        bundle (`ModelBundle`): the model, its tokenizer and text encoder holding the placeholder.
+        token (`PlaceholderToken`): the placeholder, as returned by `add_placeholder`.
+        config (`RegularizerConfig`): the settings.
+        centres (`torch.Tensor`, *optional*): per-position vSLERP centres `[tokens, dim]` from the
+            norm statistics, used when `config.centre` is not set.
+        clip_skip (`int`): encoder layer, as in training (1 = last).
+    """
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        token: PlaceholderToken,
+        config: RegularizerConfig,
+        centres: torch.Tensor | None = None,
+        clip_skip: int = 1,
+    ):
+        self.bundle, self.token, self.config, self.clip_skip = bundle, token, config, clip_skip
+        self.placeholder_prompts = [token.expand(tpl.replace("{}", token.placeholder)) for tpl in config.templates]
+        self.anchor_prompts = [tpl.replace("{}", config.anchor) for tpl in config.templates]
+        self.centre = self._resolve_centre(centres)
+        self._check_timestep_range()
+        self._starts = self._check_alignment() if config.mode in POSITIONAL_MODES else None
+        self._encodings: _Encodings | None = None
+        self._fixed: torch.Tensor | None = None  # final conditionings when nothing is sampled
+
+    # -- checks (all before any encoding) -------------------------------------------------------
+
+    def _resolve_centre(self, centres: torch.Tensor | None) -> torch.Tensor | None:
+        config = self.config
+        if config.interpolation != "vslerp" or config.mode not in POSITIONAL_MODES:
+            return None
+        if config.centre is not None and centres is not None:
+            raise InvalidInputError(
+                "two vSLERP centres were given (the regulariser's `centre` and the norm statistics): give one."
+            )
+        centre = config.centre if config.centre is not None else centres
+        if centre is None:
+            raise InvalidInputError(
+                "`interpolation` is `vslerp` but no centre was given: connect norm statistics, give "
+                "`centre`, or use `slerp`."
+            )
+        tokens, dim = self.bundle.tokenizer.model_max_length, self.bundle.embedding_dim
+        centre = torch.as_tensor(centre).detach().float()
+        if centre.shape not in ((dim,), (tokens, dim)):
+            raise InvalidInputError(
+                f"vSLERP centre of shape {tuple(centre.shape)} does not fit this text encoder, which gives "
+                f"[{tokens}, {dim}] per prompt: use centres measured on the same model."
+            )
+        return centre
+
+    def _check_timestep_range(self) -> None:
+        span = self.config.timestep_range
+        total = self.bundle.noise_scheduler.config.num_train_timesteps
+        if span is not None and span[1] >= total:
+            raise InvalidInputError(f"`timestep_range` {span} goes past the model's last timestep {total - 1}.")
+
+    def _check_alignment(self) -> torch.Tensor:
+        """Index of the placeholder's first token in each template; raises if positions misalign."""
+        tokenizer, token = self.bundle.tokenizer, self.token
+        anchor_ids = tokenizer(self.config.anchor, add_special_tokens=False).input_ids
+        if len(anchor_ids) != token.num_vectors:
+            pieces = " ".join(tokenizer.convert_ids_to_tokens(anchor_ids))
+            raise TokenizerError(
+                f"class word `anchor` {self.config.anchor!r} is {len(anchor_ids)} tokens ({pieces}) but the "
+                f"placeholder {token.placeholder!r} is {token.num_vectors}: the `{self.config.mode}` mode "
+                f"compares the two prompts position by position. Choose a class word of {token.num_vectors} "
+                f"token(s) (a single-token word for a one-vector placeholder) or set `num_vectors` to "
+                f"{len(anchor_ids)}."
+            )
+        with_placeholder = tokenize(tokenizer, self.placeholder_prompts)
+        with_anchor = tokenize(tokenizer, self.anchor_prompts)
+        is_placeholder = torch.isin(with_placeholder, torch.tensor(token.token_ids))
+        starts = []
+        for i, template in enumerate(self.config.templates):
+            if not is_placeholder[i].any():
+                raise InvalidInputError(
+                    f"template {template!r} is longer than the {with_placeholder.shape[1]} tokens the text "
+                    "encoder reads and the placeholder is cut off: shorten it."
+                )
+            if not torch.equal(with_placeholder[i][~is_placeholder[i]], with_anchor[i][~is_placeholder[i]]):
+                raise TokenizerError(
+                    f"template {template!r} tokenizes differently around the placeholder and around the class "
+                    f"word {self.config.anchor!r}, so positions do not line up: put spaces around {{}}."
+                )
+            starts.append(int(is_placeholder[i].nonzero()[0]))
+        return torch.tensor(starts)
+
+    # -- encodings, computed once ---------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Forget the cached encodings (after the placeholder's vectors changed)."""
+        self._encodings, self._fixed = None, None
+
+    def _encode(self) -> _Encodings:
+        if self._encodings is not None:
+            return self._encodings
+        tokenizer, encoder, mode = self.bundle.tokenizer, self.bundle.text_encoder, self.config.mode
+        if mode == "empty":
+            self._encodings = _Encodings(None, encode_prompts(tokenizer, encoder, [""], self.clip_skip), None)
+        elif mode == "class":
+            self._encodings = _Encodings(None, encode_prompts(tokenizer, encoder, self.anchor_prompts, self.clip_skip), None)
+        else:
+            # One encoder call for both endpoints of every template.
+            both = encode_prompts(tokenizer, encoder, self.placeholder_prompts + self.anchor_prompts, self.clip_skip)
+            placeholder, anchor = both.split(len(self.placeholder_prompts))
+            positions = torch.arange(both.shape[1])
+            interpolated = (positions[None, :] >= self._starts[:, None]).unsqueeze(-1).to(both.device)
+            self._encodings = _Encodings(placeholder, anchor, interpolated)
+        return self._encodings
+
+    # -- per application ------------------------------------------------------------------------
+
+    @property
+    def is_random(self) -> bool:
+        """Whether conditionings change between applications (sampled t or random directions)."""
+        return self.config.mode == "sphere" or (self.config.mode == "path" and self.config.t_range is not None)
+
+    def is_active(self, step: int) -> bool:
+        """Whether training step `step` (counted from 0) includes the locality loss."""
+        config = self.config
+        return config.mode != "none" and config.weight > 0 and step % config.every == 0
+
+    def conditionings(self, step: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """The conditionings `c_r` for step `step`, `[samples, tokens, dim]`, or None if inactive.
+
+        Args:
+            step (`int`): the training step, counted from 0.
+            generator (`torch.Generator`, *optional*): for sampled t, random directions and the
+                choice of templates when `samples` is smaller than their number.
+        """
+        if not self.is_active(step):
+            return None
+        picks = self._pick_templates(generator)
+        if not self.is_random:
+            if self._fixed is None:
+                self._fixed = self._build(torch.arange(self._num_sources()), generator)
+            return self._fixed[picks]
+        return self._build(picks, generator)
+
+    def _num_sources(self) -> int:
+        return 1 if self.config.mode == "empty" else len(self.config.templates)
+
+    def _pick_templates(self, generator: torch.Generator | None) -> torch.Tensor:
+        """Which template each sample uses: all in turn, or a random subset when samples < templates."""
+        n, samples = self._num_sources(), self.config.samples
+        if samples >= n:
+            return torch.arange(samples) % n
+        device = generator.device if generator is not None else "cpu"
+        return torch.randperm(n, generator=generator, device=device)[:samples].cpu()
+
+    def _sample_t(self, count: int, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+        """t per sample, `[count, 1, 1]`."""
+        if self.config.t_range is None:
+            return torch.full((count, 1, 1), self.config.t, dtype=torch.float32, device=like.device)
+        t_min, t_max = self.config.t_range
+        device = generator.device if generator is not None else "cpu"
+        u = torch.rand((count, 1, 1), generator=generator, device=device).to(like.device)
+        return t_min + (t_max - t_min) * u
+
+    def _build(self, picks: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Conditionings for the templates `picks`, `[len(picks), tokens, dim]`."""
+        enc = self._encode()
+        if self.config.mode in ("empty", "class"):
+            return enc.anchor[picks]
+        start, end = enc.placeholder[picks], enc.anchor[picks]
+        t = self._sample_t(len(picks), generator, start)
+        centre = torch.zeros((), device=start.device) if self.centre is None else self.centre.to(start.device)
+        if self.config.mode == "path":
+            inner = slerp(start, end, t) if self.centre is None else vslerp(start, end, t, centre)
+        else:
+            inner = centre + rotate_towards_random(start - centre, end - centre, t, generator)
+        # Positions before the placeholder stay exactly the placeholder prompt's.
+        return torch.where(enc.interpolated[picks], inner.to(start.dtype), start)
+
+
+def locality_loss(tuned_pred: torch.Tensor, base_pred: torch.Tensor) -> torch.Tensor:
+    """MSE between the tuned UNet's prediction and the original one's at the same input.
+
+    Args:
+        tuned_pred (`torch.Tensor`): prediction with the adapters enabled (carries the gradient).
+        base_pred (`torch.Tensor`): prediction with the adapters disabled (the target; detached).
+    """
+    if tuned_pred.shape != base_pred.shape:
+        raise ValueError(f"prediction shapes differ: {tuple(tuned_pred.shape)} and {tuple(base_pred.shape)}.")
+    return torch.nn.functional.mse_loss(tuned_pred.float(), base_pred.detach().float())

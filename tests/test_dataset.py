@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pti_ops.dataset import DatasetConfig, dataset_from_tensor, load_image_folder
+from pti_ops.errors import DatasetError, InvalidInputError
+
+
+def _save(folder, name, image):
+    folder.mkdir(exist_ok=True)
+    image.save(folder / name)
+
+
+def test_folder_images_are_resized_and_centre_cropped(tmp_path):
+    wide = Image.new("RGB", (80, 40), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 10, 40))  # blue strip on the left edge is cropped away
+    _save(tmp_path, "a.png", wide)
+    data = load_image_folder(tmp_path, DatasetConfig(resolution=32))
+    assert data.images.shape == (1, 3, 32, 32) and data.images.dtype == torch.uint8
+    assert data.images[0, 0].min() == 255 and data.images[0, 2].max() == 0
+    assert data.names == ["a.png"] and data.captions == [None]
+    assert data.pixels().min() >= -1 and data.pixels().max() <= 1
+
+
+@pytest.mark.parametrize(
+    "mode, colour, expected",
+    [
+        ("L", 128, (128, 128, 128)),
+        ("RGBA", (255, 0, 0, 0), (255, 255, 255)),  # transparent -> white background
+        ("RGBA", (0, 255, 0, 255), (0, 255, 0)),
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+        ("I;16", 65535, (255, 255, 255)),
+        ("I;16", 32896, (128, 128, 128)),
+    ],
+)
+def test_image_modes_are_converted_to_rgb(tmp_path, mode, colour, expected):
+    suffix = ".jpg" if mode == "CMYK" else ".png"
+    _save(tmp_path, "img" + suffix, Image.new(mode, (32, 32), colour))
+    data = load_image_folder(tmp_path, DatasetConfig(resolution=32))
+    pixel = tuple(data.images[0, :, 16, 16].tolist())
+    assert np.allclose(pixel, expected, atol=2), pixel
+
+
+def test_palette_image_with_transparency(tmp_path):
+    image = Image.new("P", (32, 32), 0)
+    image.putpalette([255, 0, 0] + [0, 0, 0] * 255)
+    image.info["transparency"] = 0
+    _save(tmp_path, "p.png", image)
+    data = load_image_folder(tmp_path, DatasetConfig(resolution=32))
+    assert tuple(data.images[0, :, 0, 0].tolist()) == (255, 255, 255)
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match="contains no image"):
+        load_image_folder(tmp_path)
+
+
+def test_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_image_folder(tmp_path / "nope")
+
+
+def test_unreadable_image_stops_or_is_skipped(tmp_path, image_folder):
+    (image_folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DatasetError, match="could not be read as images: broken.png"):
+        load_image_folder(image_folder, DatasetConfig(resolution=32))
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image.*broken.png"):
+        data = load_image_folder(image_folder, DatasetConfig(resolution=32, on_bad_image="skip"))
+    assert len(data) == 4 and "broken.png" not in data.names
+
+
+def test_folder_with_only_unreadable_images_is_an_error_even_when_skipping(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="No readable image is left"):
+        load_image_folder(tmp_path, DatasetConfig(on_bad_image="skip"))
+
+
+def test_small_images_are_upscaled_with_a_warning(tmp_path):
+    _save(tmp_path, "small.png", Image.new("RGB", (16, 16), (10, 20, 30)))
+    with pytest.warns(UserWarning, match="smaller than the training resolution 32.*small.png 16x16"):
+        data = load_image_folder(tmp_path, DatasetConfig(resolution=32))
+    assert data.images.shape[-1] == 32
+
+
+def test_caption_files(tmp_path, image_folder):
+    first, second = sorted(image_folder.glob("*.png"))[:2]
+    first.with_suffix(".txt").write_text("a drawing of {} on the beach\n")
+    with pytest.raises(DatasetError, match="3 image\\(s\\) have no same-name .txt file"):
+        load_image_folder(image_folder, DatasetConfig(resolution=32, caption_source="files"))
+    data = load_image_folder(image_folder, DatasetConfig(resolution=32, caption_source="files_or_template"))
+    assert data.captions[0] == "a drawing of {} on the beach" and data.captions[1:] == [None] * 3
+    second.with_suffix(".txt").write_bytes(b"caf\xe9 {}")
+    with pytest.raises(DatasetError, match="is not UTF-8 text"):
+        load_image_folder(image_folder, DatasetConfig(resolution=32, caption_source="files_or_template"))
+    second.with_suffix(".txt").write_text("  \n")
+    with pytest.raises(DatasetError, match="is empty"):
+        load_image_folder(image_folder, DatasetConfig(resolution=32, caption_source="files_or_template"))
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(InvalidInputError, match="`resolution` must be an integer"):
+        DatasetConfig(resolution=0)
+    with pytest.raises(InvalidInputError, match="`caption_source` must be one of"):
+        DatasetConfig(caption_source="web")
+
+
+def test_dataset_from_comfy_image_batch():
+    batch = torch.zeros(2, 40, 60, 3)
+    batch[..., 0] = 1.0
+    data = dataset_from_tensor(batch, resolution=32, flip=True)
+    assert data.images.shape == (2, 3, 32, 32) and data.flip
+    assert data.images[:, 0].min() == 255 and data.images[:, 1:].max() == 0
+    with pytest.raises(DatasetError, match="must be \\[N, H, W, 3\\]"):
+        dataset_from_tensor(torch.zeros(3, 32, 32), 32)
