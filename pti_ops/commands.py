@@ -1,6 +1,7 @@
 """The registry of command-line commands (see cli.py)."""
 
-from .cli_invert import add_invert_command
 from .cli_demo import add_demo_command
+from .cli_invert import add_invert_command
+from .cli_tune import add_run_command, add_tune_command
 
-COMMANDS = [add_invert_command, add_demo_command]
+COMMANDS = [add_demo_command, add_invert_command, add_tune_command, add_run_command]

@@ -249,12 +249,8 @@ class LocalityRegularizer:
             raise InvalidInputError(
                 "two vSLERP centres were given (the regulariser's `centre` and the norm statistics): give one."
             )
+        check_centre_given(config, centres)
         centre = config.centre if config.centre is not None else centres
-        if centre is None:
-            raise InvalidInputError(
-                "`interpolation` is `vslerp` but no centre was given: connect norm statistics, give "
-                "`centre`, or use `slerp`."
-            )
         tokens, dim = self.bundle.tokenizer.model_max_length, self.bundle.embedding_dim
         centre = torch.as_tensor(centre).detach().float()
         if centre.shape not in ((dim,), (tokens, dim)):
@@ -387,6 +383,18 @@ class LocalityRegularizer:
             inner = centre + rotate_towards_random(start - centre, end - centre, t, generator)
         # Positions before the placeholder stay exactly the placeholder prompt's.
         return torch.where(enc.interpolated[picks], inner.to(start.dtype), start)
+
+
+def check_centre_given(config: RegularizerConfig, centres: torch.Tensor | None) -> None:
+    """Raise when vSLERP is asked for a positional mode and neither the config nor `centres` has a centre.
+
+    Callers run it before any training so the error comes before a long inversion.
+    """
+    if config.mode in POSITIONAL_MODES and config.interpolation == "vslerp" and config.centre is None and centres is None:
+        raise InvalidInputError(
+            "`interpolation` is `vslerp` but no centre was given: connect norm statistics, give "
+            "`centre`, or use `slerp`."
+        )
 
 
 def locality_loss(tuned_pred: torch.Tensor, base_pred: torch.Tensor) -> torch.Tensor:

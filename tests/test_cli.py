@@ -66,3 +66,43 @@ def test_demo_writes_its_report(tmp_path, capsys):
     assert len(list((out / "images").glob("*.png"))) == 6
     assert "demo report in" in capsys.readouterr().out
     assert main(["demo", "--out", str(out), "--steps", "4"]) == 2
+
+
+def _tune_common(images):
+    return ["--model", "tiny", "--images", str(images), "--steps", "4", "--lr", "0.001", "--rank", "2"]
+
+
+def test_tune_writes_a_kohya_lora_around_the_embedding(tmp_path, image_folder):
+    embedding = tmp_path / "tok1.safetensors"
+    assert main(_invert_args(image_folder, embedding)) == 0
+    lora, history = tmp_path / "tok1_lora.safetensors", tmp_path / "tune.json"
+    args = ["tune", *_tune_common(image_folder), "--embedding", str(embedding), "--reg", "path", "--reg-weight", "0.5",
+            "--out", str(lora), "--history", str(history)]
+    assert main(args) == 0
+    with safe_open(str(lora), framework="pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert sum(k.endswith(".alpha") for k in keys) * 3 == len(keys)
+    assert meta["pivotal.placeholder"] == "tok1" and meta["pivotal.rank"] == "2"
+    assert json.loads(meta["pivotal.regularizer"])["mode"] == "path"
+    assert all("reg_loss" in r for r in json.loads(history.read_text())["history"])
+
+
+def test_run_does_both_phases(tmp_path, image_folder):
+    emb, lora = tmp_path / "e.safetensors", tmp_path / "l.safetensors"
+    args = ["run", *_tune_common(image_folder), "--ti-steps", "3", "--ti-lr", "0.01", "--reg", "class",
+            "--out-embedding", str(emb), "--out-lora", str(lora)]
+    assert main(args) == 0
+    with safe_open(str(emb), framework="pt") as f:
+        assert f.metadata()["steps"] == "3"
+    assert main(args) == 2  # outputs exist now
+
+
+def test_vslerp_without_centres_is_reported(tmp_path, image_folder, capsys):
+    args = ["run", *_tune_common(image_folder), "--ti-steps", "2", "--reg", "path", "--reg-interp", "vslerp",
+            "--out-embedding", str(tmp_path / "e.safetensors"), "--out-lora", str(tmp_path / "l.safetensors")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no centre was given" in err
+    assert "pivotal tuning of tok1" not in err  # refused before any training step
+    assert not (tmp_path / "e.safetensors").exists()

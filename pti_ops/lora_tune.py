@@ -1,0 +1,388 @@
+"""LoRA tuning of the UNet around the frozen pivot token: step 2 of pivotal tuning (PivotalLoRATune core).
+
+The placeholder token is the pivot; peft LoRA adapters on the UNet (optionally the text
+encoder) are trained with the denoising loss on the same images and prompts, optionally kept
+local by the `LocalityRegularizer` (step 3): at regularisation conditionings the tuned UNet must
+predict what the original UNet predicts, the original being the same UNet with its adapters
+disabled (no second copy in memory).
+
+Schedules: `sequential` (the token was inverted first and stays frozen, as PTI) and `joint` (the
+token trains with the LoRA until `ti_frac` of the steps, then freezes — its learning rate is set
+to 0, keeping the optimiser and its Adam state).
+"""
+
+import contextlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from peft import LoraConfig
+
+from .batches import DEFAULT_TEMPLATES, BatchSampler, build_caption_table, check_templates
+from .bundle import ModelBundle
+from .dataset import ImageDataset
+from .diffusion_loss import NoisedBatch, add_noise, check_timestep_range
+from .errors import InvalidInputError, TokenizerError, TrainingStopped
+from .inversion import StepCallback
+from .latent_cache import encode_latents
+from .lora_file import lora_state_dict_to_kohya
+from .placeholder import PlaceholderToken, TrainableVectors, placeholder_vectors, spliced_placeholder
+from .regularizer import LocalityRegularizer, RegularizerConfig, locality_loss
+from .text_conditioning import encode_tokens
+
+logger = logging.getLogger(__name__)
+
+Schedule = Literal["sequential", "joint"]
+SCHEDULES: tuple[str, ...] = ("sequential", "joint")
+# Module-name suffixes that get LoRA adapters, by preset.
+UNET_TARGETS: dict[str, tuple[str, ...]] = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attention_ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
+}
+TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+ADAPTER_NAME = "pivotal"
+
+
+@dataclass
+class TuneConfig:
+    """Settings of the LoRA tuning around the pivot.
+
+    Args:
+        rank (`int`): LoRA rank of each adapted layer (capacity; 4–16 is light tuning).
+        alpha (`float`, *optional*): LoRA alpha; the update is scaled by alpha/rank. Default: rank.
+        dropout (`float`): dropout on the LoRA branch.
+        targets (`str`): `attention` (to_q, to_k, to_v, to_out.0) or `attention_ff` (+ feed-forward).
+        train_text_encoder (`bool`): also put LoRA on the text encoder's attention projections.
+        learning_rate (`float`): AdamW learning rate of the UNet LoRA (the notes sweep it at fixed steps
+            and stop before the model learns the training images' positions).
+        text_encoder_lr (`float`, *optional*): learning rate of the text-encoder LoRA (default: learning_rate).
+        steps (`int`): optimiser steps.
+        batch_size (`int`): images per micro-batch.
+        gradient_accumulation_steps (`int`): micro-batches per optimiser step.
+        seed (`int`): fixes LoRA initialisation, noise, timesteps, order, flips, captions, regulariser draws.
+        timestep_range (`tuple[int, int]`, *optional*): train on timesteps in [t_min, t_max) only (a cap).
+        schedule (`str`): `sequential` (token frozen) or `joint` (token trained too until `ti_frac`).
+        ti_learning_rate (`float`): learning rate of the token in the `joint` schedule.
+        ti_frac (`float`): fraction of the steps during which the token trains (`joint`).
+        templates (`list[str]`): prompt templates with `{}`, for images without their own caption.
+        clip_skip (`int`): text-encoder layer (1 = last), as the model is sampled.
+        max_grad_norm (`float`, *optional*): clip the global gradient norm of the trained parameters.
+        weight_decay (`float`): AdamW weight decay of the LoRA weights.
+        history_every (`int`): record the losses every this many steps (and at the last).
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: str = "attention"
+    train_text_encoder: bool = False
+    learning_rate: float = 1e-4
+    text_encoder_lr: float | None = None
+    steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    timestep_range: tuple[int, int] | None = None
+    schedule: Schedule = "sequential"
+    ti_learning_rate: float = 5e-4
+    ti_frac: float = 0.5
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    clip_skip: int = 1
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 1e-2
+    history_every: int = 10
+
+    def __post_init__(self):
+        for name in ("rank", "steps", "batch_size", "gradient_accumulation_steps", "history_every", "clip_skip"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidInputError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("learning_rate", "ti_learning_rate", "text_encoder_lr", "alpha"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise InvalidInputError(f"`{name}` must be a positive finite number, got {value!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InvalidInputError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
+        if self.targets not in UNET_TARGETS:
+            raise InvalidInputError(f"`targets` must be one of {tuple(UNET_TARGETS)}, got {self.targets!r}.")
+        if self.schedule not in SCHEDULES:
+            raise InvalidInputError(f"`schedule` must be one of {SCHEDULES}, got {self.schedule!r}.")
+        if not 0.0 < self.ti_frac <= 1.0:
+            raise InvalidInputError(f"`ti_frac` must be in (0, 1], got {self.ti_frac!r}.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise InvalidInputError(f"`max_grad_norm` must be positive or None, got {self.max_grad_norm!r}.")
+        self.templates = check_templates(self.templates)
+        self.alpha = float(self.alpha if self.alpha is not None else self.rank)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["timestep_range"] = list(self.timestep_range) if self.timestep_range else None
+        return data
+
+
+@dataclass
+class TuneResult:
+    """What a tuning run produced.
+
+    Args:
+        lora (`dict[str, torch.Tensor]`): the adapters in kohya format (see `lora_file.py`).
+        vectors (`torch.Tensor`): the placeholder vectors at the end (changed only by `joint`).
+        history (`list[dict]`): step, loss (denoising), reg_loss (locality, when active), lr.
+        config (`TuneConfig`): the settings used.
+        regularizer (`dict`, *optional*): the regulariser settings, if one was used.
+    """
+
+    lora: dict[str, torch.Tensor]
+    vectors: torch.Tensor
+    history: list[dict]
+    config: TuneConfig
+    regularizer: dict | None = None
+
+    def metadata(self, token: PlaceholderToken, base_model: str) -> dict[str, str]:
+        """String metadata for the LoRA file: the inputs that produced it."""
+        c = self.config
+        return {
+            "pivotal.placeholder": token.placeholder,
+            "pivotal.base_model": base_model,
+            "pivotal.rank": str(c.rank),
+            "pivotal.alpha": f"{c.alpha:g}",
+            "pivotal.steps": str(c.steps),
+            "pivotal.lr": repr(c.learning_rate),
+            "pivotal.schedule": c.schedule,
+            "pivotal.seed": str(c.seed),
+            "pivotal.targets": c.targets,
+            "pivotal.train_text_encoder": str(c.train_text_encoder).lower(),
+            "pivotal.regularizer": json.dumps(self.regularizer) if self.regularizer else "none",
+        }
+
+
+def lora_config(rank: int, alpha: float, dropout: float, targets: tuple[str, ...]) -> LoraConfig:
+    """peft config for the adapters; LoRA B starts at zero, so step 0 reproduces the base model."""
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), init_lora_weights=True)
+
+
+def check_token_in_bundle(bundle: ModelBundle, token: PlaceholderToken) -> None:
+    """Raise unless the placeholder's tokens are in the bundle's tokenizer with the recorded ids."""
+    ids = tuple(bundle.tokenizer.convert_tokens_to_ids(list(token.token_strings)))
+    if ids != token.token_ids:
+        raise TokenizerError(
+            f"placeholder {token.placeholder!r} is not in this model's tokenizer: run the inversion first or "
+            "load its embedding into the model (`add_placeholder(..., vectors=...)`)."
+        )
+
+
+def run_tuning(
+    bundle: ModelBundle,
+    dataset: ImageDataset,
+    token: PlaceholderToken,
+    config: TuneConfig,
+    regularizer: RegularizerConfig | None = None,
+    centres: torch.Tensor | None = None,
+    on_step: StepCallback | None = None,
+) -> TuneResult:
+    """Train LoRA adapters around the pivot `token`; leave them active on the bundle's models.
+
+    On an exception (including one raised by `on_step` to cancel) the adapters are removed again,
+    so the bundle is as it was (in the `joint` schedule the placeholder rows keep their last values).
+
+    Args:
+        bundle (`ModelBundle`): the model, whose tokenizer already holds `token`.
+        dataset (`ImageDataset`): the character's images.
+        token (`PlaceholderToken`): the pivot, from `run_inversion` or `add_placeholder(vectors=...)`.
+        config (`TuneConfig`): the settings.
+        regularizer (`RegularizerConfig`, *optional*): the locality regulariser (None or mode `none`: off).
+        centres (`torch.Tensor`, *optional*): per-position vSLERP centres from the norm statistics.
+        on_step (`callable`, *optional*): `on_step(step, total, logs)` after every step; may raise to stop.
+    """
+    bundle.freeze()
+    check_token_in_bundle(bundle, token)
+    t_range = check_timestep_range(config.timestep_range, bundle.noise_scheduler)
+    captions = build_caption_table(dataset, config.templates, token, bundle.tokenizer)
+    locality = _build_regularizer(bundle, token, regularizer, centres, config)
+    latents = encode_latents(bundle.vae, dataset, batch_size=max(config.batch_size, 4))
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # LoRA A matrices are initialised from torch's global generator
+    trainer = _Trainer(bundle, token, config, locality, captions, latents, generator, t_range)
+    try:
+        history = trainer.train(on_step)
+        lora = lora_state_dict_to_kohya(bundle.unet, bundle.text_encoder if config.train_text_encoder else None, ADAPTER_NAME)
+    except BaseException:
+        trainer.remove_adapters()
+        raise
+    reg_settings = locality.config.to_dict() if locality is not None else None
+    return TuneResult(lora, placeholder_vectors(bundle.text_encoder, token), history, config, reg_settings)
+
+
+def _build_regularizer(bundle, token, regularizer, centres, config) -> LocalityRegularizer | None:
+    if regularizer is None or regularizer.mode == "none" or regularizer.weight == 0:
+        return None
+    locality = LocalityRegularizer(bundle, token, regularizer, centres=centres, clip_skip=config.clip_skip)
+    # Encode now, before any adapter exists: c_r comes from the original text encoder.
+    locality.conditionings(0, torch.Generator().manual_seed(config.seed))
+    return locality
+
+
+class _Trainer:
+    """The training loop's state: adapters, optimiser, caches; one method per step of the loop."""
+
+    def __init__(self, bundle, token, config, locality, captions, latents, generator, t_range):
+        self.bundle, self.token, self.config, self.locality = bundle, token, config, locality
+        self.latents, self.generator, self.t_range = latents, generator, t_range
+        self.sampler = BatchSampler(len(latents.mean), config.batch_size, latents.num_views, captions, generator)
+        self.unet_params = self._add_adapter(bundle.unet, UNET_TARGETS[config.targets])
+        self.te_params = self._add_adapter(bundle.text_encoder, TEXT_ENCODER_TARGETS) if config.train_text_encoder else []
+        self.vectors = TrainableVectors(placeholder_vectors(bundle.text_encoder, token).to(bundle.device))
+        self.joint = config.schedule == "joint"
+        groups = [{"params": self.unet_params, "lr": config.learning_rate, "name": "unet"}]
+        if self.te_params:
+            groups.append({"params": self.te_params, "lr": config.text_encoder_lr or config.learning_rate, "name": "text_encoder"})
+        if self.joint:
+            groups.append({"params": [self.vectors.raw], "lr": config.ti_learning_rate, "weight_decay": 0.0, "name": "token"})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        self.trained = [p for group in groups for p in group["params"]]
+        # With the text encoder frozen the training prompts' encodings never change: encode them once.
+        self.cached_conditioning = None
+        if not self.joint and not self.te_params:
+            with torch.no_grad():
+                self.cached_conditioning = encode_tokens(bundle.text_encoder, captions.input_ids, config.clip_skip)
+            self.caption_rows = {tuple(row.tolist()): i for i, row in enumerate(captions.input_ids)}
+
+    def _add_adapter(self, model, targets) -> list[torch.nn.Parameter]:
+        from peft import inject_adapter_in_model
+
+        cfg = self.config
+        inject_adapter_in_model(lora_config(cfg.rank, cfg.alpha, cfg.dropout, targets), model, adapter_name=ADAPTER_NAME)
+        params = [p for name, p in model.named_parameters() if "lora_" in name]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def remove_adapters(self) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        for model in (self.bundle.unet, self.bundle.text_encoder):
+            for module in model.modules():
+                if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+                    module.delete_adapter(ADAPTER_NAME)
+
+    def train(self, on_step: StepCallback | None) -> list[dict]:
+        config = self.config
+        history: list[dict] = []
+        # Running sums stay on the device: the host reads them once per record, not every step.
+        sums = {key: torch.zeros((), device=self.bundle.device) for key in ("loss", "reg_loss")}
+        counts = {"loss": 0, "reg_loss": 0}
+        splice = spliced_placeholder(self.bundle.text_encoder, self.token, self.vectors) if self.joint else contextlib.nullcontext()
+        with splice:
+            for step in range(config.steps):
+                if self.joint and step == math.ceil(config.ti_frac * config.steps):
+                    self._freeze_token()
+                losses = self._step(step)
+                for key, value in losses.items():
+                    sums[key] += value
+                    counts[key] += 1
+                logs = {}
+                if (step + 1) % config.history_every == 0 or step + 1 == config.steps:
+                    logs = self._record(step + 1, sums, counts)
+                    history.append(logs)
+                if on_step is not None:
+                    on_step(step + 1, config.steps, logs)
+        return history
+
+    def _freeze_token(self) -> None:
+        """End of the token phase: lr 0 for the token group (Adam state kept, no optimiser rebuild)."""
+        for group in self.optimizer.param_groups:
+            if group["name"] == "token":
+                group["lr"] = 0.0
+        self.vectors.raw.requires_grad_(False)
+
+    def _record(self, step: int, sums: dict, counts: dict) -> dict:
+        record = {"step": step}
+        for key in sums:
+            if counts[key]:
+                record[key] = (sums[key] / counts[key]).item()
+                sums[key].zero_()
+                counts[key] = 0
+        if not math.isfinite(record["loss"]) or not math.isfinite(record.get("reg_loss", 0.0)):
+            raise TrainingStopped(
+                f"the loss became {record['loss']} at step {step}: training diverged. Lower the learning rate "
+                f"(now {self.config.learning_rate:g})."
+            )
+        for group in self.optimizer.param_groups:
+            record[f"lr_{group['name']}"] = group["lr"]
+        return record
+
+    def _step(self, step: int) -> dict[str, torch.Tensor]:
+        """One optimiser step; returns the mean denoising loss and the locality loss (no host sync)."""
+        config, accum = self.config, self.config.gradient_accumulation_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            reg_conditioning = self.locality.conditionings(step, self.generator) if (self.locality and micro == 0) else None
+            losses = self._micro_step(reg_conditioning)
+            loss = losses["loss"] + (self.locality.config.weight * losses["reg_loss"] if "reg_loss" in losses else 0.0)
+            (loss / accum).backward()
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + value.detach() / (accum if key == "loss" else 1)
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.trained, config.max_grad_norm)
+        self.optimizer.step()
+        return totals
+
+    def _conditioning(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.cached_conditioning is not None:
+            rows = [self.caption_rows[tuple(row.tolist())] for row in input_ids]
+            return self.cached_conditioning[rows]
+        return encode_tokens(self.bundle.text_encoder, input_ids, self.config.clip_skip)
+
+    def _micro_step(self, reg_conditioning: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Denoising loss on a micro-batch, plus the locality loss when `reg_conditioning` is given.
+
+        The regularisation samples reuse the batch's noisy latents and timesteps (or fresh ones in the
+        regulariser's timestep range) and go through the same tuned forward pass as the batch.
+        """
+        bundle = self.bundle
+        batch_latents, input_ids = self.sampler.next(self.latents)
+        batch_latents = batch_latents.to(bundle.device)
+        noised = add_noise(bundle.noise_scheduler, batch_latents, self.generator, self.t_range)
+        conditioning = self._conditioning(input_ids)
+        if reg_conditioning is None:
+            prediction = bundle.unet(noised.noisy_latents, noised.timesteps, conditioning).sample
+            return {"loss": torch.nn.functional.mse_loss(prediction.float(), noised.target.float())}
+        reg = self._regularisation_batch(batch_latents, noised, len(reg_conditioning))
+        n = len(batch_latents)
+        prediction = bundle.unet(
+            torch.cat([noised.noisy_latents, reg.noisy_latents]),
+            torch.cat([noised.timesteps, reg.timesteps]),
+            torch.cat([conditioning, reg_conditioning.to(conditioning.dtype)]),
+        ).sample
+        with torch.no_grad(), _adapters_disabled(bundle.unet):
+            base = bundle.unet(reg.noisy_latents, reg.timesteps, reg_conditioning).sample
+        return {
+            "loss": torch.nn.functional.mse_loss(prediction[:n].float(), noised.target.float()),
+            "reg_loss": locality_loss(prediction[n:], base),
+        }
+
+    def _regularisation_batch(self, latents: torch.Tensor, noised: NoisedBatch, samples: int) -> NoisedBatch:
+        picks = torch.arange(samples) % len(latents)
+        span = self.locality.config.timestep_range
+        if span is None:
+            return NoisedBatch(noised.noisy_latents[picks], noised.timesteps[picks], noised.target[picks])
+        return add_noise(self.bundle.noise_scheduler, latents[picks], self.generator, (span[0], span[1] + 1))
+
+
+@contextlib.contextmanager
+def _adapters_disabled(model: torch.nn.Module):
+    """Run `model` as the original: every LoRA layer bypassed, restored on exit."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
