@@ -155,7 +155,9 @@ def load_image_folder(folder: str | Path, config: DatasetConfig | None = None) -
             f"image folder {folder} contains no image: put .png, .jpg, .jpeg or .webp files of the character in it."
         )
     captions = _captions_for(files, config.caption_source)
-    tensors, names, kept_captions, bad, small = [], [], [], [], []
+    # One uint8 tensor filled image by image: a decoded image is held only while it is converted.
+    images = torch.empty((len(files), 3, config.resolution, config.resolution), dtype=torch.uint8)
+    names, kept_captions, bad, small = [], [], [], []
     for path, caption in zip(files, captions):
         try:
             with Image.open(path) as image:
@@ -166,11 +168,13 @@ def load_image_folder(folder: str | Path, config: DatasetConfig | None = None) -
             continue
         if min(rgb.size) < config.resolution:
             small.append(f"{path.name} {rgb.size[0]}x{rgb.size[1]}")
-        tensors.append(image_to_tensor(resize_and_crop(rgb, config.resolution)))
+        images[len(names)] = image_to_tensor(resize_and_crop(rgb, config.resolution))
         names.append(path.name)
         kept_captions.append(caption)
-    _report_problems(folder, bad, small, config, n_good=len(tensors))
-    return ImageDataset(torch.stack(tensors), names, kept_captions, flip=config.flip)
+    _report_problems(folder, bad, small, config, n_good=len(names))
+    if len(names) < len(files):
+        images = images[: len(names)].clone()
+    return ImageDataset(images, names, kept_captions, flip=config.flip)
 
 
 def _captions_for(files: list[Path], source: CaptionSource) -> list[str | None]:

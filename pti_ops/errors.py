@@ -35,4 +35,12 @@ class OutputExistsError(PivotalError, FileExistsError):
 
 
 class TrainingStopped(PivotalError, RuntimeError):
-    """Training was stopped before the end (cancelled by the caller or diverged)."""
+    """Training stopped before the end because it diverged.
+
+    `partial` holds the result of the last good state when there was one (for example a
+    `TuneResult` whose LoRA is from the last step at which the loss was finite).
+    """
+
+    def __init__(self, message: str, partial=None):
+        super().__init__(message)
+        self.partial = partial

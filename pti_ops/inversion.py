@@ -53,6 +53,8 @@ class InversionConfig:
         clip_skip (`int`): 1 = last text-encoder layer, 2 = penultimate (as the model is sampled).
         history_every (`int`): record loss and distances every this many steps (and at the last).
         nearest_k (`int`): vocabulary tokens nearest to each vector reported in the history.
+        max_norm_ratio (`float`, *optional*): stop as diverged when a vector's norm exceeds this many
+            times the vocabulary's mean norm (checked at each record).
     """
 
     placeholder: str = "tok1"
@@ -72,6 +74,7 @@ class InversionConfig:
     clip_skip: int = 1
     history_every: int = 10
     nearest_k: int = 3
+    max_norm_ratio: float | None = 100.0
 
     def __post_init__(self):
         self.templates = check_templates(self.templates)
@@ -83,6 +86,8 @@ class InversionConfig:
             raise InvalidInputError(f"`learning_rate` must be a positive finite number, got {self.learning_rate!r}.")
         if self.norm_mode not in NORM_MODES:
             raise InvalidInputError(f"`norm_mode` must be one of {NORM_MODES}, got {self.norm_mode!r}.")
+        if self.max_norm_ratio is not None and not self.max_norm_ratio > 1:
+            raise InvalidInputError(f"`max_norm_ratio` must be above 1 or None, got {self.max_norm_ratio!r}.")
         if self.norm_strength < 0 or self.weight_decay < 0:
             raise InvalidInputError("`norm_strength` and `weight_decay` must not be negative.")
 
@@ -148,7 +153,9 @@ def run_inversion(
 
     The bundle's tokenizer and text encoder gain the placeholder (its rows hold the trained
     vectors at the end, or the last vectors if `on_step` raised to stop). Everything else in the
-    bundle is left bit-identical.
+    bundle is left bit-identical. If the loss stops being finite or a vector's norm explodes,
+    `TrainingStopped` is raised with `.partial`, the result at the last good record, whose vectors
+    are also the ones left in the bundle.
 
     Args:
         bundle (`ModelBundle`): the model; its modules are frozen by this function.
@@ -174,7 +181,13 @@ def run_inversion(
         with spliced_placeholder(bundle.text_encoder, token, vectors):
             for step in range(1, config.steps + 1):
                 loss = _inversion_step(bundle, sampler, latents, vectors, optimizer, config, t_range, vocab_norm)
-                logs = tracker.update(step, loss, vectors)
+                try:
+                    logs = tracker.update(step, loss, vectors)
+                except TrainingStopped as err:
+                    with torch.no_grad():  # back to the last good vectors, written to the matrix on exit
+                        vectors.raw.copy_(tracker.last_good_raw if tracker.last_good_raw is not None else initial)
+                    err.partial = InversionResult(token, vectors().detach().cpu(), initial.cpu(), vocab_norm, tracker.history, config)
+                    raise
                 if on_step is not None:
                     on_step(step, config.steps, logs)
     finally:
@@ -212,9 +225,11 @@ class _HistoryTracker:
         weight = bundle.text_encoder.get_input_embeddings().weight.detach().float()
         # Nearest tokens are searched among the original vocabulary only (not the placeholder rows).
         self.vocab_unit = torch.nn.functional.normalize(weight[: min(token.token_ids)], dim=-1)
+        self.vocab_norm = vocab_norm
         self.history: list[dict] = []
         self.loss_sum = torch.zeros((), device=initial.device)
         self.loss_count = 0
+        self.last_good_raw: torch.Tensor | None = None
 
     def update(self, step: int, loss: torch.Tensor, vectors: TrainableVectors) -> dict:
         self.loss_sum += loss
@@ -224,14 +239,25 @@ class _HistoryTracker:
         mean_loss = (self.loss_sum / self.loss_count).item()  # the only host sync, once per record
         self.loss_sum.zero_()
         self.loss_count = 0
-        if not math.isfinite(mean_loss):
-            raise TrainingStopped(
-                f"the loss became {mean_loss} at step {step}: training diverged. Lower the learning rate "
-                f"(now {self.config.learning_rate:g})."
-            )
-        record = {"step": step, "loss": mean_loss, **self.measure(vectors().detach().float())}
+        current = vectors().detach().float()
+        self._check_divergence(step, mean_loss, current)
+        record = {"step": step, "loss": mean_loss, **self.measure(current)}
         self.history.append(record)
+        self.last_good_raw = vectors.raw.detach().clone()
         return record
+
+    def _check_divergence(self, step: int, loss: float, current: torch.Tensor) -> None:
+        kept = f" The token was reset to its state at step {self.history[-1]['step']}." if self.history else ""
+        advice = f"Lower the learning rate (now {self.config.learning_rate:g}).{kept}"
+        if not math.isfinite(loss) or not torch.isfinite(current).all():
+            raise TrainingStopped(f"the loss became {loss} at step {step}: training diverged. {advice}")
+        ratio = self.config.max_norm_ratio
+        norm = current.norm(dim=-1).max().item()
+        if ratio is not None and norm > ratio * self.vocab_norm:
+            raise TrainingStopped(
+                f"the token's norm reached {norm:.4g} at step {step}, over {ratio:g} times the vocabulary's mean norm "
+                f"{self.vocab_norm:.4g}: training diverged. {advice}"
+            )
 
     def measure(self, current: torch.Tensor) -> dict:
         """‖e − e0‖ (over all vectors), mean ‖e‖, mean cos(e, e0), nearest vocabulary tokens per vector."""

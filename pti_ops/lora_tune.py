@@ -32,6 +32,7 @@ from .lora_file import lora_state_dict_to_kohya
 from .placeholder import PlaceholderToken, TrainableVectors, placeholder_vectors, spliced_placeholder
 from .regularizer import LocalityRegularizer, RegularizerConfig, locality_loss
 from .text_conditioning import encode_tokens
+from .tune_checkpoint import load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -182,11 +183,15 @@ def run_tuning(
     regularizer: RegularizerConfig | None = None,
     centres: torch.Tensor | None = None,
     on_step: StepCallback | None = None,
+    checkpoint: str | None = None,
+    resume_from: str | None = None,
 ) -> TuneResult:
     """Train LoRA adapters around the pivot `token`; leave them active on the bundle's models.
 
     On an exception (including one raised by `on_step` to cancel) the adapters are removed again,
     so the bundle is as it was (in the `joint` schedule the placeholder rows keep their last values).
+    If the loss diverges, `TrainingStopped` is raised with `.partial`: a `TuneResult` of the last
+    recorded good state.
 
     Args:
         bundle (`ModelBundle`): the model, whose tokenizer already holds `token`.
@@ -196,6 +201,8 @@ def run_tuning(
         regularizer (`RegularizerConfig`, *optional*): the locality regulariser (None or mode `none`: off).
         centres (`torch.Tensor`, *optional*): per-position vSLERP centres from the norm statistics.
         on_step (`callable`, *optional*): `on_step(step, total, logs)` after every step; may raise to stop.
+        checkpoint (`str`, *optional*): when the run is stopped, write a resumable checkpoint here.
+        resume_from (`str`, *optional*): continue the run saved in this checkpoint (same settings).
     """
     bundle.freeze()
     check_token_in_bundle(bundle, token)
@@ -206,13 +213,24 @@ def run_tuning(
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # LoRA A matrices are initialised from torch's global generator
     trainer = _Trainer(bundle, token, config, locality, captions, latents, generator, t_range)
+    reg_settings = locality.config.to_dict() if locality is not None else None
     try:
+        if resume_from is not None:
+            trainer.restore(load_checkpoint(resume_from, config.to_dict()))
         history = trainer.train(on_step)
-        lora = lora_state_dict_to_kohya(bundle.unet, bundle.text_encoder if config.train_text_encoder else None, ADAPTER_NAME)
-    except BaseException:
+        lora = trainer.export()
+    except TrainingStopped as err:
+        if err.partial is None and trainer.last_good is not None:
+            trainer.load_trained(trainer.last_good["trained"])
+            err.partial = TuneResult(trainer.export(), trainer.vectors().detach().cpu(), trainer.last_good["history"], config, reg_settings)
         trainer.remove_adapters()
         raise
-    reg_settings = locality.config.to_dict() if locality is not None else None
+    except BaseException:
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, trainer.state())
+            logger.info("run stopped at step %d; resumable checkpoint written to %s", trainer.progress.step, checkpoint)
+        trainer.remove_adapters()
+        raise
     return TuneResult(lora, placeholder_vectors(bundle.text_encoder, token), history, config, reg_settings)
 
 
@@ -243,6 +261,8 @@ class _Trainer:
             groups.append({"params": [self.vectors.raw], "lr": config.ti_learning_rate, "weight_decay": 0.0, "name": "token"})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.trained = [p for group in groups for p in group["params"]]
+        self.progress = _Progress(bundle.device)
+        self.last_good: dict | None = None
         # With the text encoder frozen the training prompts' encodings never change: encode them once.
         self.cached_conditioning = None
         if not self.joint and not self.te_params:
@@ -269,27 +289,22 @@ class _Trainer:
                     module.delete_adapter(ADAPTER_NAME)
 
     def train(self, on_step: StepCallback | None) -> list[dict]:
-        config = self.config
-        history: list[dict] = []
-        # Running sums stay on the device: the host reads them once per record, not every step.
-        sums = {key: torch.zeros((), device=self.bundle.device) for key in ("loss", "reg_loss")}
-        counts = {"loss": 0, "reg_loss": 0}
+        config, progress = self.config, self.progress
+        freeze_at = math.ceil(config.ti_frac * config.steps) if self.joint else None
         splice = spliced_placeholder(self.bundle.text_encoder, self.token, self.vectors) if self.joint else contextlib.nullcontext()
         with splice:
-            for step in range(config.steps):
-                if self.joint and step == math.ceil(config.ti_frac * config.steps):
+            if freeze_at is not None and progress.step >= freeze_at:
+                self._freeze_token()  # resumed after the token phase
+            while progress.step < config.steps:
+                if progress.step == freeze_at:
                     self._freeze_token()
-                losses = self._step(step)
-                for key, value in losses.items():
-                    sums[key] += value
-                    counts[key] += 1
+                progress.add(self._step(progress.step))
                 logs = {}
-                if (step + 1) % config.history_every == 0 or step + 1 == config.steps:
-                    logs = self._record(step + 1, sums, counts)
-                    history.append(logs)
+                if progress.step % config.history_every == 0 or progress.step == config.steps:
+                    logs = self._record()
                 if on_step is not None:
-                    on_step(step + 1, config.steps, logs)
-        return history
+                    on_step(progress.step, config.steps, logs)
+        return progress.history
 
     def _freeze_token(self) -> None:
         """End of the token phase: lr 0 for the token group (Adam state kept, no optimiser rebuild)."""
@@ -298,21 +313,59 @@ class _Trainer:
                 group["lr"] = 0.0
         self.vectors.raw.requires_grad_(False)
 
-    def _record(self, step: int, sums: dict, counts: dict) -> dict:
-        record = {"step": step}
-        for key in sums:
-            if counts[key]:
-                record[key] = (sums[key] / counts[key]).item()
-                sums[key].zero_()
-                counts[key] = 0
+    def _record(self) -> dict:
+        """Append a history record; keep a copy of the trained tensors while the losses are finite."""
+        record = self.progress.record()
         if not math.isfinite(record["loss"]) or not math.isfinite(record.get("reg_loss", 0.0)):
+            good = f" The LoRA was reset to its state at step {self.last_good['step']}." if self.last_good else ""
             raise TrainingStopped(
-                f"the loss became {record['loss']} at step {step}: training diverged. Lower the learning rate "
-                f"(now {self.config.learning_rate:g})."
+                f"the loss became {record['loss']} at step {record['step']}: training diverged. Lower the learning "
+                f"rate (now {self.config.learning_rate:g}).{good}"
             )
         for group in self.optimizer.param_groups:
             record[f"lr_{group['name']}"] = group["lr"]
+        self.progress.history.append(record)
+        self.last_good = {"step": record["step"], "trained": [p.detach().clone() for p in self.trained],
+                          "history": list(self.progress.history)}
         return record
+
+    # -- results and checkpoints ----------------------------------------------------------------
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """The adapters in kohya format."""
+        text_encoder = self.bundle.text_encoder if self.config.train_text_encoder else None
+        return lora_state_dict_to_kohya(self.bundle.unet, text_encoder, ADAPTER_NAME)
+
+    def load_trained(self, tensors: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for param, value in zip(self.trained, tensors):
+                param.copy_(value)
+
+    def state(self) -> dict:
+        """Everything the rest of the run depends on, for a resumable checkpoint."""
+        return {
+            "step": self.progress.step,
+            "config": self.config.to_dict(),
+            "trained": [p.detach().cpu().clone() for p in self.trained],
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "global_rng": torch.get_rng_state(),
+            "sampler_order": list(self.sampler._order),
+            "sums": {k: v.detach().cpu() for k, v in self.progress.sums.items()},
+            "counts": dict(self.progress.counts),
+            "history": list(self.progress.history),
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continue from `state()` of an earlier, stopped run with the same settings."""
+        if len(state["trained"]) != len(self.trained) or any(a.shape != b.shape for a, b in zip(state["trained"], self.trained)):
+            raise InvalidInputError("the checkpoint's trained tensors do not fit this model and these settings.")
+        self.load_trained(state["trained"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["global_rng"])
+        self.sampler._order = list(state["sampler_order"])
+        self.progress.restore(state)
 
     def _step(self, step: int) -> dict[str, torch.Tensor]:
         """One optimiser step; returns the mean denoising loss and the locality loss (no host sync)."""
@@ -371,6 +424,42 @@ class _Trainer:
         if span is None:
             return NoisedBatch(noised.noisy_latents[picks], noised.timesteps[picks], noised.target[picks])
         return add_noise(self.bundle.noise_scheduler, latents[picks], self.generator, (span[0], span[1] + 1))
+
+
+class _Progress:
+    """Steps done, running loss sums (on the device: read once per record) and the history."""
+
+    KEYS = ("loss", "reg_loss")
+
+    def __init__(self, device: torch.device):
+        self.step = 0
+        self.sums = {key: torch.zeros((), device=device) for key in self.KEYS}
+        self.counts = {key: 0 for key in self.KEYS}
+        self.history: list[dict] = []
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        """Count one finished optimiser step and its losses."""
+        for key, value in losses.items():
+            self.sums[key] += value
+            self.counts[key] += 1
+        self.step += 1
+
+    def record(self) -> dict:
+        """Mean losses since the last record (one host sync), then reset the sums."""
+        record = {"step": self.step}
+        for key in self.KEYS:
+            if self.counts[key]:
+                record[key] = (self.sums[key] / self.counts[key]).item()
+                self.sums[key].zero_()
+                self.counts[key] = 0
+        return record
+
+    def restore(self, state: dict) -> None:
+        self.step = state["step"]
+        for key in self.KEYS:
+            self.sums[key].copy_(state["sums"][key])
+            self.counts[key] = state["counts"][key]
+        self.history = list(state["history"])
 
 
 @contextlib.contextmanager

@@ -19,7 +19,9 @@ def _fixed_batch_loss(bundle, dataset, prompt, seed=123):
 
 
 def _config(**overrides):
-    settings = dict(steps=50, learning_rate=5e-2, batch_size=2, history_every=10, seed=0)
+    # A large lr makes the tiny model's token move visibly in few steps, far past the divergence
+    # bound (its vocabulary norm is 0.11), so the bound is off unless a test sets it.
+    settings = dict(steps=50, learning_rate=5e-2, batch_size=2, history_every=10, seed=0, max_norm_ratio=None)
     settings.update(overrides)
     return InversionConfig(**settings)
 
@@ -145,3 +147,31 @@ def test_bad_timestep_range_is_refused_before_the_tokenizer_changes(tiny_bundle,
     with pytest.raises(InvalidInputError, match="`timestep_range` must satisfy"):
         run_inversion(tiny_bundle, tiny_dataset, _config(timestep_range=(500, 100)))
     assert len(tiny_bundle.tokenizer) == size
+
+
+def test_an_exploding_norm_stops_the_run_at_the_last_good_vectors(tiny_bundle, tiny_dataset):
+    from pti_ops.errors import TrainingStopped
+
+    config = _config(steps=200, learning_rate=0.02, history_every=2, max_norm_ratio=3.0)
+    with pytest.raises(TrainingStopped, match="over 3 times the vocabulary's mean norm.*Lower the learning rate") as info:
+        run_inversion(tiny_bundle, tiny_dataset, config)
+    partial = info.value.partial
+    assert partial.history and partial.history[-1]["norm"] <= 3.0 * partial.vocabulary_norm
+    assert torch.equal(partial.vectors, tiny_bundle.text_encoder.get_input_embeddings().weight[-1:].detach())
+    expected = (partial.vectors - partial.initial_vectors).norm().item()
+    assert partial.history[-1]["distance"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_nan_loss_stops_the_run(tiny_bundle, tiny_dataset):
+    from pti_ops.errors import TrainingStopped
+
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        if len(calls) > 3:
+            return type(output)(sample=output.sample * float("nan"))
+
+    tiny_bundle.unet.register_forward_hook(poison)
+    with pytest.raises(TrainingStopped, match="the loss became nan at step 4.*reset to its state at step 2"):
+        run_inversion(tiny_bundle, tiny_dataset, _config(steps=10, history_every=2))

@@ -171,3 +171,57 @@ def test_token_missing_from_the_model_is_reported():
 def test_bad_settings_are_refused(overrides, message):
     with pytest.raises(InvalidInputError, match=message):
         _config(**overrides)
+
+
+def test_a_cancelled_run_resumes_to_the_same_result(tmp_path):
+    regularizer = RegularizerConfig(mode="sphere", t_range=(0.3, 0.7))
+    bundle, dataset, token = _setup()
+    dataset.flip = True
+    uninterrupted = run_tuning(bundle, dataset, token, _config(steps=10, history_every=3), regularizer)
+
+    def cancel_at_4(step, total, logs):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "run.ckpt"
+    bundle, dataset, token = _setup()
+    dataset.flip = True
+    with pytest.raises(KeyboardInterrupt):
+        run_tuning(bundle, dataset, token, _config(steps=10, history_every=3), regularizer, on_step=cancel_at_4, checkpoint=str(checkpoint))
+    assert checkpoint.is_file()
+    bundle, dataset, token = _setup()
+    dataset.flip = True
+    resumed = run_tuning(bundle, dataset, token, _config(steps=10, history_every=3), regularizer, resume_from=str(checkpoint))
+    assert all(torch.equal(resumed.lora[k], uninterrupted.lora[k]) for k in uninterrupted.lora)
+    assert resumed.history == uninterrupted.history
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    bundle, dataset, token = _setup()
+    with pytest.raises(KeyboardInterrupt):
+        run_tuning(bundle, dataset, token, _config(steps=5), on_step=lambda s, t, l: (_ for _ in ()).throw(KeyboardInterrupt),
+                   checkpoint=str(tmp_path / "c.ckpt"))
+    bundle, dataset, token = _setup()
+    with pytest.raises(InvalidInputError, match="other settings \\(learning_rate differ\\)"):
+        run_tuning(bundle, dataset, token, _config(steps=5, learning_rate=1.0), resume_from=str(tmp_path / "c.ckpt"))
+
+
+def test_divergence_stops_with_the_last_good_lora():
+    from pti_ops.errors import TrainingStopped
+
+    bundle, dataset, token = _setup()
+    calls = []
+
+    def poison_after_step_4(module, args, output):
+        calls.append(1)
+        if len(calls) > 4:  # one UNet call per step without the regulariser
+            return type(output)(sample=output.sample * float("nan"))
+
+    bundle.unet.register_forward_hook(poison_after_step_4)
+    with pytest.raises(TrainingStopped, match="diverged. Lower the learning rate.*reset to its state at step 4") as info:
+        run_tuning(bundle, dataset, token, _config(steps=10, history_every=2))
+    partial = info.value.partial
+    assert [r["step"] for r in partial.history] == [2, 4]
+    bundle, dataset, token = _setup()
+    clean = run_tuning(bundle, dataset, token, _config(steps=4, history_every=2))
+    assert all(torch.equal(partial.lora[k], clean.lora[k]) for k in clean.lora)

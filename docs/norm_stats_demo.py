@@ -1,0 +1,149 @@
+"""Regenerate the numbers of docs/norm-stats.md: `python docs/norm_stats_demo.py` (CPU, ~10 s).
+
+Every number comes from pti_ops.norm_stats: synthetic shells with closed-form answers, LayerNorm
+outputs, and the tiny random SD1.5-shaped model. Seeds are fixed, so the output is reproducible.
+"""
+
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pti_ops.norm_stats import (  # noqa: E402
+    NormStatsConfig,
+    compute_norm_stats,
+    shell_expectations,
+    stats_of_vectors,
+    synthetic_layernorm,
+    synthetic_shell,
+)
+from pti_ops.placeholder import add_placeholder  # noqa: E402
+from pti_ops.tiny_model import build_tiny_bundle  # noqa: E402
+
+N = 20000  # vectors per synthetic case: half fit the centre, half are measured
+
+
+def axis(dim: int, length: float, second: float = 0.0) -> torch.Tensor:
+    """A centre `length` along the first axis (and `second` along the second)."""
+    centre = torch.zeros(dim, dtype=torch.float64)
+    centre[0], centre[1] = length, second
+    return centre
+
+
+def affine(dim: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LayerNorm gain ~ 1 + 0.2·N(0,1) and bias ~ 0.1·N(0,1), like a trained one."""
+    g = torch.Generator().manual_seed(seed)
+    return 1 + 0.2 * torch.randn(dim, generator=g, dtype=torch.float64), 0.1 * torch.randn(dim, generator=g, dtype=torch.float64)
+
+
+def synthetic_cases() -> list[tuple[str, torch.Tensor, dict | None]]:
+    """(label, vectors, closed form or None) for each synthetic case of the document."""
+    thin_sphere = (axis(16, 3.0), 1.0, 0.01)
+    thin_ellipsoid = (axis(16, 3.0), torch.linspace(0.9, 1.1, 16, dtype=torch.float64), 0.01)
+    thick_768 = (axis(768, 3.0), 1.0, 0.1)
+    abs_vs_cv = (axis(64, 3.0), 1.0, 0.05)
+    cases = [
+        ("A offset sphere d=16, |c|=3R, thickness 1%", thin_sphere),
+        ("B offset ellipsoid d=16, radii 0.9-1.1, |c|=3, thickness 1%", thin_ellipsoid),
+        ("C offset sphere d=768, |c|=3R, thickness 10%", thick_768),
+        ("D offset sphere d=64, |c|=3R, thickness 5%", abs_vs_cv),
+    ]
+    out = [(label, synthetic_shell(N, *shell, seed=1), shell_expectations(*shell)) for label, shell in cases]
+    weight, bias = affine(768)
+    out += [
+        ("E LayerNorm outputs d=768, unit gain, zero bias", synthetic_layernorm(N, 768), None),
+        ("F LayerNorm outputs d=768, gain 1+0.2N, bias 0.1N", synthetic_layernorm(N, 768, weight=weight, bias=bias), None),
+        ("G case A's shell through a unit LayerNorm", torch.nn.functional.layer_norm(synthetic_shell(N, *thin_sphere, seed=1), (16,)), None),
+    ]
+    return out
+
+
+def print_synthetic() -> None:
+    print("## Synthetic data\n")
+    print("| case | raw mean | raw std | raw CV | centred mean | centred std | centred CV | var‖x‖² raw → centred | along-mean share raw / centred | offset (radii) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, vectors, expected in synthetic_cases():
+        s = stats_of_vectors(vectors, label)
+        print(
+            f"| {label} | {s.raw.mean_norm:.4g} | {s.raw.std_norm:.3g} | {s.raw.cv:.3g} | {s.centred.mean_norm:.4g} | "
+            f"{s.centred.std_norm:.3g} | {s.centred.cv:.3g} | {s.raw.var_sq_norm:.3g} → {s.centred.var_sq_norm:.3g} | "
+            f"{s.raw.along_mean_share:.3g} / {s.centred.along_mean_share:.3g} | {s.offset:.3g} |"
+        )
+        if expected is not None:
+            r, c = expected["raw"], expected["centred"]
+            print(
+                f"| ↳ closed form | {r.mean_norm:.4g} | {r.std_norm:.3g} | {r.cv:.3g} | {c.mean_norm:.4g} | {c.std_norm:.3g} | "
+                f"{c.cv:.3g} | {r.var_sq_norm:.3g} → {c.var_sq_norm:.3g} | {r.along_mean_share:.3g} / {c.along_mean_share:.3g} | |"
+            )
+    print()
+    for label, vectors, _ in synthetic_cases()[::3]:
+        print(f"- {label[0]}: {stats_of_vectors(vectors, 'synthetic ' + label[0]).summary()}")
+    # A LayerNorm's outputs lie exactly on the ellipsoid γ⊙ẑ + β, ‖ẑ‖ = √d: centre β, not the data mean.
+    weight, bias = affine(768)
+    undone = stats_of_vectors((synthetic_layernorm(N, 768, weight=weight, bias=bias) - bias) / weight, "F undone")
+    print(f"- F with the LayerNorm's affine undone, (x − β)/γ: mean norm {undone.raw.mean_norm:.4g}, CV {undone.raw.cv:.3g}\n")
+
+
+def tiny_captions(n: int = 1000, seed: int = 0) -> list[str]:
+    """Captions from the tiny vocabulary; position 5 (the verb) varies, like `tok1` in the method's prompt."""
+    rng = random.Random(seed)
+    words = {
+        "adj": "red blue green yellow black white orange purple small big".split(),
+        "subject": "character person man woman girl boy cat dog robot creature".split(),
+        "verb": "standing sitting running holding".split(),
+        "place": "beach forest city snow".split(),
+    }
+    pick = lambda key: rng.choice(words[key])  # noqa: E731
+    return [f"a {pick('adj')} {pick('adj')} {pick('subject')} {pick('verb')} in the {pick('place')}" for _ in range(n)]
+
+
+def print_tiny() -> None:
+    print("## Tiny model (random weights, 32 wide; 1000 generated captions, position 5 and EOS)\n")
+    bundle = build_tiny_bundle()
+    captions = tiny_captions()
+    torch.manual_seed(0)
+    from transformers import CLIPTextModelWithProjection
+
+    with_projection = CLIPTextModelWithProjection(bundle.text_encoder.config).eval()
+    with_projection.text_model.load_state_dict(bundle.text_encoder.state_dict())
+    runs = [(space, 5, bundle.text_encoder) for space in ("hidden", "hidden_prenorm", "token_embedding")]
+    runs += [("pooled", None, bundle.text_encoder), ("projected", None, with_projection)]
+    print("| space | position | raw mean | raw CV | centred mean | centred CV | offset (radii) | along-mean share raw |")
+    print("|---|---|---|---|---|---|---|---|")
+    summaries = []
+    for space, position, encoder in runs:
+        s = compute_norm_stats(bundle.tokenizer, encoder, captions, NormStatsConfig(space=space, position=position), model_name="tiny")
+        print(
+            f"| {space} | {s.position} | {s.raw.mean_norm:.4g} | {s.raw.cv:.3g} | {s.centred.mean_norm:.4g} | "
+            f"{s.centred.cv:.3g} | {s.offset:.3g} | {s.raw.along_mean_share:.3g} |"
+        )
+        summaries.append(f"- `{space}`: {s.summary()}")
+    print("\n" + "\n".join(summaries) + "\n")
+    print_tiny_endpoints(captions)
+
+
+def print_tiny_endpoints(captions: list[str]) -> None:
+    bundle = build_tiny_bundle()
+    token = add_placeholder(bundle.tokenizer, bundle.text_encoder, "tok1", "character")
+    with torch.no_grad():  # stands in for a trained embedding: the class row plus a small step
+        noise = torch.randn(bundle.embedding_dim, generator=torch.Generator().manual_seed(1))
+        bundle.text_encoder.get_input_embeddings().weight[token.token_ids[0]] += 0.05 * noise
+    config = NormStatsConfig(space="hidden", template="an anime illustration of {}", class_word="character")
+    s = compute_norm_stats(bundle.tokenizer, bundle.text_encoder, captions, config, placeholder=token, model_name="tiny")
+    e = s.endpoints
+    print("Endpoints 'an anime illustration of tok1' vs '… character' (`hidden`, tok1 = class row + 0.05·N(0,1)):\n")
+    print(f"- angle per position 0..9, raw (deg): {', '.join(f'{a:.3g}' for a in e.angle_raw[:10])}")
+    print(f"- angle per position 0..9, centred (deg): {', '.join(f'{a:.3g}' for a in e.angle_centred[:10])}")
+    print(f"- max over t and positions of |slerp-lerp|/|lerp|: {e.max_gap[0]:.3%}; vslerp: {e.max_gap[1]:.3%}")
+    print(f"- summary: {s.summary()}\n")
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("ignore", FutureWarning)
+    torch.set_num_threads(1)
+    print_synthetic()
+    print_tiny()
