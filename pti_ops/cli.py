@@ -32,6 +32,16 @@ def add_dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out with a warning instead of stopping.")
 
 
+def add_precision_options(parser: argparse.ArgumentParser) -> None:
+    """Memory/speed options of the training commands."""
+    from .precision import MIXED_PRECISION_MODES
+
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISION_MODES, default="no",
+                        help="autocast the forward passes to bf16 or fp16 (fp16: GPU only); trained weights stay float32.")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute UNet activations in the backward pass: less memory, about 30%% slower.")
+
+
 class TerminalProgress:
     """`on_step` callback drawing a tqdm bar with the latest loss and distance."""
 

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from .bundle import load_bundle
-from .cli import TerminalProgress, add_dataset_options, add_model_options, write_json
+from .cli import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, write_json
 from .dataset import DatasetConfig, ImageDataset, load_image_folder
 from .embedding_file import save_embedding
 from .errors import InvalidInputError, OutputExistsError
@@ -32,6 +32,7 @@ def add_invert_command(subparsers) -> None:
     p.add_argument("--t-max", type=int, default=None, help="highest training timestep, exclusive (default: the schedule's length).")
     p.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer, 2 = penultimate (default: 1).")
     p.add_argument("--history-every", type=int, default=10, help="record loss and distances every N steps (default: 10).")
+    add_precision_options(p)
     p.add_argument("--out", required=True, help="output embedding file (.safetensors).")
     p.add_argument("--history", default=None, help="also write the run's history (loss, distance, norm, cosine, nearest tokens) as JSON here.")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files.")
@@ -61,6 +62,7 @@ def inversion_config_from(args: argparse.Namespace, prefix: str = "") -> Inversi
         learning_rate=getattr(args, f"{prefix}lr"), batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         seed=args.seed, timestep_range=timestep_range_from(args), norm_mode=args.norm_mode,
         norm_strength=args.norm_strength, clip_skip=args.clip_skip, history_every=args.history_every,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
     )
 
 

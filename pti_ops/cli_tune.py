@@ -4,7 +4,7 @@ import argparse
 import logging
 
 from .bundle import load_bundle
-from .cli import TerminalProgress, add_dataset_options, add_model_options, write_json
+from .cli import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, write_json
 from .cli_invert import add_inversion_options, check_outputs, inversion_config_from, load_dataset_for
 from .embedding_file import load_embedding, save_embedding
 from .errors import InvalidInputError
@@ -32,6 +32,7 @@ def add_tune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-timestep", type=int, default=None, help="train only on timesteps below this (default: all).")
     g.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer, 2 = penultimate (default: 1).")
     g.add_argument("--history-every", type=int, default=10, help="record losses every N steps (default: 10).")
+    add_precision_options(g)
 
 
 def add_regularizer_options(p: argparse.ArgumentParser) -> None:
@@ -56,6 +57,7 @@ def tune_config_from(args: argparse.Namespace, templates: list[str], schedule: s
         learning_rate=args.lr, steps=args.steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         seed=args.seed, timestep_range=(0, args.max_timestep) if args.max_timestep else None, schedule=schedule,
         templates=templates, clip_skip=args.clip_skip, history_every=args.history_every,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         **({"ti_learning_rate": args.ti_lr, "ti_frac": args.ti_frac} if schedule == "joint" else {}),
     )
 

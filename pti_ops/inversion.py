@@ -19,6 +19,7 @@ from .dataset import ImageDataset
 from .diffusion_loss import add_noise, check_timestep_range, denoising_loss
 from .errors import InvalidInputError, TrainingStopped
 from .latent_cache import encode_latents
+from .precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
 from .placeholder import PlaceholderToken, TrainableVectors, add_placeholder, placeholder_vectors, spliced_placeholder
 from .text_conditioning import encode_tokens
 
@@ -55,6 +56,9 @@ class InversionConfig:
         nearest_k (`int`): vocabulary tokens nearest to each vector reported in the history.
         max_norm_ratio (`float`, *optional*): stop as diverged when a vector's norm exceeds this many
             times the vocabulary's mean norm (checked at each record).
+        mixed_precision (`str`): `no`, `bf16` or `fp16` (GPU) autocast of the forward passes; the
+            trained vectors stay float32.
+        gradient_checkpointing (`bool`): recompute UNet activations in the backward pass (less memory, slower).
     """
 
     placeholder: str = "tok1"
@@ -75,6 +79,8 @@ class InversionConfig:
     history_every: int = 10
     nearest_k: int = 3
     max_norm_ratio: float | None = 100.0
+    mixed_precision: MixedPrecision = "no"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         self.templates = check_templates(self.templates)
@@ -86,6 +92,7 @@ class InversionConfig:
             raise InvalidInputError(f"`learning_rate` must be a positive finite number, got {self.learning_rate!r}.")
         if self.norm_mode not in NORM_MODES:
             raise InvalidInputError(f"`norm_mode` must be one of {NORM_MODES}, got {self.norm_mode!r}.")
+        check_mixed_precision(self.mixed_precision)
         if self.max_norm_ratio is not None and not self.max_norm_ratio > 1:
             raise InvalidInputError(f"`max_norm_ratio` must be above 1 or None, got {self.max_norm_ratio!r}.")
         if self.norm_strength < 0 or self.weight_decay < 0:
@@ -165,6 +172,7 @@ def run_inversion(
             `logs` holds the latest history record on recording steps. It may raise to stop.
     """
     bundle.freeze()
+    check_mixed_precision(config.mixed_precision, bundle.device)
     t_range = check_timestep_range(config.timestep_range, bundle.noise_scheduler)
     token = add_placeholder(bundle.tokenizer, bundle.text_encoder, config.placeholder, config.initializer, config.num_vectors)
     captions = build_caption_table(dataset, config.templates, token, bundle.tokenizer)
@@ -176,11 +184,12 @@ def run_inversion(
     generator = torch.Generator().manual_seed(config.seed)
     sampler = BatchSampler(len(dataset), config.batch_size, latents.num_views, captions, generator)
     optimizer = torch.optim.AdamW([vectors.raw], lr=config.learning_rate, weight_decay=config.weight_decay)
+    gradient_step = GradientStep(optimizer, [vectors.raw], config.max_grad_norm, bundle.device, config.mixed_precision)
     tracker = _HistoryTracker(bundle, token, initial, vocab_norm, config)
     try:
-        with spliced_placeholder(bundle.text_encoder, token, vectors):
+        with spliced_placeholder(bundle.text_encoder, token, vectors), gradient_checkpointing(bundle.unet, config.gradient_checkpointing):
             for step in range(1, config.steps + 1):
-                loss = _inversion_step(bundle, sampler, latents, vectors, optimizer, config, t_range, vocab_norm)
+                loss = _inversion_step(bundle, sampler, latents, vectors, gradient_step, config, t_range, vocab_norm)
                 try:
                     logs = tracker.update(step, loss, vectors)
                 except TrainingStopped as err:
@@ -195,23 +204,22 @@ def run_inversion(
     return InversionResult(token, placeholder_vectors(bundle.text_encoder, token), initial.cpu(), vocab_norm, tracker.history, config)
 
 
-def _inversion_step(bundle, sampler, latents, vectors, optimizer, config, t_range, vocab_norm) -> torch.Tensor:
+def _inversion_step(bundle, sampler, latents, vectors, gradient_step, config, t_range, vocab_norm) -> torch.Tensor:
     """One optimiser step over `gradient_accumulation_steps` micro-batches; returns the mean loss (no sync)."""
-    optimizer.zero_grad(set_to_none=True)
+    gradient_step.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=bundle.device)
     accum = config.gradient_accumulation_steps
     for _ in range(accum):
         batch_latents, input_ids = sampler.next(latents)
         noised = add_noise(bundle.noise_scheduler, batch_latents.to(bundle.device), sampler.generator, t_range)
-        conditioning = encode_tokens(bundle.text_encoder, input_ids, config.clip_skip)
-        loss = denoising_loss(bundle.unet, noised, conditioning)
+        with autocast(bundle.device, config.mixed_precision):
+            conditioning = encode_tokens(bundle.text_encoder, input_ids, config.clip_skip)
+            loss = denoising_loss(bundle.unet, noised, conditioning)
         if config.norm_mode == "pull":
             loss = loss + config.norm_strength * (vectors().norm(dim=-1) - vocab_norm).pow(2).mean()
-        (loss / accum).backward()
+        gradient_step.backward(loss / accum)
         total += loss.detach() / accum
-    if config.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_([vectors.raw], config.max_grad_norm)
-    optimizer.step()
+    gradient_step.step()
     return total
 
 

@@ -29,6 +29,7 @@ from .errors import InvalidInputError, TokenizerError, TrainingStopped
 from .inversion import StepCallback
 from .latent_cache import encode_latents
 from .lora_file import lora_state_dict_to_kohya
+from .precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
 from .placeholder import PlaceholderToken, TrainableVectors, placeholder_vectors, spliced_placeholder
 from .regularizer import LocalityRegularizer, RegularizerConfig, locality_loss
 from .text_conditioning import encode_tokens
@@ -73,6 +74,9 @@ class TuneConfig:
         max_grad_norm (`float`, *optional*): clip the global gradient norm of the trained parameters.
         weight_decay (`float`): AdamW weight decay of the LoRA weights.
         history_every (`int`): record the losses every this many steps (and at the last).
+        mixed_precision (`str`): `no`, `bf16` or `fp16` (GPU) autocast of the forward passes; LoRA
+            weights stay float32.
+        gradient_checkpointing (`bool`): recompute UNet activations in the backward pass (less memory, slower).
     """
 
     rank: int = 4
@@ -95,8 +99,11 @@ class TuneConfig:
     max_grad_norm: float | None = 1.0
     weight_decay: float = 1e-2
     history_every: int = 10
+    mixed_precision: MixedPrecision = "no"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
+        check_mixed_precision(self.mixed_precision)
         for name in ("rank", "steps", "batch_size", "gradient_accumulation_steps", "history_every", "clip_skip"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -205,6 +212,7 @@ def run_tuning(
         resume_from (`str`, *optional*): continue the run saved in this checkpoint (same settings).
     """
     bundle.freeze()
+    check_mixed_precision(config.mixed_precision, bundle.device)
     check_token_in_bundle(bundle, token)
     t_range = check_timestep_range(config.timestep_range, bundle.noise_scheduler)
     captions = build_caption_table(dataset, config.templates, token, bundle.tokenizer)
@@ -261,6 +269,7 @@ class _Trainer:
             groups.append({"params": [self.vectors.raw], "lr": config.ti_learning_rate, "weight_decay": 0.0, "name": "token"})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.trained = [p for group in groups for p in group["params"]]
+        self.gradient_step = GradientStep(self.optimizer, self.trained, config.max_grad_norm, bundle.device, config.mixed_precision)
         self.progress = _Progress(bundle.device)
         self.last_good: dict | None = None
         # With the text encoder frozen the training prompts' encodings never change: encode them once.
@@ -292,7 +301,7 @@ class _Trainer:
         config, progress = self.config, self.progress
         freeze_at = math.ceil(config.ti_frac * config.steps) if self.joint else None
         splice = spliced_placeholder(self.bundle.text_encoder, self.token, self.vectors) if self.joint else contextlib.nullcontext()
-        with splice:
+        with splice, gradient_checkpointing(self.bundle.unet, config.gradient_checkpointing):
             if freeze_at is not None and progress.step >= freeze_at:
                 self._freeze_token()  # resumed after the token phase
             while progress.step < config.steps:
@@ -374,14 +383,13 @@ class _Trainer:
         totals: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             reg_conditioning = self.locality.conditionings(step, self.generator) if (self.locality and micro == 0) else None
-            losses = self._micro_step(reg_conditioning)
+            with autocast(self.bundle.device, config.mixed_precision):
+                losses = self._micro_step(reg_conditioning)
             loss = losses["loss"] + (self.locality.config.weight * losses["reg_loss"] if "reg_loss" in losses else 0.0)
-            (loss / accum).backward()
+            self.gradient_step.backward(loss / accum)
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.detach() / (accum if key == "loss" else 1)
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.trained, config.max_grad_norm)
-        self.optimizer.step()
+        self.gradient_step.step()
         return totals
 
     def _conditioning(self, input_ids: torch.Tensor) -> torch.Tensor:
