@@ -1,4 +1,4 @@
-"""Regenerate the numbers of docs/norm-stats.md: `python docs/norm_stats_demo.py` (CPU, ~10 s).
+"""Regenerate the numbers of docs/norm-stats.md: `python docs/norm_stats_demo.py` (CPU, ~30 s).
 
 Every number comes from pti_ops.norm_stats: synthetic shells with closed-form answers, LayerNorm
 outputs, and the tiny random SD1.5-shaped model. Seeds are fixed, so the output is reproducible.
@@ -17,11 +17,13 @@ from pti_ops.norm_stats import (  # noqa: E402
     NormStatsConfig,
     compute_norm_stats,
     shell_expectations,
+    shell_stats,
     stats_of_vectors,
     synthetic_layernorm,
     synthetic_shell,
 )
 from pti_ops.placeholder import add_placeholder  # noqa: E402
+from pti_ops.text_conditioning import encode_prompts, text_transformer  # noqa: E402
 from pti_ops.tiny_model import build_tiny_bundle  # noqa: E402
 
 N = 20000  # vectors per synthetic case: half fit the centre, half are measured
@@ -126,12 +128,18 @@ def print_tiny() -> None:
     print_tiny_endpoints(captions)
 
 
-def print_tiny_endpoints(captions: list[str]) -> None:
+def placeholder_bundle():
+    """The tiny model with `tok1` = the `character` row plus 0.05·N(0,1), standing in for a trained embedding."""
     bundle = build_tiny_bundle()
     token = add_placeholder(bundle.tokenizer, bundle.text_encoder, "tok1", "character")
-    with torch.no_grad():  # stands in for a trained embedding: the class row plus a small step
+    with torch.no_grad():
         noise = torch.randn(bundle.embedding_dim, generator=torch.Generator().manual_seed(1))
         bundle.text_encoder.get_input_embeddings().weight[token.token_ids[0]] += 0.05 * noise
+    return bundle, token
+
+
+def print_tiny_endpoints(captions: list[str]) -> None:
+    bundle, token = placeholder_bundle()
     config = NormStatsConfig(space="hidden", template="an anime illustration of {}", class_word="character")
     s = compute_norm_stats(bundle.tokenizer, bundle.text_encoder, captions, config, placeholder=token, model_name="tiny")
     e = s.endpoints
@@ -142,8 +150,63 @@ def print_tiny_endpoints(captions: list[str]) -> None:
     print(f"- summary: {s.summary()}\n")
 
 
+FINAL_NORMS = {  # final LayerNorm (gain γ, bias β) of the tiny model: its init, and two trained-looking ones
+    "init: γ=1, β=0": None,
+    "γ=1.5 (uniform), β=0.5·N": (lambda g: torch.full((32,), 1.5), lambda g: 0.5 * torch.randn(32, generator=g)),
+    "γ=1+0.3·N, β=0.5·N": (lambda g: 1 + 0.3 * torch.randn(32, generator=g), lambda g: 0.5 * torch.randn(32, generator=g)),
+}
+
+
+def set_final_layernorm(bundle, name: str) -> None:
+    """Give the tiny model's final LayerNorm the gain and bias of `FINAL_NORMS[name]` (seeded)."""
+    if FINAL_NORMS[name] is None:
+        return
+    make_gain, make_bias = FINAL_NORMS[name]
+    g = torch.Generator().manual_seed(5)
+    norm = text_transformer(bundle.text_encoder).final_layer_norm
+    with torch.no_grad():
+        norm.weight.copy_(make_gain(g))
+        norm.bias.copy_(make_bias(g))
+
+
+def print_layernorm_bias() -> None:
+    print("## Centre on the final LayerNorm's bias β (`centre=\"layernorm_bias\"`)\n")
+    weight, bias = affine(768)
+    print("| synthetic LayerNorm outputs, d=768 | CV ‖x−mean‖ | CV ‖x−β‖ | CV ‖(x−β)/γ‖ | mean ‖(x−β)/γ‖ |")
+    print("|---|---|---|---|---|")
+    for label, gain in (("F: gain 1+0.2N, bias 0.1N", weight), ("F': gain 1.5 (uniform), bias 0.1N", torch.full_like(weight, 1.5))):
+        x = synthetic_layernorm(N, 768, weight=gain, bias=bias)
+        around_mean, around_bias = stats_of_vectors(x), stats_of_vectors(x, layernorm_bias=bias)
+        undone = shell_stats(((x - bias) / gain)[1::2], torch.zeros(768))
+        print(f"| {label} | {around_mean.centred.cv:.3g} | {around_bias.centred.cv:.3g} | {undone.cv:.3g} | {undone.mean_norm:.4g} |")
+    captions = tiny_captions()
+    print("\n| tiny model, final LayerNorm | space | raw CV | CV ‖x−mean‖ | CV ‖x−β‖ | CV ‖(x−β)/γ‖ | ‖β‖ / mean ‖x−β‖ | max vslerp gap around mean / β |")
+    print("|---|---|---|---|---|---|---|---|")
+    summaries = []
+    for name in FINAL_NORMS:
+        bundle, token = placeholder_bundle()
+        set_final_layernorm(bundle, name)
+        norm = text_transformer(bundle.text_encoder).final_layer_norm
+        gain, beta = norm.weight.detach().double(), norm.bias.detach().double()
+        x = encode_prompts(bundle.tokenizer, bundle.text_encoder, captions)[:, 5].double()
+        undone = shell_stats(((x - beta) / gain)[1::2], torch.zeros(32))
+        for space in ("hidden", "pooled"):
+            runs = {}
+            for centre in ("mean", "layernorm_bias"):
+                template = dict(template="an anime illustration of {}", class_word="character") if space == "hidden" else {}
+                config = NormStatsConfig(space=space, position=5 if space == "hidden" else None, centre=centre, **template)
+                runs[centre] = compute_norm_stats(bundle.tokenizer, bundle.text_encoder, captions, config, token if template else None)
+            m, b = runs["mean"], runs["layernorm_bias"]
+            gaps = f"{m.endpoints.max_gap[1]:.2%} / {b.endpoints.max_gap[1]:.2%}" if space == "hidden" else ""
+            undone_cv = f"{undone.cv:.3g}" if space == "hidden" else ""
+            print(f"| {name} | `{space}` {m.position} | {m.raw.cv:.3g} | {m.centred.cv:.3g} | {b.centred.cv:.3g} | {undone_cv} | {b.offset:.3g} | {gaps} |")
+            summaries.append(f"- {name}, `{space}`, layernorm_bias: {b.summary()}")
+    print("\n" + "\n".join(summaries) + "\n")
+
+
 if __name__ == "__main__":
     warnings.simplefilter("ignore", FutureWarning)
     torch.set_num_threads(1)
     print_synthetic()
     print_tiny()
+    print_layernorm_bias()

@@ -5,6 +5,9 @@ Example (the method's regularisation prompt; position 5 is `tok1`):
     python -m pti_ops norm-stats --model tiny --captions captions.txt --space hidden --position 5 \
         --template "an anime illustration of {}" --class-word character --embedding tok1.safetensors \
         --out stats.json --plot stats.png
+
+Add `--centre layernorm_bias` (hidden and pooled only) to centre on the final LayerNorm's bias β
+rather than on the captions' mean.
 """
 
 import argparse
@@ -15,7 +18,7 @@ from .bundle import load_bundle
 from .cli import add_model_options
 from .embedding_file import load_embedding
 from .errors import InvalidInputError, OutputExistsError
-from .norm_stats import EOS, SPACES, NormStatsConfig, compute_norm_stats
+from .norm_stats import CENTRES, EOS, SPACES, NormStatsConfig, compute_norm_stats
 from .placeholder import add_placeholder
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,11 @@ def add_norm_stats_command(subparsers) -> None:
                    help="trained placeholder embedding (.safetensors) for the placeholder prompt; without it the "
                    "placeholder equals its class word and the endpoints coincide.")
     p.add_argument("--placeholder", default="tok1", help="placeholder word the --embedding is loaded as (default: tok1).")
+    p.add_argument("--centre", choices=CENTRES, default="mean",
+                   help="centre of the centred statistics and of the vSLERP centres written to --out. mean: the "
+                   "captions' mean vector per position; layernorm_bias: the final LayerNorm's bias, the exact centre "
+                   "of the shell that hidden and pooled vectors lie on (a sphere only when the LayerNorm's gain is "
+                   "uniform; only for --space hidden or pooled). Default: mean.")
     p.add_argument("--batch-size", type=int, default=128, help="captions per forward pass (default: 128).")
     p.add_argument("--out", required=True, help="output statistics file (.json), read by the regulariser for vSLERP centres.")
     p.add_argument("--plot", default=None, help="also write histograms of raw vs centred norms here (.png).")
@@ -85,7 +93,7 @@ def run_norm_stats_command(args: argparse.Namespace) -> int:
         raise InvalidInputError("--embedding is only used for the SLERP endpoints: give --template and --class-word too.")
     config = NormStatsConfig(
         space=args.space, position=parse_position(args.position), clip_skip=args.clip_skip,
-        template=args.template, class_word=args.class_word, batch_size=args.batch_size,
+        template=args.template, class_word=args.class_word, batch_size=args.batch_size, centre=args.centre,
     )
     # 2. Load the model; this command owns it, so adding the placeholder to it is safe.
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)

@@ -54,3 +54,17 @@ def denoising_loss(unet: UNet2DConditionModel, batch: NoisedBatch, conditioning:
     """Mean squared error between the UNet's prediction and the target, in float32."""
     prediction = unet(batch.noisy_latents, batch.timesteps, conditioning.to(batch.noisy_latents.dtype)).sample
     return F.mse_loss(prediction.float(), batch.target.float())
+
+
+def predicted_x0(scheduler: DDPMScheduler, noisy: torch.Tensor, timesteps: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+    """The clean latents implied by a UNet output at `timesteps` (epsilon, v or sample prediction)."""
+    alphas = scheduler.alphas_cumprod.to(noisy.device)[timesteps].float().view(-1, *([1] * (noisy.ndim - 1)))
+    noisy, model_output = noisy.float(), model_output.float()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return (noisy - (1 - alphas).sqrt() * model_output) / alphas.sqrt()
+    if prediction_type == "v_prediction":
+        return alphas.sqrt() * noisy - (1 - alphas).sqrt() * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise InvalidInputError(f"unsupported scheduler prediction_type {prediction_type!r}.")

@@ -19,6 +19,7 @@ from .dataset import ImageDataset
 from .diffusion_loss import add_noise, check_timestep_range, denoising_loss
 from .errors import InvalidInputError, TrainingStopped
 from .latent_cache import encode_latents
+from .metrics_distance import embedding_distance, nearest_tokens
 from .precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
 from .placeholder import PlaceholderToken, TrainableVectors, add_placeholder, placeholder_vectors, spliced_placeholder
 from .text_conditioning import encode_tokens
@@ -227,12 +228,10 @@ class _HistoryTracker:
     """Records loss and the placeholder's distance from its start every `history_every` steps."""
 
     def __init__(self, bundle: ModelBundle, token: PlaceholderToken, initial: torch.Tensor, vocab_norm: float, config: InversionConfig):
-        self.config = config
+        self.config, self.bundle = config, bundle
         self.initial = initial.float()
-        self.tokenizer = bundle.tokenizer
-        weight = bundle.text_encoder.get_input_embeddings().weight.detach().float()
-        # Nearest tokens are searched among the original vocabulary only (not the placeholder rows).
-        self.vocab_unit = torch.nn.functional.normalize(weight[: min(token.token_ids)], dim=-1)
+        # Nearest tokens are searched among the vocabulary before the placeholder rows.
+        self.vocabulary_size = min(token.token_ids)
         self.vocab_norm = vocab_norm
         self.history: list[dict] = []
         self.loss_sum = torch.zeros((), device=initial.device)
@@ -269,15 +268,8 @@ class _HistoryTracker:
 
     def measure(self, current: torch.Tensor) -> dict:
         """‖e − e0‖ (over all vectors), mean ‖e‖, mean cos(e, e0), nearest vocabulary tokens per vector."""
-        cosine = torch.nn.functional.cosine_similarity(current, self.initial, dim=-1)
-        similarity = torch.nn.functional.normalize(current, dim=-1) @ self.vocab_unit.T
-        nearest_ids = similarity.topk(self.config.nearest_k, dim=-1).indices.tolist()
-        return {
-            "distance": (current - self.initial).norm().item(),
-            "norm": current.norm(dim=-1).mean().item(),
-            "cosine": cosine.mean().item(),
-            "nearest": [self.tokenizer.convert_ids_to_tokens(ids) for ids in nearest_ids],
-        }
+        nearest = nearest_tokens(self.bundle, current, self.vocabulary_size, self.config.nearest_k)
+        return {**embedding_distance(current, self.initial), "nearest": nearest}
 
 
 def config_to_dict(config: InversionConfig) -> dict:

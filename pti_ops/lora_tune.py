@@ -21,11 +21,13 @@ from typing import Literal
 import torch
 from peft import LoraConfig
 
+from .adapters import adapters_disabled
 from .batches import DEFAULT_TEMPLATES, BatchSampler, build_caption_table, check_templates
 from .bundle import ModelBundle
 from .dataset import ImageDataset
 from .diffusion_loss import NoisedBatch, add_noise, check_timestep_range
 from .errors import InvalidInputError, TokenizerError, TrainingStopped
+from .image_locality import image_locality_loss
 from .inversion import StepCallback
 from .latent_cache import encode_latents
 from .lora_file import lora_state_dict_to_kohya
@@ -192,6 +194,7 @@ def run_tuning(
     on_step: StepCallback | None = None,
     checkpoint: str | None = None,
     resume_from: str | None = None,
+    lpips_model: torch.nn.Module | None = None,
 ) -> TuneResult:
     """Train LoRA adapters around the pivot `token`; leave them active on the bundle's models.
 
@@ -210,6 +213,8 @@ def run_tuning(
         on_step (`callable`, *optional*): `on_step(step, total, logs)` after every step; may raise to stop.
         checkpoint (`str`, *optional*): when the run is stopped, write a resumable checkpoint here.
         resume_from (`str`, *optional*): continue the run saved in this checkpoint (same settings).
+        lpips_model (`lpips.LPIPS`, *optional*): for the regulariser's `image_space` term; loaded from
+            local files (`metrics_lpips.load_lpips`) when needed and not given.
     """
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
@@ -220,7 +225,12 @@ def run_tuning(
     latents = encode_latents(bundle.vae, dataset, batch_size=max(config.batch_size, 4))
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # LoRA A matrices are initialised from torch's global generator
+    if locality is not None and locality.config.image_space and lpips_model is None:
+        from .metrics_lpips import load_lpips
+
+        lpips_model = load_lpips(device=bundle.device)
     trainer = _Trainer(bundle, token, config, locality, captions, latents, generator, t_range)
+    trainer.lpips_model = lpips_model
     reg_settings = locality.config.to_dict() if locality is not None else None
     try:
         if resume_from is not None:
@@ -419,11 +429,15 @@ class _Trainer:
             torch.cat([noised.timesteps, reg.timesteps]),
             torch.cat([conditioning, reg_conditioning.to(conditioning.dtype)]),
         ).sample
-        with torch.no_grad(), _adapters_disabled(bundle.unet):
+        with torch.no_grad(), adapters_disabled(bundle):
             base = bundle.unet(reg.noisy_latents, reg.timesteps, reg_conditioning).sample
+        reg_loss = locality_loss(prediction[n:], base)
+        if self.locality.config.image_space:
+            l2_weight = self.locality.config.image_l2_weight
+            reg_loss = reg_loss + image_locality_loss(bundle, self.lpips_model, reg, prediction[n:], base, l2_weight)
         return {
             "loss": torch.nn.functional.mse_loss(prediction[:n].float(), noised.target.float()),
-            "reg_loss": locality_loss(prediction[n:], base),
+            "reg_loss": reg_loss,
         }
 
     def _regularisation_batch(self, latents: torch.Tensor, noised: NoisedBatch, samples: int) -> NoisedBatch:
@@ -468,18 +482,3 @@ class _Progress:
             self.sums[key].copy_(state["sums"][key])
             self.counts[key] = state["counts"][key]
         self.history = list(state["history"])
-
-
-@contextlib.contextmanager
-def _adapters_disabled(model: torch.nn.Module):
-    """Run `model` as the original: every LoRA layer bypassed, restored on exit."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)

@@ -10,7 +10,8 @@ from pti_ops.bundle import load_bundle
 from pti_ops.dataset import dataset_from_tensor
 from pti_ops.errors import InvalidInputError, TokenizerError
 from pti_ops.lora_file import apply_kohya_lora
-from pti_ops.lora_tune import UNET_TARGETS, TuneConfig, _adapters_disabled, lora_config, run_tuning
+from pti_ops.adapters import adapters_disabled
+from pti_ops.lora_tune import UNET_TARGETS, TuneConfig, lora_config, run_tuning
 from pti_ops.placeholder import add_placeholder
 from pti_ops.regularizer import RegularizerConfig
 from pti_ops.text_conditioning import encode_prompts
@@ -56,7 +57,7 @@ def test_tuning_lowers_the_loss_and_disabled_adapters_give_the_original_unet():
     result = run_tuning(bundle, dataset, token, _config(steps=30, history_every=10, learning_rate=5e-3))
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert not torch.equal(_eps(bundle, prompt), base)
-    with _adapters_disabled(bundle.unet):
+    with adapters_disabled(bundle):
         assert torch.equal(_eps(bundle, prompt), base)
     # Only LoRA weights were added; every original weight is untouched.
     state = bundle.unet.state_dict()
@@ -225,3 +226,26 @@ def test_divergence_stops_with_the_last_good_lora():
     bundle, dataset, token = _setup()
     clean = run_tuning(bundle, dataset, token, _config(steps=4, history_every=2))
     assert all(torch.equal(partial.lora[k], clean.lora[k]) for k in clean.lora)
+
+
+def test_image_space_term_adds_lpips_and_l2_of_decoded_predictions():
+    from pti_ops.metrics_lpips import load_lpips
+
+    lpips_model = load_lpips(random_backbone=True)
+    runs = {}
+    for image_space in (False, True):
+        bundle, dataset, token = _setup()
+        reg = RegularizerConfig(mode="path", image_space=image_space, image_l2_weight=0.1)
+        runs[image_space] = run_tuning(bundle, dataset, token, _config(steps=4, history_every=2), reg, lpips_model=lpips_model)
+    # Step 1's update is identical (zero LoRA up weights: both terms start at 0); later the image term adds.
+    assert runs[True].history[-1]["reg_loss"] > runs[False].history[-1]["reg_loss"] > 0
+
+
+def test_predicted_x0_inverts_the_noising():
+    from pti_ops.diffusion_loss import predicted_x0
+
+    bundle = load_bundle("tiny")
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([10, 500, 990])
+    noisy = bundle.noise_scheduler.add_noise(latents, noise, timesteps)
+    assert torch.allclose(predicted_x0(bundle.noise_scheduler, noisy, timesteps, noise), latents, atol=1e-3)

@@ -25,7 +25,7 @@ from pti_ops.norm_stats import (
     synthetic_shell,
 )
 from pti_ops.placeholder import add_placeholder
-from pti_ops.text_conditioning import encode_prompts, tokenize
+from pti_ops.text_conditioning import encode_prompts, text_transformer, tokenize
 from pti_ops.tiny_model import build_tiny_bundle
 
 TEMPLATE = "an anime illustration of {}"
@@ -226,6 +226,122 @@ def test_identical_vectors_are_reported_as_no_spread(tiny):
     assert "every caption gives the same vector" in stats.summary()
 
 
+# --- centre on the final LayerNorm's bias ---------------------------------------------------------
+
+
+def chosen_affine(dim: int, uniform: bool):
+    """A LayerNorm gain γ (uniform 1.5, or spread 0.5..1.5) and a bias β far from the origin."""
+    g = torch.Generator().manual_seed(7)
+    gain = torch.full((dim,), 1.5, dtype=torch.float64) if uniform else 0.5 + torch.rand(dim, generator=g, dtype=torch.float64)
+    return gain, 2.0 + torch.randn(dim, generator=g, dtype=torch.float64)
+
+
+def same_norms(a, b) -> bool:
+    """Equal norm statistics (the along-centre share differs: it is taken along each centre's direction)."""
+    return (a.mean_norm, a.std_norm, a.cv, a.var_sq_norm) == (b.mean_norm, b.std_norm, b.cv, b.var_sq_norm)
+
+
+def test_layernorm_bias_centre_on_synthetic_outputs_is_exact():
+    gain, bias = chosen_affine(64, uniform=False)
+    x = synthetic_layernorm(2000, 64, weight=gain, bias=bias)
+    stats = stats_of_vectors(x, "layernorm", layernorm_bias=bias)
+    assert stats.centre == "layernorm_bias"
+    assert torch.equal(stats.centre_for_positions()[0], bias.float())
+    assert stats.centre_norm == pytest.approx(bias.norm().item(), rel=1e-12)
+    # Every output is γ⊙ẑ + β with ‖ẑ‖ = √d: undoing the affine part leaves a constant norm.
+    undone = shell_stats((x - bias) / gain, torch.zeros(64))
+    assert undone.mean_norm == pytest.approx(8.0, rel=1e-4)  # sqrt(64), less LayerNorm's eps
+    assert undone.cv < 1e-6
+    # A spread-out gain makes the shell an ellipsoid around β: ‖x − β‖ is not constant.
+    assert stats.centred.cv > 0.01
+    assert held_out_stats(x, bias)[1] == stats.centred
+    assert "ellipsoid around β" in stats.summary()
+
+
+def test_layernorm_bias_centre_with_uniform_gain_is_a_sphere():
+    gain, bias = chosen_affine(64, uniform=True)
+    x = synthetic_layernorm(2000, 64, weight=gain, bias=bias)
+    around_bias, around_mean = stats_of_vectors(x, "ln", layernorm_bias=bias), stats_of_vectors(x, "ln")
+    assert around_bias.centred.mean_norm == pytest.approx(1.5 * 8.0, rel=1e-4)
+    assert around_bias.centred.cv < 1e-6 < 0.05 < around_mean.centred.cv
+    assert same_norms(around_bias.raw, around_mean.raw)  # the same held-out rows whichever the centre
+    assert "the norms around β are near-constant" in around_bias.summary()
+
+
+def tiny_with_final_layernorm(uniform: bool):
+    bundle = build_tiny_bundle()
+    gain, bias = chosen_affine(bundle.embedding_dim, uniform)
+    norm = text_transformer(bundle.text_encoder).final_layer_norm
+    with torch.no_grad():
+        norm.weight.copy_(gain)
+        norm.bias.copy_(bias)
+    return bundle, norm.weight.detach().double().clone(), norm.bias.detach().double().clone()
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_layernorm_bias_centre_of_the_tiny_model(uniform):
+    bundle, gain, bias = tiny_with_final_layernorm(uniform)
+    captions = tiny_captions(60)
+    config = NormStatsConfig(space="hidden", position=5, centre="layernorm_bias")
+    stats = compute_norm_stats(bundle.tokenizer, bundle.text_encoder, captions, config)
+    assert stats.centre == "layernorm_bias"
+    assert stats.centres.shape == (77, 32)
+    assert torch.equal(stats.centres, bias.float().expand(77, 32))  # β at every position, exactly
+    x = encode_prompts(bundle.tokenizer, bundle.text_encoder, captions)[:, 5].double()
+    assert shell_stats((x - bias) / gain, torch.zeros(32)).cv < 1e-5
+    held = x[1::2] - bias
+    assert stats.centred.mean_norm == pytest.approx(held.norm(dim=1).mean().item(), rel=1e-6)
+    mean_stats = compute_norm_stats(bundle.tokenizer, bundle.text_encoder, captions, NormStatsConfig(space="hidden", position=5))
+    assert same_norms(stats.raw, mean_stats.raw)
+    if uniform:
+        assert stats.centred.cv < 1e-5 < 0.05 < mean_stats.centred.cv
+    pooled = compute_norm_stats(
+        bundle.tokenizer, bundle.text_encoder, captions, NormStatsConfig(space="pooled", centre="layernorm_bias")
+    )
+    assert torch.equal(pooled.centres, bias.float()[None])
+
+
+def test_layernorm_bias_centre_is_used_by_the_endpoints():
+    bundle, token = placeholder_bundle()
+    norm = text_transformer(bundle.text_encoder).final_layer_norm
+    with torch.no_grad():
+        norm.bias.copy_(chosen_affine(32, uniform=True)[1])
+    config = NormStatsConfig(space="hidden", template=TEMPLATE, class_word="character", centre="layernorm_bias")
+    stats = compute_norm_stats(bundle.tokenizer, bundle.text_encoder, tiny_captions(20), config, placeholder=token)
+    ids = tokenize(bundle.tokenizer, [stats.endpoints.placeholder_prompt, stats.endpoints.class_prompt])
+    with torch.no_grad():
+        a, b = (v[5].double() - norm.bias.double() for v in bundle.text_encoder(ids).last_hidden_state)
+    angle = math.degrees(math.acos((a @ b / (a.norm() * b.norm())).item()))
+    assert stats.endpoints.angle_centred[5] == pytest.approx(angle, rel=1e-4)
+
+
+def test_layernorm_bias_centre_needs_a_space_after_the_final_layernorm():
+    with pytest.raises(InvalidInputError, match="`centre` must be one of mean, layernorm_bias; got 'median'"):
+        NormStatsConfig(centre="median")
+    for space in ("hidden_prenorm", "projected", "token_embedding"):
+        with pytest.raises(InvalidInputError, match=f"needs a space read right after the final LayerNorm.*`{space}` is not"):
+            NormStatsConfig(space=space, centre="layernorm_bias")
+
+
+def test_layernorm_bias_centre_warns_when_every_vector_is_the_same(tiny):
+    config = NormStatsConfig(space="hidden", position=0, centre="layernorm_bias")
+    with pytest.warns(UserWarning, match="every caption gives the same vector at position 0"):
+        compute_norm_stats(tiny.tokenizer, tiny.text_encoder, tiny_captions(10), config)
+
+
+def test_layernorm_bias_centre_round_trips_through_json(tmp_path):
+    bundle, _, bias = tiny_with_final_layernorm(uniform=False)
+    config = NormStatsConfig(space="hidden", position=5, centre="layernorm_bias")
+    stats = compute_norm_stats(bundle.tokenizer, bundle.text_encoder, tiny_captions(20), config)
+    loaded = NormStats.load_json(stats.save_json(tmp_path / "stats.json"))
+    assert loaded.centre == "layernorm_bias" and torch.equal(loaded.centres, stats.centres)
+    assert loaded.summary() == stats.summary()
+    assert "centre (final LayerNorm bias β) norm" in stats.report()
+    data = stats.to_json()
+    del data["centre"]  # a file written before the option: centred on the mean
+    assert NormStats.load_json(data).centre == "mean"
+
+
 # --- captions -------------------------------------------------------------------------------------
 
 
@@ -329,4 +445,22 @@ def test_cli_writes_stats_and_plot(tmp_path, capsys):
     assert "conclusion: shell structure holds at position 5 of `hidden`" in capsys.readouterr().out
     args = parser.parse_args(argv)
     with pytest.raises(OutputExistsError, match="stats.json already exists"):
+        args.handler(args)
+
+
+def test_cli_centre_option(tmp_path, capsys):
+    from pti_ops.cli_norm_stats import add_norm_stats_command
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(tiny_captions(20)) + "\n", encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    add_norm_stats_command(parser.add_subparsers())
+    base = ["norm-stats", "--model", "tiny", "--captions", str(captions), "--out", str(tmp_path / "stats.json")]
+    args = parser.parse_args(base + ["--space", "pooled", "--centre", "layernorm_bias"])
+    assert args.handler(args) == 0
+    data = json.loads((tmp_path / "stats.json").read_text())
+    assert data["centre"] == "layernorm_bias" and data["centres"] == [[0.0] * 32]  # the tiny model's β at init
+    assert "around the final LayerNorm's bias β" in capsys.readouterr().out
+    args = parser.parse_args(base + ["--space", "token_embedding", "--centre", "layernorm_bias", "--overwrite"])
+    with pytest.raises(InvalidInputError, match="needs a space read right after the final LayerNorm"):
         args.handler(args)

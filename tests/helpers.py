@@ -1,0 +1,22 @@
+"""Small builders shared by several test modules."""
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+
+from pti_ops.lora_file import lora_state_dict_to_kohya
+from pti_ops.tiny_model import build_tiny_bundle
+
+
+def kohya_lora(up_std: float = 0.05, text_encoder: bool = False) -> dict[str, torch.Tensor]:
+    """A kohya LoRA dict for the tiny model: rank 4 on the attention projections, up weights ~N(0, up_std)."""
+    donor = build_tiny_bundle()
+    torch.manual_seed(0)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), donor.unet)
+    if text_encoder:
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]), donor.text_encoder)
+    with torch.no_grad():
+        for model in (donor.unet, donor.text_encoder):
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, up_std) if up_std else param.zero_()
+    return lora_state_dict_to_kohya(unet=donor.unet, text_encoder=donor.text_encoder if text_encoder else None)
