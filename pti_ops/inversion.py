@@ -116,6 +116,8 @@ class InversionResult:
         vocabulary_norm (`float`): measured mean norm of the original vocabulary rows.
         history (`list[dict]`): records of step, loss, distance, norm, cosine, nearest tokens.
         config (`InversionConfig`): the settings used.
+        snapshots (`dict[int, torch.Tensor]`): the vectors at each recorded step (so one run also
+            gives the embeddings at intermediate distances, for sweeps).
     """
 
     token: PlaceholderToken
@@ -124,6 +126,7 @@ class InversionResult:
     vocabulary_norm: float
     history: list[dict]
     config: InversionConfig
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def metadata(self, base_model: str) -> dict[str, str]:
         """String metadata for the embedding file: the inputs that produced it."""
@@ -196,13 +199,13 @@ def run_inversion(
                 except TrainingStopped as err:
                     with torch.no_grad():  # back to the last good vectors, written to the matrix on exit
                         vectors.raw.copy_(tracker.last_good_raw if tracker.last_good_raw is not None else initial)
-                    err.partial = InversionResult(token, vectors().detach().cpu(), initial.cpu(), vocab_norm, tracker.history, config)
+                    err.partial = InversionResult(token, vectors().detach().cpu(), initial.cpu(), vocab_norm, tracker.history, config, tracker.snapshots)
                     raise
                 if on_step is not None:
                     on_step(step, config.steps, logs)
     finally:
         del optimizer
-    return InversionResult(token, placeholder_vectors(bundle.text_encoder, token), initial.cpu(), vocab_norm, tracker.history, config)
+    return InversionResult(token, placeholder_vectors(bundle.text_encoder, token), initial.cpu(), vocab_norm, tracker.history, config, tracker.snapshots)
 
 
 def _inversion_step(bundle, sampler, latents, vectors, gradient_step, config, t_range, vocab_norm) -> torch.Tensor:
@@ -234,6 +237,7 @@ class _HistoryTracker:
         self.vocabulary_size = min(token.token_ids)
         self.vocab_norm = vocab_norm
         self.history: list[dict] = []
+        self.snapshots: dict[int, torch.Tensor] = {}
         self.loss_sum = torch.zeros((), device=initial.device)
         self.loss_count = 0
         self.last_good_raw: torch.Tensor | None = None
@@ -250,6 +254,7 @@ class _HistoryTracker:
         self._check_divergence(step, mean_loss, current)
         record = {"step": step, "loss": mean_loss, **self.measure(current)}
         self.history.append(record)
+        self.snapshots[step] = current.cpu().clone()
         self.last_good_raw = vectors.raw.detach().clone()
         return record
 

@@ -63,6 +63,8 @@ def test_history_records_distance_norm_cosine_and_nearest_tokens(tiny_bundle, ti
     assert -1 <= last["cosine"] < 1
     assert len(last["nearest"]) == 1 and len(last["nearest"][0]) == 3
     assert [r["distance"] for r in result.history] == sorted(r["distance"] for r in result.history)
+    assert sorted(result.snapshots) == [10, 20, 25] and torch.equal(result.snapshots[25], result.vectors)
+    assert (result.snapshots[10] - result.initial_vectors).norm().item() == pytest.approx(result.history[0]["distance"], rel=1e-5)
 
 
 def test_fixed_norm_mode_keeps_the_vocabulary_mean_norm(tiny_bundle, tiny_dataset):
