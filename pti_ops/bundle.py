@@ -2,6 +2,7 @@
 
 `load_bundle(source)` builds one from
 - `"tiny"`: a tiny random SD1.5-shaped model built from configs in code (tests, smoke runs);
+- `"toy"`: the small trained model of the toy world shipped in `pti_ops/toyworld/model/`;
 - a diffusers folder (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`);
 - a single-file SD1.5 LDM checkpoint (`.safetensors`), converted with diffusers' own functions
   and the configs shipped in this package (see `single_file.py`).
@@ -18,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .errors import MissingModelFileError, ModelLoadError
+from .errors import InvalidInputError, MissingModelFileError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,21 @@ class ModelBundle:
         """Pixels per latent cell along one side (8 for SD1.5)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def resolution_multiple(self) -> int:
+        """Training and sampling sides must be multiples of this (64 for SD1.5): VAE factor × UNet downsamplings."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def check_resolution(self, resolution: int) -> None:
+        """Raise unless `resolution` is a side this model can train and sample at."""
+        multiple = self.resolution_multiple
+        if resolution % multiple:
+            nearest = max(multiple, round(resolution / multiple) * multiple)
+            raise InvalidInputError(
+                f"`resolution` {resolution} is not a multiple of {multiple}, which this model needs (its VAE and "
+                f"UNet downsample by that factor): use {nearest}."
+            )
+
     def to(self, device: str | torch.device) -> "ModelBundle":
         """Move every module to `device` (in place) and return the bundle."""
         for module in (self.text_encoder, self.unet, self.vae):
@@ -97,19 +113,24 @@ class ModelBundle:
 
 
 def load_bundle(source: str | os.PathLike, device: str | torch.device = "cpu", tokenizer_dir: str | None = None) -> ModelBundle:
-    """Build a `ModelBundle` from `"tiny"`, a diffusers folder or a single-file checkpoint.
+    """Build a `ModelBundle` from `"tiny"`, `"toy"`, a diffusers folder or a single-file checkpoint.
 
     Args:
-        source (`str`): `"tiny"`, a diffusers folder, or an SD1.5 `.safetensors` checkpoint.
+        source (`str`): `"tiny"`, `"toy"` (the shipped toy-world model), a diffusers folder, or an
+            SD1.5 `.safetensors` checkpoint.
         device (`str`): where to put the modules.
         tokenizer_dir (`str`, *optional*): folder with CLIP's `vocab.json` and `merges.txt`,
             for single-file checkpoints (see `single_file.py` for where it is looked for otherwise).
     """
+    device = check_device(device)
     source_str = str(source)
     if source_str == "tiny":
         from .tiny_model import build_tiny_bundle
 
         bundle = build_tiny_bundle()
+    elif source_str == "toy":
+        bundle = load_diffusers_folder(Path(__file__).parent / "toyworld" / "model")
+        bundle.name, bundle.source = "toyworld", "toy"
     else:
         path = Path(source_str).expanduser()
         if not path.exists():
@@ -131,6 +152,22 @@ def load_bundle(source: str | os.PathLike, device: str | torch.device = "cpu", t
             )
     bundle.freeze()
     return bundle.to(device)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device named by `device`, if this machine has it; a clear error otherwise."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InvalidInputError(f"device {device!r} is not a torch device name; use cpu, cuda, cuda:1 or mps.") from err
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+    }.get(device.type, False)
+    if not available:
+        raise InvalidInputError(f"device {str(device)!r} is not available on this machine; use cpu, or a GPU that torch can see.")
+    return device
 
 
 def load_diffusers_folder(folder: Path) -> ModelBundle:

@@ -177,6 +177,7 @@ def run_inversion(
     """
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
+    bundle.check_resolution(dataset.resolution)
     t_range = check_timestep_range(config.timestep_range, bundle.noise_scheduler)
     token = add_placeholder(bundle.tokenizer, bundle.text_encoder, config.placeholder, config.initializer, config.num_vectors)
     captions = build_caption_table(dataset, config.templates, token, bundle.tokenizer)

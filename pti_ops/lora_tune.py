@@ -218,6 +218,7 @@ def run_tuning(
     """
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
+    bundle.check_resolution(dataset.resolution)
     check_token_in_bundle(bundle, token)
     t_range = check_timestep_range(config.timestep_range, bundle.noise_scheduler)
     captions = build_caption_table(dataset, config.templates, token, bundle.tokenizer)
