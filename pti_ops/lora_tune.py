@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from peft import LoraConfig
 
-from .adapters import adapters_disabled
+from .adapters import adapters_disabled, lora_layers
 from .batches import DEFAULT_TEMPLATES, BatchSampler, build_caption_table, check_templates
 from .bundle import ModelBundle
 from .dataset import ImageDataset
@@ -271,6 +271,7 @@ class _Trainer:
         self.sampler = BatchSampler(len(latents.mean), config.batch_size, latents.num_views, captions, generator)
         self.unet_params = self._add_adapter(bundle.unet, UNET_TARGETS[config.targets])
         self.te_params = self._add_adapter(bundle.text_encoder, TEXT_ENCODER_TARGETS) if config.train_text_encoder else []
+        self.adapter_layers = lora_layers(bundle)
         self.vectors = TrainableVectors(placeholder_vectors(bundle.text_encoder, token).to(bundle.device))
         self.joint = config.schedule == "joint"
         groups = [{"params": self.unet_params, "lr": config.learning_rate, "name": "unet"}]
@@ -430,7 +431,7 @@ class _Trainer:
             torch.cat([noised.timesteps, reg.timesteps]),
             torch.cat([conditioning, reg_conditioning.to(conditioning.dtype)]),
         ).sample
-        with torch.no_grad(), adapters_disabled(bundle):
+        with torch.no_grad(), adapters_disabled(bundle, self.adapter_layers):
             base = bundle.unet(reg.noisy_latents, reg.timesteps, reg_conditioning).sample
         reg_loss = locality_loss(prediction[n:], base)
         if self.locality.config.image_space:

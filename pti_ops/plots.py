@@ -64,3 +64,32 @@ def save_png(figure: Figure, path: str | os.PathLike, overwrite: bool = False) -
     """
     data = figure_to_png_bytes(figure)
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), overwrite=overwrite)
+
+
+def history_figure(history: list[dict], left: str, right: str | None = None, title: str = "") -> Figure:
+    """Two quantities of a training history (`InversionResult.history`, `TuneResult.history`) against
+    the step: `left` on the left axis, `right` (if recorded) on a second axis.
+
+    Args:
+        history (`list[dict]`): records with a `step` and the named keys.
+        left (`str`): key on the left axis, e.g. `loss`.
+        right (`str`, *optional*): key on the right axis, e.g. `distance` or `reg_loss`.
+        title (`str`): figure title.
+    """
+    figure = new_figure(7.0, 3.6)
+    axes = figure.add_subplot()
+    _plot_series(axes, history, left, "tab:blue")
+    axes.set_xlabel("step")
+    axes.set_title(title)
+    if right is not None and any(right in record for record in history):
+        _plot_series(axes.twinx(), history, right, "tab:orange")
+    return figure
+
+
+def _plot_series(axes, history: list[dict], key: str, colour: str) -> None:
+    points = [(record["step"], record[key]) for record in history if key in record]
+    if points:
+        xs, ys = zip(*points)
+        axes.plot(xs, ys, color=colour, marker="." if len(points) < 30 else None)
+    axes.set_ylabel(key.replace("_", " "), color=colour)
+    axes.tick_params(axis="y", colors=colour)
