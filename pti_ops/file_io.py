@@ -48,6 +48,12 @@ def output_path(folder: str | os.PathLike, name: str, extension: str, overwrite:
     return path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> Path:
     """Write a file through `write(tmp_path)` and move it into place in one rename.
 
@@ -60,6 +66,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         write(tmp)
         if path.exists() and not overwrite:

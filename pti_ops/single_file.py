@@ -98,15 +98,48 @@ def load_single_file(path: str | os.PathLike, tokenizer_dir: str | os.PathLike |
     text_config = CLIPTextConfig.from_dict(configs["text_encoder"])
     # The tokenizer is the part most likely to be missing: look for it before the costly conversion.
     tokenizer = resolve_tokenizer(path, metadata, tokenizer_dir, text_config.max_position_embeddings)
-    _check_tokenizer_fits(tokenizer, text_config.vocab_size, path)
-    converted = convert_to_diffusers(state, configs, path)
-    unet = _build_model(lambda: UNet2DConditionModel.from_config(configs["unet"]), converted["unet"], "UNet", path)
-    vae = _build_model(lambda: AutoencoderKL.from_config(configs["vae"]), converted["vae"], "VAE", path)
-    text_encoder = _build_model(lambda: CLIPTextModel(text_config), converted["text_encoder"], "text encoder", path)
+    name = metadata.get(META_PREFIX + "name", path.stem)
+    return bundle_from_ldm_state(state, configs, tokenizer, name=name, source=str(path), where=path)
+
+
+def bundle_from_ldm_state(
+    state: dict[str, torch.Tensor], configs: dict[str, dict], tokenizer: CLIPTokenizer, name: str, source: str, where: Path
+) -> ModelBundle:
+    """Build a `ModelBundle` from an LDM-layout state dict, the parts' configs and a tokenizer.
+
+    Used for checkpoint files and for the weights of models already loaded elsewhere (ComfyUI's
+    MODEL/CLIP/VAE, renamed to the LDM layout by the node layer's bridge).
+
+    Args:
+        state (`dict`): float32 tensors under `model.diffusion_model.*`, `first_stage_model.*` and
+            `cond_stage_model.transformer.*` (checked by `check_sd15_layout`).
+        configs (`dict`): diffusers/transformers configs of `unet`, `vae`, `text_encoder`, `scheduler`.
+        tokenizer (`CLIPTokenizer`): the text encoder's tokenizer.
+        name (`str`): base model name recorded in the files written from the bundle.
+        source (`str`): where the weights came from.
+        where (`Path`): what error messages name (`where.name`): the file, or the connected models.
+    """
+    text_config = CLIPTextConfig.from_dict(configs["text_encoder"])
+    _check_tokenizer_fits(tokenizer, text_config.vocab_size, where)
+    converted = convert_to_diffusers(state, configs, where)
+    unet = _build_model(lambda: UNet2DConditionModel.from_config(configs["unet"]), converted["unet"], "UNet", where)
+    vae = _build_model(lambda: AutoencoderKL.from_config(configs["vae"]), converted["vae"], "VAE", where)
+    text_encoder = _build_model(lambda: CLIPTextModel(text_config), converted["text_encoder"], "text encoder", where)
     scheduler = DDPMScheduler.from_config(configs["scheduler"])
     family = detect_family(text_encoder, unet)
-    name = metadata.get(META_PREFIX + "name", path.stem)
-    return ModelBundle(tokenizer, text_encoder, unet, vae, scheduler, family=family, name=name, source=str(path))
+    return ModelBundle(tokenizer, text_encoder, unet, vae, scheduler, family=family, name=name, source=source)
+
+
+def text_encoder_from_ldm_state(state: dict[str, torch.Tensor], text_config: dict, where: Path) -> CLIPTextModel:
+    """The CLIP text encoder alone, from `cond_stage_model.transformer.*` tensors (for measurements).
+
+    Args:
+        state (`dict`): float32 tensors in the LDM layout (other parts are ignored).
+        text_config (`dict`): the `CLIPTextConfig` as a dict.
+        where (`Path`): what error messages name (`where.name`).
+    """
+    converted = {k: v for k, v in convert_ldm_clip_checkpoint(state).items() if not k.endswith(IGNORED_CLIP_SUFFIXES)}
+    return _build_model(lambda: CLIPTextModel(CLIPTextConfig.from_dict(text_config)), converted, "text encoder", where)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -283,13 +316,13 @@ def resolve_tokenizer(
         model_max_length (`int`): prompt length in tokens (77).
     """
     if tokenizer_dir is not None:
-        tokenizer = _tokenizer_from_folder(Path(tokenizer_dir), model_max_length)
+        tokenizer = tokenizer_from_folder(Path(tokenizer_dir), model_max_length)
     elif (path.parent / "tokenizer").is_dir():
-        tokenizer = _tokenizer_from_folder(path.parent / "tokenizer", model_max_length)
+        tokenizer = tokenizer_from_folder(path.parent / "tokenizer", model_max_length)
     elif META_VOCAB in metadata and META_MERGES in metadata:
         tokenizer = _tokenizer_from_metadata(metadata, model_max_length)
     elif (bpe_file := find_openai_bpe_file()) is not None:
-        tokenizer = _tokenizer_from_folder(openai_tokenizer_folder(bpe_file), model_max_length)
+        tokenizer = tokenizer_from_folder(openai_tokenizer_folder(bpe_file), model_max_length)
     else:
         raise MissingModelFileError(
             f"the CLIP tokenizer files vocab.json and merges.txt for {path.name} were not found (a checkpoint "
@@ -302,7 +335,7 @@ def resolve_tokenizer(
     return tokenizer
 
 
-def _tokenizer_from_folder(folder: Path, model_max_length: int) -> CLIPTokenizer:
+def tokenizer_from_folder(folder: Path, model_max_length: int) -> CLIPTokenizer:
     has_bpe = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
     if not has_bpe and not (folder / "tokenizer.json").is_file():
         missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
@@ -323,7 +356,7 @@ def _tokenizer_from_metadata(metadata: dict[str, str], model_max_length: int) ->
     # `from_pretrained` on written files is the one construction path transformers 4.x and 5.x share.
     with tempfile.TemporaryDirectory() as folder:
         write_vocab_files(Path(folder), vocab, merges)
-        return _tokenizer_from_folder(Path(folder), model_max_length)
+        return tokenizer_from_folder(Path(folder), model_max_length)
 
 
 def _add_stored_tokens(tokenizer: CLIPTokenizer, metadata: dict[str, str], path: Path) -> None:

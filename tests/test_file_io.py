@@ -55,3 +55,15 @@ def test_atomic_write_keeps_existing_file_unless_overwrite(tmp_path):
     atomic_write(target, lambda tmp: open(tmp, "w").write("new"), overwrite=True)
     assert target.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "f.txt", lambda tmp: open(tmp, "w").write("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

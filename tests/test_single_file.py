@@ -275,5 +275,5 @@ def test_openai_vocab_files_load_as_clip_tokenizer(tmp_path):
     vocab, kept = build_openai_clip_vocab(bpe, num_merges=2)
     single_file.write_vocab_files(tmp_path / "tok", vocab, kept)
     assert json.loads((tmp_path / "tok" / "vocab.json").read_text(encoding="utf-8")) == vocab
-    tokenizer = single_file._tokenizer_from_folder(tmp_path / "tok", 77)
+    tokenizer = single_file.tokenizer_from_folder(tmp_path / "tok", 77)
     assert tokenizer("cat").input_ids == [vocab[BOS_TOKEN], vocab["cat</w>"], vocab[EOS_TOKEN]]

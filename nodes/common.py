@@ -1,0 +1,138 @@
+"""What several nodes share: the `PIVOTAL_EMBEDDING` value, widget specs, input parsing, plots."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..pti_ops.errors import InvalidInputError
+from ..pti_ops.file_io import check_output_name
+from ..pti_ops.plots import figure_to_array, new_figure
+from ..pti_ops.precision import MIXED_PRECISION_MODES
+
+SEED = (
+    "INT",
+    {
+        "default": 0,
+        "min": 0,
+        "max": 0xFFFFFFFFFFFFFFFF,
+        "control_after_generate": True,
+        "tooltip": "Fixes the noise, timesteps, image order, flips and caption choice: the same seed and inputs "
+        "give the same result on the same device.",
+    },
+)
+OVERWRITE = (
+    "BOOLEAN",
+    {
+        "default": False,
+        "tooltip": "Replace an existing file of the same name. Off: an existing file stops the run before "
+        "training, so a finished result is never lost by accident.",
+    },
+)
+TEMPLATES = (
+    "STRING",
+    {
+        "default": "an anime illustration of {}",
+        "multiline": True,
+        "tooltip": "Prompt templates, one per line, with {} where the placeholder goes; used for images without "
+        "their own caption. Describe what is constant in the images (style, framing), not the character.",
+    },
+)
+
+# Memory options of both training nodes (optional inputs: older workflows keep the defaults).
+MEMORY_OPTIONS = {
+    "mixed_precision": (
+        list(MIXED_PRECISION_MODES),
+        {
+            "default": "no",
+            "tooltip": "no: float32. bf16 (GPU or CPU) / fp16 (GPU only): forward passes in half precision, "
+            "about half the activation memory and faster on GPUs; the trained tensors stay float32.",
+        },
+    ),
+    "gradient_checkpointing": (
+        "BOOLEAN",
+        {
+            "default": False,
+            "tooltip": "Recompute the UNet's activations during the backward pass instead of storing them: much "
+            "less memory, about 30% slower.",
+        },
+    ),
+}
+
+
+@dataclass
+class PivotEmbedding:
+    """The `PIVOTAL_EMBEDDING` value: a trained placeholder and where its file is.
+
+    Args:
+        placeholder (`str`): the word the vectors were trained for, e.g. `tok1`.
+        initializer (`str`): the class word they started from, e.g. `character`.
+        vectors (`torch.Tensor`): float32 `[num_vectors, dim]` on the CPU.
+        name (`str`): file name without extension in ComfyUI's embeddings folder.
+        path (`Path`): the written file.
+        templates (`list[str]`): the prompt templates it was trained with (reused by the LoRA tuning).
+        history (`list[dict]`): the inversion's records (step, loss, distance, norm, cosine, nearest).
+    """
+
+    placeholder: str
+    initializer: str
+    vectors: torch.Tensor
+    name: str
+    path: Path
+    templates: list[str] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list, repr=False)
+
+    @property
+    def trigger(self) -> str:
+        """The prompt text that loads this embedding in ComfyUI."""
+        return f"embedding:{self.name}"
+
+
+def split_lines(text: str) -> list[str]:
+    """Non-empty stripped lines of a multiline widget."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def stem(name: str) -> str:
+    """A file name without the `.safetensors` extension (the name `embedding:NAME` uses)."""
+    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+
+
+def validate_name(value, what: str):
+    """`VALIDATE_INPUTS` answer for a file-name widget: True or the message."""
+    if value is None:  # fed by a link: checked when the node runs
+        return True
+    try:
+        check_output_name(value, what)
+    except InvalidInputError as err:
+        return str(err)
+    return True
+
+
+def history_every(steps: int) -> int:
+    """Record interval giving one point per step for short runs and ~100 points for long ones."""
+    return max(1, min(10, steps // 100))
+
+
+def history_plot(history: list[dict], left: str, right: str | None, title: str) -> np.ndarray:
+    """Two quantities of a training history against the step, as an `[H, W, 3]` image array."""
+    figure = new_figure(7.0, 3.6)
+    axes = figure.add_subplot()
+    steps = [record["step"] for record in history]
+    _plot_series(axes, steps, history, left, "tab:blue")
+    axes.set_xlabel("step")
+    axes.set_title(title)
+    if right is not None and any(right in record for record in history):
+        twin = axes.twinx()
+        _plot_series(twin, steps, history, right, "tab:orange")
+    return figure_to_array(figure)
+
+
+def _plot_series(axes, steps: list[int], history: list[dict], key: str, colour: str) -> None:
+    points = [(s, r[key]) for s, r in zip(steps, history) if key in r]
+    if points:
+        xs, ys = zip(*points)
+        axes.plot(xs, ys, color=colour, marker="." if len(points) < 30 else None)
+    axes.set_ylabel(key.replace("_", " "), color=colour)
+    axes.tick_params(axis="y", colors=colour)

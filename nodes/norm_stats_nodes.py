@@ -1,0 +1,159 @@
+"""EmbeddingNormStats: the norm statistics of the text encoder's vectors (shell, offset, vSLERP centres)."""
+
+import torch
+
+from ..pti_ops.errors import InvalidInputError
+from ..pti_ops.norm_stats import EOS, PER_TOKEN_SPACES, SPACES, NormStatsConfig, compute_norm_stats
+from ..pti_ops.placeholder import add_placeholder
+from . import bridge
+from .common import split_lines
+
+DEFAULT_CAPTIONS = "\n".join(
+    (
+        "an anime illustration of a girl with a sword",
+        "an anime illustration of a boy in a forest",
+        "a photo of a dog on the beach",
+        "a painting of a city at night",
+        "a drawing of a robot holding a flower",
+        "a portrait of a woman with a red hat",
+        "an anime illustration of a cat sitting on a chair",
+        "a sketch of a man running in the snow",
+    )
+)
+
+
+class EmbeddingNormStats:
+    """Norm statistics of one text-encoder space over a caption set → `PIVOTAL_NORM_STATS`."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "The CLIP text encoder to measure (CLIPSetLastLayer is honoured for the hidden spaces)."}),
+                "captions": (
+                    "STRING",
+                    {
+                        "default": DEFAULT_CAPTIONS,
+                        "multiline": True,
+                        "tooltip": "Captions, one per line (at least 2; half fit the centre, half are measured). "
+                        "Use prompts like the ones you generate with. Ignored when captions_file is given.",
+                    },
+                ),
+                "captions_file": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Optional text file with one caption per line (under ComfyUI's input folder, or "
+                        "an absolute path); used instead of the captions box.",
+                    },
+                ),
+                "space": (
+                    list(SPACES),
+                    {
+                        "default": "hidden",
+                        "tooltip": "hidden: the per-token conditioning the UNet reads (the regulariser's space; its "
+                        "centres feed vSLERP). hidden_prenorm: before the final LayerNorm. pooled / projected: the "
+                        "end-of-text vector. token_embedding: the input rows textual inversion moves.",
+                    },
+                ),
+                "position": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Token position to summarise: an index (0 = start token), `eos`, or a word found "
+                        "in each caption. Empty: the template's placeholder position, or eos without a template.",
+                    },
+                ),
+                "template": (
+                    "STRING",
+                    {
+                        "default": "an anime illustration of {}",
+                        "tooltip": "Prompt with {} for the SLERP endpoints: the placeholder's prompt vs the class "
+                        "word's. Empty: no endpoint measurements.",
+                    },
+                ),
+                "class_word": (
+                    "STRING",
+                    {"default": "character", "tooltip": "The word the placeholder is compared with in the template."},
+                ),
+            },
+            "optional": {
+                "embedding": (
+                    "PIVOTAL_EMBEDDING",
+                    {"tooltip": "A trained token (TokenInversion): the endpoints compare it with the class word. "
+                     "Not connected: the class word is compared with itself."},
+                ),  # fmt: skip
+            },
+        }
+
+    RETURN_TYPES = ("PIVOTAL_NORM_STATS", "STRING", "IMAGE")
+    RETURN_NAMES = ("norm_stats", "summary", "plot")
+    OUTPUT_TOOLTIPS = (
+        "The statistics and per-position centres (for SlerpRegularizer's vslerp).",
+        "The numbers (raw vs centred norm spread, centre offset, endpoint angles) and the conclusion.",
+        "Histograms of the raw and centred norms.",
+    )
+    FUNCTION = "measure"
+    CATEGORY = "pivotal_tuning/analysis"
+    DESCRIPTION = (
+        "Measures whether the text encoder's vectors lie on a thin shell, whether its centre is offset from the "
+        "origin (then vSLERP around the centre differs from SLERP), and the per-position centres vSLERP uses."
+    )
+
+    def measure(self, clip, captions, captions_file, space, position, template, class_word, embedding=None):
+        source = self._captions(captions, captions_file)
+        template = template.strip() or None
+        config = NormStatsConfig(
+            space=space,
+            position=_parse_position(position),
+            clip_skip=bridge.clip_skip(clip) if space in PER_TOKEN_SPACES else 1,
+            template=template,
+            class_word=(class_word.strip() or None) if template else None,
+        )
+        tokenizer = encoder = None
+        try:
+            # Outside ComfyUI's inference mode: the encoder gains the placeholder's rows in place.
+            with torch.inference_mode(False):
+                tokenizer, encoder = bridge.text_encoder_from_comfy(clip)
+                placeholder = None
+                if embedding is not None and template is not None:
+                    placeholder = add_placeholder(
+                        tokenizer, encoder, embedding.placeholder, embedding.initializer, vectors=embedding.vectors
+                    )
+                stats = compute_norm_stats(tokenizer, encoder, source, config, placeholder, model_name="comfyui")
+        finally:
+            tokenizer = encoder = None
+            bridge.release()
+        return (stats, stats.report(), bridge.image_from_array(stats.plot_image()))
+
+    @staticmethod
+    def _captions(captions: str, captions_file: str):
+        if captions_file.strip():
+            path = bridge.resolve_input_path(captions_file)
+            if not path.is_file():
+                raise InvalidInputError(f"`captions_file` {captions_file!r} does not exist ({path}).")
+            return path
+        lines = split_lines(captions)
+        if len(lines) < 2:
+            raise InvalidInputError("`captions` needs at least 2 captions, one per line (or give `captions_file`).")
+        return lines
+
+    @classmethod
+    def IS_CHANGED(cls, captions_file="", **_):
+        if captions_file and captions_file.strip():
+            path = bridge.resolve_input_path(captions_file)
+            return bridge.hash_files([path]) if path.is_file() else f"missing:{path}"
+        return ""
+
+
+def _parse_position(text: str) -> int | str | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    if text.lower() == EOS:
+        return EOS
+    return int(text) if text.isdigit() else text
+
+
+NODE_CLASS_MAPPINGS = {"EmbeddingNormStats": EmbeddingNormStats}
+NODE_DISPLAY_NAME_MAPPINGS = {"EmbeddingNormStats": "Embedding Norm Stats"}

@@ -1,0 +1,358 @@
+"""Stand-ins for ComfyUI's `folder_paths` and `comfy.*` modules, and fake MODEL / CLIP / VAE objects.
+
+The node layer is imported under these stubs with `patch.dict(sys.modules, ...)`, the way
+ComfyUI's own unit tests import node modules (tests-unit/comfy_extras_test/). The fakes expose
+exactly the attributes the bridge reads from ComfyUI objects, filled with the tiny test model's
+weights renamed to ComfyUI's layout (LDM names, `clip_l.` prefix) by `pti_ops.ldm_layout`.
+The LoRA key map is re-derived by `pti_ops.lora_file.comfyui_lora_key_map` (tested against
+ComfyUI's rules in test_lora_file.py).
+"""
+
+import contextlib
+import enum
+import importlib
+import importlib.util
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest.mock import patch
+
+import pytest
+import torch
+
+from pti_ops.clip_vocab import write_clip_vocab
+from pti_ops.ldm_layout import clip_to_ldm, unet_to_ldm, vae_to_ldm
+from pti_ops.lora_file import comfyui_lora_key_map
+from pti_ops.tiny_model import TINY_WORDS, build_tiny_bundle
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "pivotal_tuning_pack"
+
+
+class InterruptProcessingException(Exception):
+    """ComfyUI's Cancel exception (comfy.model_management)."""
+
+
+@dataclass
+class StubState:
+    """What the stubs recorded, and switches the tests set."""
+
+    folders: dict[str, Path]
+    progress: list[tuple[int, int]] = field(default_factory=list)
+    progress_bars: int = 0
+    interrupt_at_step: int | None = None  # raise InterruptProcessingException at this progress value
+    unloads: int = 0
+    not_loaded: list = field(default_factory=list)  # keys load_lora_for_models would log "NOT LOADED"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake ComfyUI objects
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelType(enum.Enum):
+    EPS = 1
+    V_PREDICTION = 2
+
+
+class FakePatcher:
+    """The parts of comfy.model_patcher.ModelPatcher the bridge and LoRA stubs use."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], model=None):
+        self.weights = weights  # shared between clones, like ModelPatcher.model
+        self.model = model
+        self.patches: dict[str, list] = {}
+
+    def clone(self):
+        other = self.__class__(self.weights, self.model)
+        other.patches = {k: list(v) for k, v in self.patches.items()}
+        return other
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        added = []
+        for key, patch_value in patches.items():
+            if key in self.weights:
+                self.patches.setdefault(key, []).append((strength_patch, patch_value, strength_model, None, None))
+                added.append(key)
+        return added
+
+    def get_key_patches(self, filter_prefix=None):
+        identity = lambda weight, **kwargs: weight  # noqa: E731
+        return {
+            key: [(weight, identity)] + self.patches.get(key, [])
+            for key, weight in self.weights.items()
+            if filter_prefix is None or key.startswith(filter_prefix)
+        }
+
+
+class SD15:
+    """Named like ComfyUI's supported_models.SD15 (the bridge records the class name)."""
+
+    def __init__(self, unet_config: dict):
+        self.unet_config = unet_config
+
+
+class FakeModel(FakePatcher):
+    """MODEL: a patcher whose `.model` has the config, latent format and prediction type."""
+
+    def __init__(self, weights, model):
+        super().__init__(weights, model)
+
+
+class FakeCLIP:
+    """CLIP: `cond_stage_model.clip_l…`, a patcher over its weights, `layer_idx`, `clone`."""
+
+    def __init__(self, patcher: FakePatcher, cond_stage_model, layer_idx=None):
+        self.patcher = patcher
+        self.cond_stage_model = cond_stage_model
+        self.layer_idx = layer_idx
+
+    def clone(self):
+        return FakeCLIP(self.patcher.clone(), self.cond_stage_model, self.layer_idx)
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        return self.patcher.add_patches(patches, strength_patch, strength_model)
+
+
+class FakeVAE:
+    def __init__(self, weights):
+        self.first_stage_model = types.SimpleNamespace(state_dict=lambda: dict(weights))
+        self.patcher = FakePatcher(weights)
+
+
+def comfy_unet_config(config: dict) -> dict:
+    """ComfyUI's detected `unet_config` for a diffusers UNet config (the shape model_detection gives)."""
+    base = config["block_out_channels"][0]
+    r = config["layers_per_block"]
+    down = [1 if "CrossAttn" in t else 0 for t in config["down_block_types"]]
+    up = [1 if "CrossAttn" in t else 0 for t in config["up_block_types"]]
+    return {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": config["in_channels"], "out_channels": config["out_channels"],
+        "model_channels": base, "num_res_blocks": [r] * len(down),
+        "transformer_depth": [d for d in down for _ in range(r)],
+        "transformer_depth_output": [d for d in up for _ in range(r + 1)][::-1],  # last output block first
+        "channel_mult": [c // base for c in config["block_out_channels"]], "transformer_depth_middle": 1,
+        "use_linear_in_transformer": bool(config["use_linear_projection"]), "context_dim": config["cross_attention_dim"],
+        "use_temporal_resblock": False, "use_temporal_attention": False,
+        "num_heads": config["attention_head_dim"], "num_head_channels": -1, "dtype": torch.float32,
+    }  # fmt: skip
+
+
+def fake_comfy_models(bundle=None):
+    """`(MODEL, CLIP, VAE)` fakes holding `bundle`'s weights (default: the tiny model) in ComfyUI's layout."""
+    bundle = bundle or build_tiny_bundle()
+    unet_config = dict(bundle.unet.config)
+    unet = {k.removeprefix("model."): v.clone() for k, v in unet_to_ldm(bundle.unet.state_dict(), unet_config).items()}
+    base_model = types.SimpleNamespace(
+        model_config=SD15(comfy_unet_config(unet_config)),
+        latent_format=types.SimpleNamespace(scale_factor=bundle.vae.config.scaling_factor),
+        model_type=ModelType.EPS,
+        diffusers_unet_modules=[name for name, _ in bundle.unet.named_modules()],
+    )
+    model = FakeModel(unet, base_model)
+
+    max_positions = bundle.text_encoder.config.max_position_embeddings
+    clip_weights = {
+        "clip_l.transformer." + k.removeprefix("cond_stage_model.transformer."): v.clone()
+        for k, v in clip_to_ldm(bundle.text_encoder.state_dict(), max_positions).items()
+        if not k.endswith("position_ids")  # ComfyUI's CLIP has no position-ids buffer
+    }
+    width = bundle.text_encoder.config.hidden_size
+    clip_weights["clip_l.transformer.text_projection.weight"] = torch.eye(width)
+    clip_weights["clip_l.logit_scale"] = torch.tensor(4.6055)
+    heads = bundle.text_encoder.config.num_attention_heads
+    layer = types.SimpleNamespace(self_attn=types.SimpleNamespace(heads=heads))
+    text_model = types.SimpleNamespace(encoder=types.SimpleNamespace(layers=[layer]))
+    cond_stage_model = types.SimpleNamespace(
+        clip_l=types.SimpleNamespace(transformer=types.SimpleNamespace(text_model=text_model)),
+        diffusers_text_modules=[name for name, _ in bundle.text_encoder.named_modules()],
+    )
+    clip = FakeCLIP(FakePatcher(clip_weights, cond_stage_model), cond_stage_model)
+
+    vae = {k.removeprefix("first_stage_model."): v.clone() for k, v in vae_to_ldm(bundle.vae.state_dict(), dict(bundle.vae.config)).items()}
+    return model, clip, FakeVAE(vae)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stub modules
+# ---------------------------------------------------------------------------------------------
+
+
+def _module(name: str, **attrs) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    return module
+
+
+def make_stub_modules(state: StubState, tokenizer_root: Path) -> dict[str, types.ModuleType]:
+    """`folder_paths` and `comfy.{utils,model_management,sd,lora,sd1_clip}` recording into `state`."""
+
+    def get_folder_paths(name):
+        return [str(state.folders[name])]
+
+    folder_paths = _module(
+        "folder_paths",
+        get_folder_paths=get_folder_paths,
+        get_input_directory=lambda: str(state.folders["input"]),
+        get_temp_directory=lambda: str(state.folders["temp"]),
+        get_output_directory=lambda: str(state.folders["output"]),
+    )
+
+    def throw_exception_if_processing_interrupted():
+        pass  # the progress bar raises at `interrupt_at_step`, as ComfyUI's progress hook does
+
+    def unload_all_models():
+        state.unloads += 1
+
+    model_management = _module(
+        "comfy.model_management",
+        InterruptProcessingException=InterruptProcessingException,
+        get_torch_device=lambda: torch.device("cpu"),
+        unload_all_models=unload_all_models,
+        soft_empty_cache=lambda force=False: None,
+        throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
+    )
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.current = total, 0
+            state.progress_bars += 1
+
+        def update_absolute(self, value, total=None, preview=None):
+            if total is not None:
+                self.total = total
+            self.current = min(value, self.total)
+            if state.interrupt_at_step is not None and value >= state.interrupt_at_step:
+                raise InterruptProcessingException()
+            state.progress.append((self.current, self.total))
+
+        def update(self, value):
+            self.update_absolute(self.current + value)
+
+    utils = _module("comfy.utils", ProgressBar=ProgressBar)
+
+    def model_lora_keys_unet(model, key_map=None):
+        key_map = {} if key_map is None else key_map
+        for key in comfyui_lora_key_map(model.diffusers_unet_modules, []):
+            key_map[key] = key
+        return key_map
+
+    def model_lora_keys_clip(model, key_map=None):
+        key_map = {} if key_map is None else key_map
+        for key in comfyui_lora_key_map([], model.diffusers_text_modules):
+            key_map[key] = key
+        return key_map
+
+    def calculate_weight(patches, weight, key, intermediate_dtype=torch.float32):
+        # Only the "diff" patch type: weight + strength · diff (enough to test that patches are applied).
+        for strength, value, strength_model, _, _ in patches:
+            kind, (diff,) = value
+            assert kind == "diff", kind
+            weight = weight * strength_model + strength * diff.to(weight)
+        return weight
+
+    lora = _module(
+        "comfy.lora",
+        model_lora_keys_unet=model_lora_keys_unet,
+        model_lora_keys_clip=model_lora_keys_clip,
+        calculate_weight=calculate_weight,
+    )
+
+    def load_lora_for_models(model, clip, lora_sd, strength_model, strength_clip):
+        modules = {key.rsplit(".", 2)[0] if key.endswith("weight") else key.rsplit(".", 1)[0] for key in lora_sd}
+        unet_keys = model_lora_keys_unet(model.model) if model is not None else {}
+        clip_keys = model_lora_keys_clip(clip.cond_stage_model) if clip is not None else {}
+        state.not_loaded.extend(sorted(m for m in modules if m not in unet_keys and m not in clip_keys))
+        new_model = model.clone() if model is not None else None
+        new_clip = clip.clone() if clip is not None else None
+        if new_model is not None:
+            new_model.patches.setdefault("lora", []).extend(("lora", m, strength_model) for m in sorted(modules & set(unet_keys)))
+        if new_clip is not None:
+            new_clip.patcher.patches.setdefault("lora", []).extend(("lora", m, strength_clip) for m in sorted(modules & set(clip_keys)))
+        return new_model, new_clip
+
+    sd = _module("comfy.sd", load_lora_for_models=load_lora_for_models)
+    sd1_clip = _module("comfy.sd1_clip", __file__=str(tokenizer_root / "sd1_clip.py"))
+    comfy = _module("comfy", __path__=[], utils=utils, model_management=model_management, sd=sd, lora=lora, sd1_clip=sd1_clip)
+    return {
+        "folder_paths": folder_paths,
+        "comfy": comfy,
+        "comfy.utils": utils,
+        "comfy.model_management": model_management,
+        "comfy.sd": sd,
+        "comfy.lora": lora,
+        "comfy.sd1_clip": sd1_clip,
+    }
+
+
+def make_folders(root: Path) -> dict[str, Path]:
+    folders = {name: root / name for name in ("embeddings", "loras", "input", "output", "temp", "comfy")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    # ComfyUI ships CLIP's vocabulary in comfy/sd1_tokenizer/; the stub ships the tiny model's.
+    write_clip_vocab(folders["comfy"] / "sd1_tokenizer", list(TINY_WORDS))
+    return folders
+
+
+def load_pack(name: str = PACK_NAME) -> types.ModuleType:
+    """Import the repository root as a package named `name`, as ComfyUI imports a custom node folder."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def comfy_pack(root: Path, name: str = PACK_NAME, extra_modules: dict | None = None):
+    """Yield `(pack, state)`: the pack imported under stub ComfyUI modules, and what they record.
+
+    Args:
+        root (`Path`): folder for the stub ComfyUI folders (models, input, temp, tokenizer).
+        name (`str`): package name to import the pack under.
+        extra_modules (`dict`, *optional*): more `sys.modules` entries (None hides a package).
+    """
+    state = StubState(make_folders(root))
+    stubs = make_stub_modules(state, state.folders["comfy"])
+    with patch.dict(sys.modules, {**stubs, **(extra_modules or {})}):
+        yield load_pack(name), state
+
+
+def run_node(cls, **inputs):
+    """Run a node's FUNCTION the way ComfyUI does: a fresh instance, inside `torch.inference_mode()`."""
+    with torch.inference_mode():
+        return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest fixtures (import them into a test module to use them)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def comfy_env(tmp_path_factory):
+    """`(nodes, state)`: the pack's node classes by id under stub ComfyUI modules, and the stubs' record."""
+    with comfy_pack(tmp_path_factory.mktemp("comfy")) as (pack, state):
+        yield pack.nodes.NODE_CLASS_MAPPINGS, state
+
+
+@pytest.fixture
+def nodes(comfy_env):
+    """The node classes by id, with the stubs' record and the output folders emptied for this test."""
+    mappings, state = comfy_env
+    state.progress.clear()
+    state.not_loaded.clear()
+    state.progress_bars = state.unloads = 0
+    state.interrupt_at_step = None
+    for name in ("embeddings", "loras"):
+        for path in state.folders[name].iterdir():
+            path.unlink()
+    return mappings
+
+
+@pytest.fixture(scope="module")
+def fake_models():
+    """`(MODEL, CLIP, VAE)` fakes over the tiny model's weights."""
+    return fake_comfy_models(build_tiny_bundle())

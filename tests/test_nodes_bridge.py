@@ -1,0 +1,157 @@
+"""The bridge (nodes/bridge.py): ComfyUI MODEL/CLIP/VAE ⇄ ModelBundle, LoRA application, config translation."""
+
+import importlib
+import json
+
+import pytest
+import torch
+from comfy_stubs import PACK_NAME, comfy_env, fake_comfy_models, fake_models  # noqa: F401  (fixtures)
+
+from pti_ops.tiny_model import build_tiny_bundle
+
+# ComfyUI's detected unet_config for v1-5-pruned-emaonly (comfy/model_detection.py + supported_models.SD15).
+SD15_COMFY_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
+    "use_temporal_resblock": False, "use_temporal_attention": False, "num_heads": 8, "num_head_channels": -1,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bridge(comfy_env):
+    return importlib.import_module(PACK_NAME + ".nodes.bridge")
+
+
+def test_bundle_from_comfy_reproduces_every_weight(bridge, fake_models):
+    reference = build_tiny_bundle()
+    model, clip, vae = fake_models
+    bundle = bridge.bundle_from_comfy(model, clip, vae)
+    for part in ("unet", "vae", "text_encoder"):
+        want, got = getattr(reference, part).state_dict(), getattr(bundle, part).state_dict()
+        assert set(want) == set(got), part
+        assert all(torch.equal(want[key], got[key]) for key in want), part
+    assert bundle.tokenizer.get_vocab() == reference.tokenizer.get_vocab()
+    assert bundle.noise_scheduler.config.prediction_type == "epsilon"
+    assert bundle.vae.config.scaling_factor == pytest.approx(0.18215)
+    assert not any(p.requires_grad for p in bundle.unet.parameters())
+    with torch.no_grad():
+        latents, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+        text = torch.randn(1, 77, 32)
+        assert torch.equal(reference.unet(latents, t, text).sample, bundle.unet(latents, t, text).sample)
+
+
+def test_bundle_applies_upstream_patches_without_touching_them(bridge):
+    model, clip, vae = fake_comfy_models()
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    original = model.weights[key].clone()
+    patched = model.clone()  # as LoraLoader does
+    patched.add_patches({key: ("diff", (torch.ones_like(original),))}, 0.5)
+    bundle = bridge.bundle_from_comfy(patched, clip, vae)
+    to_k = bundle.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight
+    assert torch.allclose(to_k, original + 0.5)
+    assert torch.equal(model.weights[key], original) and model.patches == {}
+
+
+def test_sd15_unet_config_translates_to_diffusers_sd15(bridge):
+    config = bridge.diffusers_unet_config(SD15_COMFY_UNET_CONFIG)
+    with open(importlib.import_module("pti_ops.single_file").CONFIG_DIR / "unet_config.json") as file:
+        sd15 = json.load(file)
+    for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "cross_attention_dim",
+                "attention_head_dim", "use_linear_projection", "in_channels", "out_channels"):  # fmt: skip
+        assert config[key] == sd15[key], key
+
+
+def test_one_level_unet_config_of_the_tiny_checkpoint(bridge):
+    # make_tiny_sd15.py --preset tiny, as ComfyUI detects it.
+    comfy = dict(SD15_COMFY_UNET_CONFIG, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1])
+    config = bridge.diffusers_unet_config(comfy)
+    assert config["block_out_channels"] == [320] and config["layers_per_block"] == 1
+    assert config["down_block_types"] == ["CrossAttnDownBlock2D"] and config["up_block_types"] == ["CrossAttnUpBlock2D"]
+
+
+def test_two_level_unet_config_reads_output_depths_from_the_end(bridge):
+    # make_tiny_sd15.py --preset fast, as ComfyUI detects it: attention only at the half-resolution level.
+    comfy = dict(SD15_COMFY_UNET_CONFIG, num_res_blocks=[1, 1], channel_mult=[1, 1], transformer_depth=[0, 1],
+                 transformer_depth_output=[0, 0, 1, 1])  # fmt: skip
+    config = bridge.diffusers_unet_config(comfy)
+    assert config["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D"]
+    assert config["up_block_types"] == ["CrossAttnUpBlock2D", "UpBlock2D"]
+
+
+def test_head_width_config_gives_heads_per_level(bridge):
+    config = bridge.diffusers_unet_config(dict(SD15_COMFY_UNET_CONFIG, num_heads=-1, num_head_channels=64))
+    assert config["attention_head_dim"] == [5, 10, 20, 20]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"adm_in_channels": 2816}, "only SD1.5-family models"),
+        ({"num_res_blocks": [2, 1, 2, 2]}, "different number of res blocks"),
+        ({"transformer_depth_middle": -1}, "middle block has no attention"),
+    ],
+)
+def test_unsupported_unets_are_refused_clearly(bridge, change, message):
+    with pytest.raises(ValueError, match=message):
+        bridge.diffusers_unet_config(dict(SD15_COMFY_UNET_CONFIG, **change))
+
+
+def test_v_prediction_models_train_with_v_targets(bridge):
+    model, clip, vae = fake_comfy_models()
+    model.model.model_type = type(model.model.model_type)["V_PREDICTION"]
+    assert bridge.bundle_from_comfy(model, clip, vae).noise_scheduler.config.prediction_type == "v_prediction"
+
+
+def test_missing_clip_is_named(bridge, fake_models):
+    model, _, vae = fake_models
+    with pytest.raises(ValueError, match="clip input is invalid: None"):
+        bridge.bundle_from_comfy(model, None, vae)
+
+
+def test_clip_skip_follows_clip_set_last_layer(bridge, fake_models):
+    clip = fake_models[1].clone()
+    assert bridge.clip_skip(clip) == 1
+    clip.layer_idx = -2
+    assert bridge.clip_skip(clip) == 2
+
+
+def test_text_encoder_alone(bridge, fake_models):
+    reference = build_tiny_bundle()
+    tokenizer, encoder = bridge.text_encoder_from_comfy(fake_models[1])
+    ids = tokenizer(["a girl with a hat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(encoder(ids).last_hidden_state, reference.text_encoder(ids).last_hidden_state)
+
+
+def test_apply_lora_returns_patched_clones(comfy_env, bridge, fake_models):
+    model, clip, _ = fake_models
+    lora = {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(2, 32),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(32, 2),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha": torch.tensor(2.0),
+    }
+    new_model, new_clip = bridge.apply_lora(model, clip, lora)
+    assert new_model is not model and new_clip is not clip
+    assert model.patches == {} and clip.patcher.patches == {}
+    assert new_model.patches["lora"] and comfy_env[1].not_loaded == []
+
+
+def test_apply_lora_refuses_keys_comfyui_would_drop(bridge, fake_models):
+    model, clip, _ = fake_models
+    lora = {
+        "lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 32),
+        "lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 2),
+        "lora_unet_down_blocks_7_attentions_0_proj_in.alpha": torch.tensor(2.0),
+    }
+    with pytest.raises(ValueError, match="ComfyUI would not load 1 module"):
+        bridge.apply_lora(model, clip, lora)
+
+
+def test_value_types(bridge):
+    image = bridge.image_from_array(torch.rand(12, 20, 3).numpy())
+    assert image.shape == (1, 12, 20, 3) and image.dtype == torch.float32
+    history = [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25, "reg_loss": 0.1}]
+    assert bridge.loss_map(history) == {"loss": [0.5, 0.25]}

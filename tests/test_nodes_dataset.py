@@ -1,0 +1,69 @@
+"""PivotalDatasetFromFolder and PivotalDatasetFromImages."""
+
+import pytest
+import torch
+from comfy_stubs import comfy_env, nodes, run_node  # noqa: F401  (fixtures)
+
+from pti_ops.example_images import write_example_images
+
+
+@pytest.fixture
+def character(comfy_env):
+    """A folder of 3 drawn images under the stub ComfyUI input folder; yields its name there."""
+    folder = comfy_env[1].folders["input"] / "character"
+    for path in folder.glob("*") if folder.exists() else ():
+        path.unlink()
+    write_example_images(folder, count=3, size=64)
+    return folder
+
+
+def load(nodes, folder, **overrides):
+    inputs = dict(folder=folder, resolution=64, flip=False, caption_source="template", on_bad_image="error")
+    inputs.update(overrides)
+    return run_node(nodes["PivotalDatasetFromFolder"], **inputs)[0]
+
+
+def test_folder_relative_to_the_input_folder_or_absolute(nodes, character):
+    relative = load(nodes, "character")
+    absolute = load(nodes, str(character))
+    assert relative.images.shape == (3, 3, 64, 64) and relative.images.dtype == torch.uint8
+    assert torch.equal(relative.images, absolute.images) and relative.names == absolute.names
+
+
+def test_caption_files(nodes, character):
+    for path in sorted(character.glob("*.png")):
+        path.with_suffix(".txt").write_text("a drawing of {} with a hat")
+    dataset = load(nodes, "character", caption_source="files", flip=True)
+    assert dataset.captions == ["a drawing of {} with a hat"] * 3 and dataset.flip
+
+
+def test_is_changed_follows_the_folder_content(nodes, character):
+    node = nodes["PivotalDatasetFromFolder"]
+    first = node.IS_CHANGED(folder="character", resolution=64)
+    assert node.IS_CHANGED(folder="character", resolution=64) == first
+    image = sorted(character.glob("*.png"))[0]
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert node.IS_CHANGED(folder="character", resolution=64) != first
+
+
+def test_validate_inputs_names_the_problem(nodes, character, comfy_env):
+    node = nodes["PivotalDatasetFromFolder"]
+    assert node.VALIDATE_INPUTS(folder="character") is True
+    assert "does not exist" in node.VALIDATE_INPUTS(folder="nowhere")
+    (comfy_env[1].folders["input"] / "empty").mkdir(exist_ok=True)
+    assert "contains no .png" in node.VALIDATE_INPUTS(folder="empty")
+
+
+def test_dataset_from_an_image_batch(nodes):
+    images = torch.rand(2, 48, 40, 3)
+    dataset = run_node(nodes["PivotalDatasetFromImages"], images=images, resolution=32, flip=False, captions="")
+    assert dataset[0].images.shape == (2, 3, 32, 32) and dataset[0].captions == [None, None]
+    captioned = run_node(
+        nodes["PivotalDatasetFromImages"], images=images, resolution=32, flip=True, captions="a photo of {}\n\na toy {}\n"
+    )[0]
+    assert captioned.captions == ["a photo of {}", "a toy {}"] and captioned.flip
+
+
+def test_caption_count_must_match_the_batch(nodes):
+    with pytest.raises(ValueError, match="`captions` has 1 line"):
+        run_node(nodes["PivotalDatasetFromImages"], images=torch.rand(2, 32, 32, 3), resolution=32, flip=False, captions="a {}")

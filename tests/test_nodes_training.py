@@ -1,0 +1,186 @@
+"""TokenInversion, SlerpRegularizer and PivotalLoRATune on fake ComfyUI objects over the tiny model."""
+
+import pytest
+import torch
+from comfy_stubs import InterruptProcessingException, comfy_env, fake_models, nodes, run_node  # noqa: F401
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from pti_ops.dataset import DatasetConfig, load_image_folder
+from pti_ops.example_images import write_example_images
+from pti_ops.lora_file import comfyui_lora_key_map
+from pti_ops.tiny_model import build_tiny_bundle
+
+TEMPLATE = "an anime illustration of {}"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    write_example_images(folder, count=4, size=32)
+    return load_image_folder(folder, DatasetConfig(resolution=32))
+
+
+def invert(nodes, fake_models, dataset, **overrides):
+    model, clip, vae = fake_models
+    inputs = dict(
+        model=model, clip=clip, vae=vae, dataset=dataset, placeholder="tok1", initializer="character", num_vectors=1,
+        templates=TEMPLATE, steps=3, learning_rate=1e-2, batch_size=2, seed=0, norm_mode="none",
+        embedding_name="tok1", overwrite=False,
+    )  # fmt: skip
+    inputs.update(overrides)
+    return run_node(nodes["TokenInversion"], **inputs)
+
+
+def tune(nodes, fake_models, dataset, embedding, **overrides):
+    model, clip, vae = fake_models
+    inputs = dict(
+        model=model, clip=clip, vae=vae, dataset=dataset, embedding=embedding, rank=2, alpha=0.0,
+        targets="attention", learning_rate=1e-3, steps=2, batch_size=1, seed=0, schedule="sequential",
+        train_text_encoder=False, lora_name="tok1_lora", overwrite=False,
+    )  # fmt: skip
+    inputs.update(overrides)
+    return run_node(nodes["PivotalLoRATune"], **inputs)
+
+
+def regularizer(nodes, **overrides):
+    inputs = dict(
+        mode="path", anchor="character", templates=TEMPLATE, interpolation="slerp", t=0.5, t_jitter=0.0,
+        weight=1.0, every=1, samples=1, timestep_min=0, timestep_max=999,
+    )  # fmt: skip
+    inputs.update(overrides)
+    return run_node(nodes["SlerpRegularizer"], **inputs)[0]
+
+
+def test_token_inversion_writes_the_embedding_and_reports_every_step(nodes, comfy_env, fake_models, dataset):
+    state = comfy_env[1]
+    model, clip, _ = fake_models
+    embedding, clip_out, trigger, loss, plot = invert(nodes, fake_models, dataset)
+    path = state.folders["embeddings"] / "tok1.safetensors"
+    assert trigger == "embedding:tok1" and embedding.trigger == trigger
+    tensors = load_file(path)
+    assert list(tensors) == ["clip_l"] and tensors["clip_l"].shape == (1, 32)
+    assert torch.equal(tensors["clip_l"], embedding.vectors)
+    with safe_open(str(path), framework="pt") as file:
+        assert file.metadata()["placeholder"] == "tok1" and file.metadata()["initializer"] == "character"
+    assert state.progress == [(1, 3), (2, 3), (3, 3)]
+    assert len(loss["loss"]) == 3 and all(isinstance(v, float) for v in loss["loss"])
+    assert plot.ndim == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3 and plot.dtype == torch.float32
+    assert clip_out is not clip and model.patches == {} and clip.patcher.patches == {}
+    assert state.unloads >= 1  # ComfyUI's copies were unloaded before training
+    assert embedding.templates == [TEMPLATE]
+
+
+def test_existing_embedding_is_refused_before_training(nodes, comfy_env, fake_models, dataset):
+    state = comfy_env[1]
+    (state.folders["embeddings"] / "tok1.safetensors").write_bytes(b"user file")
+    with pytest.raises(FileExistsError, match="set `overwrite`"):
+        invert(nodes, fake_models, dataset)
+    assert state.progress_bars == 0
+    assert (state.folders["embeddings"] / "tok1.safetensors").read_bytes() == b"user file"
+    invert(nodes, fake_models, dataset, overwrite=True, steps=1)
+    assert (state.folders["embeddings"] / "tok1.safetensors").read_bytes() != b"user file"
+
+
+def test_cancel_stops_within_a_step_and_writes_nothing(nodes, comfy_env, fake_models, dataset):
+    state = comfy_env[1]
+    state.interrupt_at_step = 2
+    with pytest.raises(InterruptProcessingException):
+        invert(nodes, fake_models, dataset, steps=50)
+    assert state.progress == [(1, 50)]
+    assert list(state.folders["embeddings"].iterdir()) == []
+
+
+def test_bad_names_fail_validation(nodes):
+    assert nodes["TokenInversion"].VALIDATE_INPUTS(embedding_name="my tok") != True  # noqa: E712
+    assert "path separator" in nodes["PivotalLoRATune"].VALIDATE_INPUTS(lora_name="../x")
+    assert nodes["TokenInversion"].VALIDATE_INPUTS(embedding_name="tok1") is True
+
+
+def test_placeholder_already_a_word_is_a_clear_error(nodes, fake_models, dataset):
+    with pytest.raises(ValueError, match="already contains the token 'character'"):
+        invert(nodes, fake_models, dataset, placeholder="character")
+
+
+def test_lora_tune_applies_the_lora_to_clones_and_writes_a_kohya_file(nodes, comfy_env, fake_models, dataset):
+    state = comfy_env[1]
+    model, clip, _ = fake_models
+    embedding = invert(nodes, fake_models, dataset, steps=1)[0]
+    reg = regularizer(nodes)
+    model_out, clip_out, lora, loss, plot, lora_file, trigger = tune(nodes, fake_models, dataset, embedding, regularizer=reg)
+    assert lora_file == "tok1_lora.safetensors" and trigger == "embedding:tok1"
+    assert model_out is not model and clip_out is not clip
+    assert model.patches == {} and clip.patcher.patches == {}
+    assert model_out.patches["lora"] and state.not_loaded == []
+    saved = load_file(state.folders["loras"] / lora_file)
+    assert set(saved) == set(lora) and all(torch.equal(saved[k], lora[k]) for k in lora)
+    modules = {key.rsplit(".", 2)[0] for key in lora if key.endswith("lora_down.weight")}
+    unet_modules = [name for name, _ in build_tiny_bundle().unet.named_modules()]
+    assert modules and modules <= comfyui_lora_key_map(unet_modules, [])
+    assert all(key.startswith("lora_unet_") for key in lora)
+    assert len(loss["loss"]) == 2 and plot.shape[0] == 1
+    assert state.progress[-2:] == [(1, 2), (2, 2)]
+
+
+def test_lora_tune_with_text_encoder_patches_the_clip_too(nodes, comfy_env, fake_models, dataset):
+    embedding = invert(nodes, fake_models, dataset, steps=1)[0]
+    _, clip_out, lora, *_ = tune(nodes, fake_models, dataset, embedding, train_text_encoder=True)
+    assert any(key.startswith("lora_te_") for key in lora)
+    assert clip_out.patcher.patches["lora"] and comfy_env[1].not_loaded == []
+
+
+def test_joint_schedule_saves_its_own_embedding(nodes, comfy_env, fake_models, dataset):
+    state = comfy_env[1]
+    embedding = invert(nodes, fake_models, dataset, steps=1)[0]
+    *_, lora_file, trigger = tune(nodes, fake_models, dataset, embedding, schedule="joint", lora_name="joint_run")
+    assert trigger == "embedding:joint_run"
+    vectors = load_file(state.folders["embeddings"] / "joint_run.safetensors")["clip_l"]
+    assert not torch.equal(vectors, embedding.vectors)
+
+
+def test_lora_name_taken_is_refused_before_training(nodes, comfy_env, fake_models, dataset):
+    state = comfy_env[1]
+    embedding = invert(nodes, fake_models, dataset, steps=1)[0]
+    (state.folders["loras"] / "tok1_lora.safetensors").write_bytes(b"user file")
+    bars = state.progress_bars
+    with pytest.raises(FileExistsError, match="tok1_lora.safetensors already exists"):
+        tune(nodes, fake_models, dataset, embedding)
+    assert state.progress_bars == bars
+
+
+def test_regularizer_settings(nodes):
+    reg = regularizer(nodes, t=0.3, t_jitter=0.1, timestep_min=100, timestep_max=800, samples=2)
+    assert reg.t_range == pytest.approx((0.2, 0.4)) and reg.timestep_range == (100, 800) and reg.samples == 2
+    assert regularizer(nodes).timestep_range is None and regularizer(nodes).t == 0.5
+
+
+def test_regularizer_vslerp_needs_hidden_norm_stats(nodes, fake_models):
+    with pytest.raises(ValueError, match="no centre was given: connect norm statistics"):
+        regularizer(nodes, interpolation="vslerp")
+    captions = "a photo of a cat\na drawing of a dog\na girl with a hat\na boy in the city"
+    stats_inputs = dict(clip=fake_models[1], captions=captions, captions_file="", position="", template=TEMPLATE, class_word="character")
+    hidden = run_node(nodes["EmbeddingNormStats"], space="hidden", **stats_inputs)[0]
+    reg = regularizer(nodes, interpolation="vslerp", norm_stats=hidden)
+    assert reg.centre.shape == (77, 32)
+    with pytest.raises(ValueError, match="`interpolation` is `slerp`, which has no centre"):
+        regularizer(nodes, norm_stats=hidden)
+    tokens = run_node(nodes["EmbeddingNormStats"], space="token_embedding", **stats_inputs)[0]
+    with pytest.raises(ValueError, match="connect statistics of the `hidden` space"):
+        regularizer(nodes, interpolation="vslerp", norm_stats=tokens)
+
+
+def test_memory_options_reach_the_core(nodes, fake_models, dataset):
+    embedding = invert(nodes, fake_models, dataset, steps=1, mixed_precision="bf16", gradient_checkpointing=True)[0]
+    assert torch.isfinite(embedding.vectors).all()
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        tune(nodes, fake_models, dataset, embedding, mixed_precision="fp16")
+
+
+def test_regularizer_image_space_needs_the_lpips_weights(nodes, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="`image_space` needs LPIPS's AlexNet weights alexnet-owt-7be5be79.pth"):
+        regularizer(nodes, image_space=True)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "alexnet-owt-7be5be79.pth").write_bytes(b"")
+    reg = regularizer(nodes, image_space=True, image_l2_weight=0.2)
+    assert reg.image_space is True and reg.image_l2_weight == pytest.approx(0.2)

@@ -1,0 +1,251 @@
+"""The shipped workflows in a real ComfyUI server (CPU), against a tiny SD1.5-shaped checkpoint.
+
+Runs only when `COMFYUI_DIR` points at a ComfyUI checkout whose requirements (and this pack's) are
+installed in a Python the harness finds (`COMFYUI_DIR/../venv`, or `COMFYUI_PYTHON`); skipped
+otherwise (CI has no ComfyUI). Uses the stdlib tools `comfy_harness.py` and `make_tiny_sd15.py`
+from `PTI_COMFY_TOOLS` (default: `../shared/tools` beside the repository). Takes a few minutes:
+the checkpoint is made in a temp folder (444 MiB), the server starts on 127.0.0.1, each workflow
+is queued scaled down (few steps, 64 px) and its outputs, files and the server log are checked.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+TOOLS = Path(os.environ.get("PTI_COMFY_TOOLS", REPO_ROOT.parent / "shared" / "tools"))
+HARNESS, MAKE_TINY = TOOLS / "comfy_harness.py", TOOLS / "make_tiny_sd15.py"
+PACK = "comfyui-pivotal-tuning"
+
+pytestmark = [
+    pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set (no ComfyUI checkout to test against)"),
+    pytest.mark.skipif(not (HARNESS.is_file() and MAKE_TINY.is_file()), reason=f"comfy_harness.py / make_tiny_sd15.py not in {TOOLS}"),
+]
+
+# The scaled-down runs: tiny checkpoint, 64 px, two steps everywhere.
+SMALL = {
+    "CheckpointLoaderSimple.ckpt_name": "tiny-sd15.safetensors",
+    "EmptyLatentImage.width": 64,
+    "EmptyLatentImage.height": 64,
+    "KSampler.steps": 2,
+}
+TRAIN_SMALL = {
+    **SMALL,
+    "PivotalDatasetFromFolder.folder": "character",  # relative to the server's input folder
+    "PivotalDatasetFromFolder.resolution": 64,
+    "TokenInversion.steps": 2,
+    "PivotalLoRATune.steps": 2,
+}
+# "lora key not loaded" and a missing embedding are only log lines in ComfyUI, never errors.
+LOG_PROBLEMS = ("lora key not loaded", "NOT LOADED", "does not exist, ignoring", "Exception during processing")
+
+
+class Server:
+    """The harness-driven server: its folders and a `run` returning (exit code, result JSON, output text)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.models = root / "models"
+        self.input = root / "input"
+        self.env = {**os.environ, "COMFY_HARNESS_STATE": str(root / "state")}
+        self.port = _free_port()
+
+    def harness(self, *args, timeout=900) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(HARNESS), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def run(self, workflow, overrides: dict, timeout=600) -> tuple[int, dict, str]:
+        out_json = self.root / "result.json"
+        out_json.unlink(missing_ok=True)
+        sets = [item for key, value in overrides.items() for item in ("--set", f"{key}={value}")]
+        done = self.harness("run", str(workflow), "--port", str(self.port), "--timeout", str(timeout), "--out-json", str(out_json), *sets,
+                            timeout=timeout + 120)  # fmt: skip
+        result = json.loads(out_json.read_text()) if out_json.is_file() else {}
+        return done.returncode, result, done.stdout + done.stderr
+
+    def log(self) -> str:
+        return (self.root / "state" / "server.log").read_text(errors="replace")
+
+    def output_files(self, prefix: str) -> list[Path]:
+        return sorted((self.root / "state" / "output").glob(prefix + "*.png"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from pti_ops.example_images import write_example_images
+
+    server = Server(tmp_path_factory.mktemp("real_comfyui"))
+    for folder in ("checkpoints", "embeddings", "loras"):
+        (server.models / folder).mkdir(parents=True)
+    write_example_images(server.input / "character", count=4, size=64)
+    (server.input / "single.png").write_bytes((server.input / "character" / "character_00.png").read_bytes())
+    made = subprocess.run(
+        [sys.executable, str(MAKE_TINY), str(server.models / "checkpoints" / "tiny-sd15.safetensors"), "--preset", "tiny"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr[-2000:]
+    python = ["--python", os.environ["COMFYUI_PYTHON"]] if os.environ.get("COMFYUI_PYTHON") else []
+    started = server.harness(
+        "start", "--comfy", COMFYUI_DIR, "--nodes", str(REPO_ROOT), "--name", PACK, "--models", str(server.models),
+        "--input", str(server.input), "--port", str(server.port), "--timeout", "300", *python,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    assert "import ok" in started.stdout, started.stdout
+    yield server
+    server.harness("stop")
+
+
+def test_pack_imports_with_all_nodes(server):
+    listed = server.harness("nodes", "--json", "--port", str(server.port))
+    assert listed.returncode == 0, listed.stderr
+    for node_id in ("PivotalDatasetFromFolder", "PivotalDatasetFromImages", "TokenInversion", "SlerpRegularizer",
+                    "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt"):  # fmt: skip
+        assert node_id in listed.stdout
+
+
+def test_pivotal_tuning_workflow_trains_and_generates(server):
+    code, result, text = server.run(REPO_ROOT / "workflows" / "pivotal_tuning_sd15.json", TRAIN_SMALL)
+    assert code == 0, text[-4000:]
+    assert (server.models / "embeddings" / "tok1.safetensors").is_file()
+    assert (server.models / "loras" / "tok1_lora.safetensors").is_file()
+    assert server.output_files("pivotal_tuning"), text
+    log = server.log()
+    assert not [problem for problem in LOG_PROBLEMS if problem in log], log[-4000:]
+
+
+def test_use_trained_lora_workflow_loads_the_files_with_stock_nodes(server):
+    if not (server.models / "loras" / "tok1_lora.safetensors").is_file():
+        pytest.skip("needs the files of test_pivotal_tuning_workflow_trains_and_generates")
+    code, _, text = server.run(REPO_ROOT / "workflows" / "use_trained_lora_sd15.json", SMALL)
+    assert code == 0, text[-4000:]
+    assert server.output_files("pivotal_character"), text
+    log = server.log()
+    assert not [problem for problem in LOG_PROBLEMS if problem in log], log[-4000:]
+
+
+def test_norm_stats_workflow(server):
+    code, result, text = server.run(REPO_ROOT / "workflows" / "norm_stats.json", {"CheckpointLoaderSimple.ckpt_name": "tiny-sd15.safetensors"})
+    assert code == 0, text[-4000:]
+    shown = [line for output in result["outputs"].values() for line in output.get("text", [])]
+    assert any("conclusion:" in line for line in shown), shown  # the summary, in PreviewAny
+    assert any("images" in output for output in result["outputs"].values())  # the histograms
+
+
+def test_outputs_chain_into_stock_training_nodes(server, tmp_path):
+    """LORA_MODEL into stock LoraModelLoader + KSampler, LOSS_MAP into stock LossGraphNode, in API format."""
+    converted = server.harness("convert", str(REPO_ROOT / "workflows" / "pivotal_tuning_sd15.json"), "--port", str(server.port))
+    assert converted.returncode == 0, converted.stderr
+    prompt = json.loads(converted.stdout)
+    ids = {node["class_type"]: node_id for node_id, node in prompt.items()}
+    checkpoint, tune, sampler = ids["CheckpointLoaderSimple"], ids["PivotalLoRATune"], ids["KSampler"]
+    prompt[tune]["inputs"]["lora_name"] = "chained_lora"
+    prompt["900"] = {"class_type": "LoraModelLoader", "inputs": {"model": [checkpoint, 0], "lora": [tune, 2], "strength_model": 1.0}}
+    prompt[sampler]["inputs"]["model"] = ["900", 0]
+    prompt["901"] = {"class_type": "LossGraphNode", "inputs": {"loss": [tune, 3], "filename_prefix": "pivotal_loss"}}
+    path = tmp_path / "chained.json"
+    path.write_text(json.dumps(prompt))
+    overrides = {**TRAIN_SMALL, "TokenInversion.embedding_name": "tok1_chained"}
+    code, _, text = server.run(path, overrides)
+    assert code == 0, text[-4000:]
+    assert (server.models / "loras" / "chained_lora.safetensors").is_file()
+    assert "lora key not loaded" not in server.log()
+
+
+def test_training_on_an_upstream_lora_clip_skip_and_loaded_images(server, tmp_path):
+    """LoraLoader and CLIPSetLastLayer before TokenInversion; Load Image into the IMAGE dataset node."""
+    if not (server.models / "loras" / "tok1_lora.safetensors").is_file():
+        pytest.skip("needs the files of test_pivotal_tuning_workflow_trains_and_generates")
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "tok1_lora.safetensors",
+                                                     "strength_model": 0.5, "strength_clip": 0.5}},
+        "3": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["2", 1], "stop_at_clip_layer": -2}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "single.png"}},
+        "5": {"class_type": "PivotalDatasetFromImages", "inputs": {"images": ["4", 0], "resolution": 64, "flip": True, "captions": ""}},
+        "6": {"class_type": "TokenInversion", "inputs": {
+            "model": ["2", 0], "clip": ["3", 0], "vae": ["1", 2], "dataset": ["5", 0], "placeholder": "tok2",
+            "initializer": "character", "num_vectors": 2, "templates": "a photo of {}", "steps": 2, "learning_rate": 0.001,
+            "batch_size": 1, "seed": 3, "norm_mode": "pull", "embedding_name": "tok_upstream", "overwrite": False}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 4]}},
+        "8": {"class_type": "PivotalPrompt", "inputs": {"template": "a photo of {} at night", "trigger": ["6", 2]}},
+        "9": {"class_type": "PreviewAny", "inputs": {"source": ["8", 0]}},
+    }  # fmt: skip
+    path = tmp_path / "upstream.json"
+    path.write_text(json.dumps(prompt))
+    code, result, text = server.run(path, {})
+    assert code == 0, text[-4000:]
+    assert (server.models / "embeddings" / "tok_upstream.safetensors").is_file()
+    shown = [line for output in result["outputs"].values() for line in output.get("text", [])]
+    assert "a photo of embedding:tok_upstream at night" in shown
+
+
+# Run inside ComfyUI's Python: convert ComfyUI's MODEL/CLIP/VAE with the bridge and compare outputs.
+BRIDGE_CHECK = """
+import importlib.util, json, sys, torch
+comfy_dir, pack_dir, checkpoint = sys.argv[1:4]
+sys.argv = [sys.argv[0], "--cpu"]
+sys.path.insert(0, comfy_dir)
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.sd
+spec = importlib.util.spec_from_file_location("pack", pack_dir + "/__init__.py", submodule_search_locations=[pack_dir])
+pack = importlib.util.module_from_spec(spec); sys.modules["pack"] = pack; spec.loader.exec_module(pack)
+bridge = sys.modules["pack.nodes.bridge"]
+model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
+bundle = bridge.bundle_from_comfy(model, clip, vae)
+torch.manual_seed(0)
+x, t, context = torch.randn(1, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 77, 768)
+unet = model.model.diffusion_model
+dtype = next(unet.parameters()).dtype
+ids = bundle.tokenizer(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+image = torch.rand(1, 64, 64, 3)
+with torch.no_grad():
+    diffs = {
+        "unet": (bundle.unet(x, t, context).sample - unet(x.to(dtype), t, context=context.to(dtype)).float()).abs().max().item(),
+        "clip": (bundle.text_encoder(ids).last_hidden_state - clip.encode_from_tokens(clip.tokenize("a photo of a cat")).float()).abs().max().item(),
+        "vae": (bundle.vae.encode(image.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mean - vae.encode(image).float()).abs().max().item(),
+    }
+print(json.dumps(diffs))
+"""
+
+
+def test_bridge_reproduces_comfyuis_own_models(tmp_path):
+    """A two-level UNet (attention at one level only): the converted models compute what ComfyUI's compute."""
+    python = os.environ.get("COMFYUI_PYTHON") or str(Path(COMFYUI_DIR).parent / "venv" / "bin" / "python")
+    if not Path(python).is_file():
+        pytest.skip("set COMFYUI_PYTHON to the Python that runs ComfyUI")
+    checkpoint = tmp_path / "fast-sd15.safetensors"
+    made = subprocess.run([sys.executable, str(MAKE_TINY), str(checkpoint), "--preset", "fast"], capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    script = tmp_path / "bridge_check.py"
+    script.write_text(BRIDGE_CHECK)
+    done = subprocess.run([python, str(script), COMFYUI_DIR, str(REPO_ROOT), str(checkpoint)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    diffs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert diffs["unet"] < 1e-4 and diffs["clip"] < 1e-4 and diffs["vae"] < 1e-4, diffs
+
+
+def test_cancel_leaves_no_file(server):
+    overrides = {**TRAIN_SMALL, "TokenInversion.steps": 100000, "TokenInversion.embedding_name": "cancelled"}
+    code, _, text = server.run(REPO_ROOT / "workflows" / "pivotal_tuning_sd15.json", overrides, timeout=45)
+    assert code == 124, text[-3000:]  # the harness sent /interrupt
+    for _ in range(120):  # the server stops the run within a training step
+        if "Processing interrupted" in server.log():
+            break
+        time.sleep(1)
+    assert "Processing interrupted" in server.log()
+    assert not list((server.models / "embeddings").glob("cancelled*"))
