@@ -66,9 +66,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         write(tmp)
+        # mkstemp makes 0600 (and some writers re-create the file): give outputs the usual permissions.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         if path.exists() and not overwrite:
             raise OutputExistsError(f"{path} appeared while it was being written; nothing was replaced.")
         os.replace(tmp, path)

@@ -61,9 +61,15 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     import os
     import stat
 
+    import torch
+    from safetensors.torch import save_file
+
     old = os.umask(0o022)
     try:
-        path = atomic_write(tmp_path / "f.txt", lambda tmp: open(tmp, "w").write("x"))
+        text = atomic_write(tmp_path / "f.txt", lambda tmp: open(tmp, "w").write("x"))
+        # safetensors replaces the temporary file with a new one of its own.
+        tensors = atomic_write(tmp_path / "t.safetensors", lambda tmp: save_file({"x": torch.zeros(1)}, tmp))
     finally:
         os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(text.stat().st_mode) == 0o644
+    assert stat.S_IMODE(tensors.stat().st_mode) == 0o644
