@@ -349,12 +349,32 @@ def unmapped_lora_modules(model, clip, lora: dict[str, torch.Tensor]) -> list[st
     return sorted(prefix for prefix in modules if prefix not in key_map)
 
 
+def torch_device() -> torch.device:
+    """The device ComfyUI computes on (where the scorers of the evaluation nodes go)."""
+    return comfy.model_management.get_torch_device()
+
+
 def image_from_array(array: np.ndarray) -> torch.Tensor:
     """ComfyUI IMAGE `[1, H, W, 3]` float32 in [0, 1] from one `[H, W, 3]` array."""
     image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"a plot must be [H, W, 3], got {tuple(image.shape)}")
     return image.clamp(0, 1)[None]
+
+
+def images_from_arrays(arrays: list[np.ndarray]) -> torch.Tensor:
+    """One ComfyUI IMAGE batch `[N, H, W, 3]` from `[H, W, 3]` arrays of different sizes.
+
+    An IMAGE batch has one size: smaller arrays are padded with white at the right and bottom.
+    """
+    if not arrays:
+        raise ValueError("no image to return")
+    images = [image_from_array(array)[0] for array in arrays]
+    height, width = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
+    batch = torch.ones(len(images), height, width, 3)
+    for index, image in enumerate(images):
+        batch[index, : image.shape[0], : image.shape[1]] = image
+    return batch
 
 
 def loss_map(history: list[dict], key: str = "loss") -> dict[str, list[float]]:
@@ -397,12 +417,40 @@ def loras_folder() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0])
 
 
+def output_directory() -> Path:
+    """ComfyUI's output folder (where SaveImage writes)."""
+    return Path(folder_paths.get_output_directory())
+
+
+def resolve_clip_folder(path: str) -> Path:
+    """A CLIP model folder: an absolute path as given, or a path inside one of ComfyUI's `clip_vision` folders.
+
+    A relative path that exists in none of them resolves inside the first (for the error message).
+    """
+    candidate = Path(os.path.expanduser(path.strip()))
+    if candidate.is_absolute():
+        return candidate
+    roots = [Path(root) for root in folder_paths.get_folder_paths("clip_vision")]
+    return next((root / candidate for root in roots if (root / candidate).exists()), roots[0] / candidate)
+
+
 def resolve_input_path(path: str) -> Path:
     """An absolute path as given, or a path relative to ComfyUI's input folder."""
     candidate = Path(os.path.expanduser(path.strip()))
     if candidate.is_absolute():
         return candidate
     return Path(folder_paths.get_input_directory()) / candidate
+
+
+def stat_folder(folder: Path) -> str:
+    """A cheap digest of a model folder (names, sizes, modification times; no content read), for `IS_CHANGED`."""
+    if not folder.is_dir():
+        return f"missing:{folder}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        info = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{info.st_size}\0{info.st_mtime_ns}\0".encode("utf-8"))
+    return digest.hexdigest()
 
 
 def hash_files(paths: list[Path]) -> str:

@@ -1,14 +1,12 @@
-"""What several nodes share: the `PIVOTAL_EMBEDDING` value, widget specs, input parsing, plots."""
+"""What several nodes share: the `PIVOTAL_EMBEDDING` value, widget specs, input parsing."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..pti_ops.errors import InvalidInputError
 from ..pti_ops.file_io import check_output_name
-from ..pti_ops.plots import figure_to_array, new_figure
 from ..pti_ops.precision import MIXED_PRECISION_MODES
 
 SEED = (
@@ -113,26 +111,3 @@ def validate_name(value, what: str):
 def history_every(steps: int) -> int:
     """Record interval giving one point per step for short runs and ~100 points for long ones."""
     return max(1, min(10, steps // 100))
-
-
-def history_plot(history: list[dict], left: str, right: str | None, title: str) -> np.ndarray:
-    """Two quantities of a training history against the step, as an `[H, W, 3]` image array."""
-    figure = new_figure(7.0, 3.6)
-    axes = figure.add_subplot()
-    steps = [record["step"] for record in history]
-    _plot_series(axes, steps, history, left, "tab:blue")
-    axes.set_xlabel("step")
-    axes.set_title(title)
-    if right is not None and any(right in record for record in history):
-        twin = axes.twinx()
-        _plot_series(twin, steps, history, right, "tab:orange")
-    return figure_to_array(figure)
-
-
-def _plot_series(axes, steps: list[int], history: list[dict], key: str, colour: str) -> None:
-    points = [(s, r[key]) for s, r in zip(steps, history) if key in r]
-    if points:
-        xs, ys = zip(*points)
-        axes.plot(xs, ys, color=colour, marker="." if len(points) < 30 else None)
-    axes.set_ylabel(key.replace("_", " "), color=colour)
-    axes.tick_params(axis="y", colors=colour)

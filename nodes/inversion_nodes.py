@@ -6,6 +6,7 @@ from ..pti_ops.embedding_file import save_embedding
 from ..pti_ops.file_io import output_path
 from ..pti_ops.inversion import NORM_MODES, InversionConfig, run_inversion
 from ..pti_ops.placeholder import MAX_VECTORS
+from ..pti_ops.plots import figure_to_array, history_figure
 from . import bridge
 from .common import (
     MEMORY_OPTIONS,
@@ -14,7 +15,6 @@ from .common import (
     TEMPLATES,
     PivotEmbedding,
     history_every,
-    history_plot,
     split_lines,
     stem,
     validate_name,
@@ -154,7 +154,7 @@ class TokenInversion:
             config.placeholder, config.initializer, result.vectors.clone(), stem(path.name), path,
             list(config.templates), result.history,
         )  # fmt: skip
-        plot = history_plot(result.history, "loss", "distance", f"TokenInversion {embedding.trigger}")
+        plot = figure_to_array(history_figure(result.history, "loss", "distance", f"TokenInversion {embedding.trigger}"))
         return (embedding, clip.clone(), embedding.trigger, bridge.loss_map(result.history), bridge.image_from_array(plot))
 
     @classmethod

@@ -11,6 +11,7 @@ from ..pti_ops.lora_file import save_lora
 from ..pti_ops.lora_tune import SCHEDULES, UNET_TARGETS, TuneConfig, run_tuning
 from ..pti_ops.placeholder import add_placeholder
 from ..pti_ops.regularizer import INTERPOLATION_MODES, REGULARIZER_MODES, RegularizerConfig, check_centre_given
+from ..pti_ops.plots import figure_to_array, history_figure
 from . import bridge
 from .common import (
     MEMORY_OPTIONS,
@@ -19,7 +20,6 @@ from .common import (
     TEMPLATES,
     PivotEmbedding,
     history_every,
-    history_plot,
     split_lines,
     stem,
     validate_name,
@@ -380,7 +380,7 @@ class PivotalLoRATune:
         if joint_path is not None:  # the token was retrained with the LoRA: it gets its own file
             trigger = _save_joint_embedding(joint_path, result.vectors, embedding, lora_path.name, metadata, overwrite)
         model_out, clip_out = bridge.apply_lora(model, clip, lora)
-        plot = history_plot(result.history, "loss", "reg_loss", f"PivotalLoRATune {lora_path.name}")
+        plot = figure_to_array(history_figure(result.history, "loss", "reg_loss", f"PivotalLoRATune {lora_path.name}"))
         return (model_out, clip_out, lora, bridge.loss_map(result.history), bridge.image_from_array(plot), lora_path.name, trigger)
 
     @classmethod

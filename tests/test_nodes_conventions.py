@@ -10,7 +10,7 @@ from comfy_stubs import REPO_ROOT, comfy_env, comfy_pack  # noqa: F401  (fixture
 STOCK_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "CONDITIONING", "STRING", "INT", "FLOAT", "BOOLEAN", "LORA_MODEL", "LOSS_MAP"}
 EXPECTED = {
     "PivotalDatasetFromFolder", "PivotalDatasetFromImages", "TokenInversion", "SlerpRegularizer",
-    "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt",
+    "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt", "PivotalEvaluate", "PivotalSweep",
 }  # fmt: skip
 
 
@@ -53,12 +53,12 @@ def test_display_names_are_human_readable(comfy_env):
 
 
 def test_seeds_have_the_control_widget(mappings):
-    for node_id in ("TokenInversion", "PivotalLoRATune"):
+    for node_id in ("TokenInversion", "PivotalLoRATune", "PivotalSweep"):
         assert mappings[node_id].INPUT_TYPES()["required"]["seed"][1]["control_after_generate"] is True
 
 
 def test_training_nodes_write_only_with_overwrite_or_a_new_name(mappings):
-    for node_id in ("TokenInversion", "PivotalLoRATune"):
+    for node_id in ("TokenInversion", "PivotalLoRATune", "PivotalSweep"):
         assert mappings[node_id].INPUT_TYPES()["required"]["overwrite"][1]["default"] is False
 
 

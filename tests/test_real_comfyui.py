@@ -43,6 +43,19 @@ TRAIN_SMALL = {
     "TokenInversion.steps": 2,
     "PivotalLoRATune.steps": 2,
 }
+# The learning-rate sweep: two lrs of two steps, evaluated at both steps, 2 seeds x 2 sampling steps at 64 px.
+SWEEP_SMALL = {
+    "CheckpointLoaderSimple.ckpt_name": "tiny-sd15.safetensors",
+    "PivotalDatasetFromFolder.folder": "character",
+    "PivotalDatasetFromFolder.resolution": 64,
+    "PivotalSweep.learning_rates": "1e-3, 1e-2",
+    "PivotalSweep.steps": 2,
+    "PivotalSweep.eval_every": 1,
+    "PivotalSweep.edit_prompts": "a photo of {} on the beach",
+    "PivotalSweep.sample_seeds": "0,1",
+    "PivotalSweep.sample_steps": 2,
+    "PivotalSweep.resolution": 64,
+}
 # "lora key not loaded" and a missing embedding are only log lines in ComfyUI, never errors.
 LOG_PROBLEMS = ("lora key not loaded", "NOT LOADED", "does not exist, ignoring", "Exception during processing")
 
@@ -113,7 +126,7 @@ def test_pack_imports_with_all_nodes(server):
     listed = server.harness("nodes", "--json", "--port", str(server.port))
     assert listed.returncode == 0, listed.stderr
     for node_id in ("PivotalDatasetFromFolder", "PivotalDatasetFromImages", "TokenInversion", "SlerpRegularizer",
-                    "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt"):  # fmt: skip
+                    "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt", "PivotalEvaluate", "PivotalSweep"):  # fmt: skip
         assert node_id in listed.stdout
 
 
@@ -191,6 +204,64 @@ def test_training_on_an_upstream_lora_clip_skip_and_loaded_images(server, tmp_pa
     assert (server.models / "embeddings" / "tok_upstream.safetensors").is_file()
     shown = [line for output in result["outputs"].values() for line in output.get("text", [])]
     assert "a photo of embedding:tok_upstream at night" in shown
+
+
+def test_lr_sweep_workflow_writes_the_report_and_shows_it(server):
+    """The shipped sweep, scaled down; no LPIPS weights on this machine: LPIPS is 'not computed', nothing fails."""
+    code, result, text = server.run(REPO_ROOT / "workflows" / "lr_sweep_sd15.json", SWEEP_SMALL)
+    assert code == 0, text[-4000:]
+    folder = server.root / "state" / "output" / "pivotal_lr_sweep"
+    for name in ("sweep.csv", "sweep.json", "sweep.md", "plots/inversion_curves.png", "plots/distance_fit.png",
+                 "grids/reconstruction.png", "grids/editability.png"):  # fmt: skip
+        assert (folder / name).is_file(), name
+    rows = json.loads((folder / "sweep.json").read_text())["rows"]
+    assert [(row["run"], row["step"]) for row in rows] == [("initial", 0), ("lr=0.001", 1), ("lr=0.001", 2), ("lr=0.01", 1), ("lr=0.01", 2)]
+    assert all(row["reconstruction_l2"] is not None for row in rows)
+    assert len(list((folder / "embeddings").glob("*.safetensors"))) == 4
+    shown = "\n".join(line for output in result["outputs"].values() for line in output.get("text", []))
+    assert "# Inversion learning-rate sweep" in shown and "reconstruction_lpips" in shown and "alexnet" in shown, shown[-3000:]
+    assert sum(len(output.get("images", [])) for output in result["outputs"].values()) == 4  # 2 plots + 2 grids
+    # Queued again unchanged: ComfyUI's cache answers (no "folder is not empty" error, nothing rewritten).
+    code, _, text = server.run(REPO_ROOT / "workflows" / "lr_sweep_sd15.json", SWEEP_SMALL)
+    assert code == 0, text[-4000:]
+    log = server.log()
+    assert not [problem for problem in LOG_PROBLEMS if problem in log], log[-4000:]
+
+
+def test_evaluate_a_trained_token_and_lora(server, tmp_path):
+    """PivotalEvaluate on the base model + the embedding and LoRA trained in the same run (locality measured)."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "2": {"class_type": "PivotalDatasetFromFolder", "inputs": {"folder": "character", "resolution": 64, "flip": False,
+                                                                   "caption_source": "template", "on_bad_image": "error"}},
+        "3": {"class_type": "TokenInversion", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "placeholder": "tok3",
+            "initializer": "character", "num_vectors": 1, "templates": "a photo of {}", "steps": 2, "learning_rate": 0.01,
+            "batch_size": 1, "seed": 0, "norm_mode": "none", "embedding_name": "tok_evaluated", "overwrite": True}},
+        "4": {"class_type": "PivotalLoRATune", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "embedding": ["3", 0], "rank": 2,
+            "alpha": 0.0, "targets": "attention", "learning_rate": 0.01, "steps": 2, "batch_size": 1, "seed": 0,
+            "schedule": "sequential", "train_text_encoder": False, "lora_name": "lora_evaluated", "overwrite": True}},
+        "5": {"class_type": "PivotalEvaluate", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "embedding": ["3", 0], "lora": ["4", 2], "dataset": ["2", 0],
+            "prompts": "a photo of {}", "edit_prompts": "a photo of {} on the beach", "class_word": "", "seeds": "0,1",
+            "steps": 2, "cfg": 5.0, "sampler": "euler", "resolution": 64, "batch_size": 4, "lpips": "alex",
+            "clip_model_folder": "", "lora_strength": 1.0}},
+        "6": {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["5", 2]}},
+    }  # fmt: skip
+    path = tmp_path / "evaluate.json"
+    path.write_text(json.dumps(prompt))
+    code, result, text = server.run(path, {})
+    assert code == 0, text[-4000:]
+    shown = "\n".join(line for output in result["outputs"].values() for line in output.get("text", []))
+    lines = {line.split("|")[1].strip(): line for line in shown.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "not computed" not in lines["locality_eps_mse"] and "not computed" not in lines["embedding_distance"], shown
+    assert "not computed" in lines["reconstruction_lpips"] and "alexnet" in lines["reconstruction_lpips"], shown
+    assert "not computed: no CLIP model folder given" in lines["editability_clip"], shown
+    assert any("images" in output for output in result["outputs"].values())
+    log = server.log()
+    assert not [problem for problem in LOG_PROBLEMS if problem in log], log[-4000:]
 
 
 # Run inside ComfyUI's Python: convert ComfyUI's MODEL/CLIP/VAE with the bridge and compare outputs.

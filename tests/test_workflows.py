@@ -70,8 +70,10 @@ def load(path):
         return json.load(file)
 
 
-def test_the_three_workflows_ship():
-    assert {p.name for p in WORKFLOWS} == {"pivotal_tuning_sd15.json", "use_trained_lora_sd15.json", "norm_stats.json"}
+def test_the_workflows_ship():
+    assert {p.name for p in WORKFLOWS} == {
+        "pivotal_tuning_sd15.json", "use_trained_lora_sd15.json", "norm_stats.json", "lr_sweep_sd15.json",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -174,3 +176,26 @@ def test_use_trained_lora_workflow_names_the_files_the_training_writes(mappings)
 def test_every_workflow_has_an_output_node():
     for path in WORKFLOWS:
         assert any(node["type"] in OUTPUT_NODES for node in load(path)["nodes"]), path.name
+
+
+def test_lr_sweep_workflow_runs_the_inversion_sweep_and_shows_table_plots_grids(mappings):
+    workflow = load(REPO_ROOT / "workflows" / "lr_sweep_sd15.json")
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    types = {node_id: node["type"] for node_id, node in nodes.items()}
+    edges = {(types[origin], slot, types[target]) for _, origin, slot, target, _, _ in workflow["links"]}
+    for edge in [
+        ("CheckpointLoaderSimple", 0, "PivotalSweep"), ("CheckpointLoaderSimple", 1, "PivotalSweep"),
+        ("CheckpointLoaderSimple", 2, "PivotalSweep"), ("PivotalDatasetFromFolder", 0, "PivotalSweep"),
+        ("PivotalSweep", 0, "PreviewAny"), ("PivotalSweep", 1, "PreviewImage"), ("PivotalSweep", 2, "PreviewImage"),
+    ]:  # fmt: skip
+        assert edge in edges, edge
+    sweep_node = next(node for node in nodes.values() if node["type"] == "PivotalSweep")
+    widgets = named_widgets(sweep_node, mappings)
+    assert widgets["kind"] == "inversion" and widgets["overwrite"] is False
+    assert widgets["eval_every"] and widgets["steps"] % widgets["eval_every"] == 0
+    cls = mappings["PivotalSweep"]
+    assert cls.VALIDATE_INPUTS(learning_rates=widgets["learning_rates"], sample_seeds=widgets["sample_seeds"],
+                               output_folder=widgets["output_folder"]) is True  # fmt: skip
+    layout = widget_layout(node_spec("PivotalSweep", mappings)[0])
+    control = next(i for i, (spec, is_control) in enumerate(layout) if is_control and spec["name"] == "seed")
+    assert sweep_node["widgets_values"][control] == "fixed"  # a sweep is repeated with the same training seed
