@@ -1,58 +1,38 @@
-"""`python -m pti_ops demo`: the whole job on a small example, in about a minute on a CPU.
+"""`python -m pti_ops demo`: the whole method on the toy world, measured, in a few minutes on a CPU.
 
-Draws example images of a character, learns a token for it on the tiny model and writes the
-embedding and the run's history into a report folder.
+Eight images of a toy-world character the shipped toy model never saw, all in one corner: textual
+inversion of `tok1`, the norm statistics at the token's position, LoRA tuning without and with the
+`path` regulariser, and the oracle's measurements (reconstruction, editability, locality,
+position learning), written as a report folder: image grids, loss and distance plots, the
+metrics as JSON and Markdown, and the embedding and LoRA files.
 """
 
 import argparse
 import logging
 from pathlib import Path
 
-from .bundle import load_bundle
-from .cli import TerminalProgress, write_json
-from .dataset import DatasetConfig, load_image_folder
-from .embedding_file import save_embedding
 from .errors import OutputExistsError
-from .example_images import write_example_images
-from .inversion import InversionConfig, config_to_dict, run_inversion
 
 logger = logging.getLogger(__name__)
 
 
 def add_demo_command(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run the method end to end on a small example and write a report folder.",
+    p = subparsers.add_parser("demo", help="run the method end to end on the toy world and write a report folder.",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_out", help="report folder (default: demo_out); must not exist unless --overwrite.")
-    p.add_argument("--steps", type=int, default=200, help="inversion steps (default: 200).")
-    p.add_argument("--lr", type=float, default=5e-3, help="inversion learning rate (default: 5e-3).")
+    p.add_argument("--out", default="demo_out", help="report folder (default: demo_out); must be empty or new unless --overwrite.")
+    p.add_argument("--quick", action="store_true", help="a few steps of everything: checks the pipeline in seconds (numbers meaningless).")
+    p.add_argument("--model", default="toy", help="toy (the shipped toy-world model) or a folder of another toy-world model.")
     p.add_argument("--overwrite", action="store_true", help="write into an existing report folder, replacing its files.")
     p.set_defaults(handler=run_demo_command)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
+    from .toyworld.demo import DemoConfig, run_demo
+
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise OutputExistsError(f"report folder {out} exists and is not empty: choose another --out or pass --overwrite.")
-    images = out / "images"
-    write_example_images(images, count=6, size=64)
-    bundle = load_bundle("tiny")
-    resolution = bundle.unet.config.sample_size * bundle.vae_scale_factor
-    dataset = load_image_folder(images, DatasetConfig(resolution=resolution, flip=True))
-    config = InversionConfig(placeholder="tok1", initializer="character", steps=args.steps, learning_rate=args.lr,
-                             batch_size=2, history_every=max(1, args.steps // 20))
-    progress = TerminalProgress(config.steps, "demo: invert tok1")
-    try:
-        result = run_inversion(bundle, dataset, config, on_step=progress)
-    finally:
-        progress.close()
-    embedding = save_embedding(out / "tok1.safetensors", result.vectors, bundle.family, result.metadata(bundle.name), overwrite=True)
-    history = write_json(out / "history.json", {"config": config_to_dict(config), "vocabulary_norm": result.vocabulary_norm,
-                                                 "history": result.history})
-    first, last = result.history[0], result.history[-1]
-    print(f"demo report in {out.resolve()}")
-    print(f"  images:    {images} ({len(dataset)} drawn examples)")
-    print(f"  embedding: {embedding}  (use as embedding:tok1 in ComfyUI)")
-    print(f"  history:   {history}")
-    print(f"  loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
-          f"distance from 'character' {last['distance']:.4f}, norm {last['norm']:.4f}, cos {last['cosine']:.3f}")
+    config = DemoConfig.quick(args.model) if args.quick else DemoConfig(model=args.model)
+    run_demo(out, config)
+    print(f"demo report in {out.resolve()}: metrics.md, grid_reconstruction.png, grid_edits.png, inversion.png, lora_*.png")
     return 0

@@ -60,12 +60,20 @@ def test_help_explains_every_option(capsys):
 
 
 def test_demo_writes_its_report(tmp_path, capsys):
+    from pti_ops.toyworld.train import build_untrained_bundle
+
+    model = tmp_path / "toy_model"  # the pipeline, not the numbers: an untrained toy-world model
+    build_untrained_bundle(0).save_pretrained(model)
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "4"]) == 0
-    assert (out / "tok1.safetensors").is_file() and (out / "history.json").is_file()
-    assert len(list((out / "images").glob("*.png"))) == 6
+    assert main(["demo", "--out", str(out), "--quick", "--model", str(model)]) == 0
+    for name in ("metrics.md", "metrics.json", "grid_reconstruction.png", "grid_edits.png", "inversion.png",
+                 "lora_none.png", "lora_path.png", "tok1.safetensors", "lora_path.safetensors", "norm_stats.json"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "images").glob("*.png"))) == 8
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"inversion only", "LoRA, regulariser none", "LoRA, regulariser path"}
     assert "demo report in" in capsys.readouterr().out
-    assert main(["demo", "--out", str(out), "--steps", "4"]) == 2
+    assert main(["demo", "--out", str(out), "--quick", "--model", str(model)]) == 2
 
 
 def _tune_common(images):
