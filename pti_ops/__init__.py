@@ -6,6 +6,16 @@ what the tuning did. See README.md for the command line and the ComfyUI nodes.
 """
 
 from .bundle import ModelBundle, load_bundle
+from .dataset import DatasetConfig, ImageDataset, dataset_from_tensor, load_image_folder
+from .embedding_file import load_embedding, save_embedding
+from .interpolation import slerp, vslerp
+from .inversion import InversionConfig, InversionResult, run_inversion
+from .lora_file import apply_kohya_lora, load_lora, save_lora
+from .lora_tune import TuneConfig, TuneResult, run_tuning
+from .norm_stats import NormStats, NormStatsConfig, compute_norm_stats
+from .pivotal import run_pivotal_tuning
+from .placeholder import PlaceholderToken, add_placeholder
+from .regularizer import LocalityRegularizer, RegularizerConfig
 from .errors import (
     DatasetError,
     InvalidInputError,
@@ -20,6 +30,31 @@ from .errors import (
 __all__ = [
     "ModelBundle",
     "load_bundle",
+    "DatasetConfig",
+    "ImageDataset",
+    "load_image_folder",
+    "dataset_from_tensor",
+    "PlaceholderToken",
+    "add_placeholder",
+    "InversionConfig",
+    "InversionResult",
+    "run_inversion",
+    "TuneConfig",
+    "TuneResult",
+    "run_tuning",
+    "run_pivotal_tuning",
+    "RegularizerConfig",
+    "LocalityRegularizer",
+    "slerp",
+    "vslerp",
+    "NormStatsConfig",
+    "NormStats",
+    "compute_norm_stats",
+    "save_embedding",
+    "load_embedding",
+    "save_lora",
+    "load_lora",
+    "apply_kohya_lora",
     "PivotalError",
     "InvalidInputError",
     "DatasetError",
