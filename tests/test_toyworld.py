@@ -6,9 +6,15 @@ import torch
 
 from pti_ops.bundle import load_bundle
 from pti_ops.inversion import InversionConfig, run_inversion
-from pti_ops.toyworld.oracle import ATTRIBUTES, centre_spread, read_images, score_images, score_prompt
 from pti_ops.sampling import SamplingConfig
 from pti_ops.toyworld.evaluate import generate
+from pti_ops.toyworld.oracle import (
+    ATTRIBUTES,
+    centre_spread,
+    read_images,
+    score_images,
+    score_prompt,
+)
 from pti_ops.toyworld.world import (
     ALL_CHARACTERS,
     CLASS_WORD,
@@ -223,4 +229,4 @@ def test_loss_weights_stay_bounded_at_the_noisiest_steps():
 
     weights = snr_weights(DDPMScheduler.from_config(SCHEDULER_CONFIG), torch.arange(1000), gamma=5.0)
     assert torch.isfinite(weights).all() and weights.max() <= (1 + SNR_FLOOR) / SNR_FLOOR + 1e-3
-    assert weights[0] < 0.01 < 1 < weights[500] < weights[950]  # low noise down-weighted, high noise up
+    assert weights[0] < 0.01 and 1 < weights[500] < weights[950]  # low noise down-weighted, high noise up

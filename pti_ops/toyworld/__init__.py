@@ -9,7 +9,15 @@ back from pixels, so that pivotal tuning can be run and measured on a CPU in min
   sampled with the package's general sampler (`pti_ops.sampling`).
 """
 
-from .oracle import Reading, centre_spread, read_image, read_images, score_images, score_prompt, score_readings
+from .oracle import (
+    Reading,
+    centre_spread,
+    read_image,
+    read_images,
+    score_images,
+    score_prompt,
+    score_readings,
+)
 from .world import (
     HELD_IN_CHARACTERS,
     HELD_OUT_CHARACTERS,

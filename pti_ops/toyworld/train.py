@@ -2,11 +2,13 @@
 
     OMP_NUM_THREADS=1 nice -n 15 python -m pti_ops.toyworld.train --out runs/toyworld
 
+(The shipped model: this command, then the same with `--steps 6500`, which resumes it.)
+
 Two stages, as for Stable Diffusion: first an `AutoencoderKL` on rendered images (32×32 pixels
 → 16×16×4 latents), then the CLIP text encoder and the UNet jointly, from scratch, on the latents
 of a fixed set of rendered scenes with random captions (10 % empty, for classifier-free
-guidance). The denoiser keeps an EMA of its weights; the exported model uses them (they give
-cleaner colours than the last step's weights). Every `checkpoint_every` steps the run saves
+guidance). The denoiser keeps an EMA of its weights and the exported model uses them (the
+notes' probe found colours off without EMA or a low final learning rate; we use both). Every `checkpoint_every` steps the run saves
 a resumable checkpoint and a usable diffusers folder `OUT/model`; rerunning the same command
 resumes. Each step's data comes from a generator seeded by (seed, stage, step), so a resumed run
 draws exactly what an uninterrupted one would.
@@ -31,19 +33,25 @@ from ..bundle import ModelBundle
 from ..clip_vocab import make_clip_tokenizer, write_clip_vocab
 from ..diffusion_loss import NoisedBatch, add_noise
 from ..text_conditioning import encode_tokens, tokenize
-from .world import random_caption, random_scenes, render_batch, vocabulary, HELD_OUT_CHARACTERS
+from .world import (
+    HELD_OUT_CHARACTERS,
+    random_caption,
+    random_scenes,
+    render_batch,
+    vocabulary,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_TOKENS = 32  # longest world caption is 17 tokens; room for multi-vector placeholders
 TEXT_WIDTH = 64
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_schedule="squaredcos_cap_v2",  # the probe run's schedule: keeps signal at high t on tiny images
-    prediction_type="epsilon",
-    clip_sample=False,
-    steps_offset=1,  # as SD1.5's config; diffusers warns about pipelines saved without it
-)
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",  # the probe run's schedule: keeps signal at high t on tiny images
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "steps_offset": 1,  # as SD1.5's config; diffusers warns about pipelines saved without it
+}
 SNR_FLOOR = 0.02  # largest loss weight ≈ 50 (see `snr_weights`)
 VAE_STAGE, DENOISER_STAGE = 1, 2  # stage ids mixed into the per-step data seeds
 
@@ -140,9 +148,8 @@ def build_text_encoder(tokenizer) -> CLIPTextModel:
 def build_unet() -> UNet2DConditionModel:
     """UNet on 16×16 latents (16 → 8 → 4); cross-attention at 8×8, 4×4 and in the middle.
 
-    With cross-attention at 4×4 only, 2,250 steps did not learn positions from text at all
-    (oracle accuracy below chance); the notes' pixel-space probe attends at two levels too.
-    Attention at 16×16 would double the step time on this CPU.
+    Two attention levels as in the notes' pixel-space probe; attention at 16×16 would double the
+    step time on this CPU. (Neither this nor 4×4 only learned position words: docs/toyworld.md.)
     """
     return UNet2DConditionModel(
         sample_size=16,
