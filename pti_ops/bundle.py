@@ -9,6 +9,7 @@
 Nothing is ever downloaded: a missing file is an error that names it.
 """
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Literal
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from .errors import InvalidInputError, MissingModelFileError, ModelLoadError
 
@@ -182,7 +184,8 @@ def load_diffusers_folder(folder: Path) -> ModelBundle:
         )
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+        with no_weight_loading_bar():
+            text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
         noise_scheduler = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
@@ -190,6 +193,18 @@ def load_diffusers_folder(folder: Path) -> ModelBundle:
         raise ModelLoadError(f"could not load the diffusers model folder {folder}: {err}") from err
     family = detect_family(text_encoder, unet)
     return ModelBundle(tokenizer, text_encoder, unet, vae, noise_scheduler, family=family, name=folder.name, source=str(folder))
+
+
+@contextlib.contextmanager
+def no_weight_loading_bar():
+    """transformers 5 draws a "Loading weights" bar for every model: clutter in our progress output."""
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def detect_family(text_encoder: CLIPTextModel, unet: UNet2DConditionModel) -> ModelFamily:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
+from .bundle import no_weight_loading_bar
 from .errors import MissingModelFileError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ def load_clip(folder: str | Path, device: str | torch.device = "cpu") -> ClipSco
     if not (folder / "config.json").is_file():
         raise MissingModelFileError(f"CLIP model folder {folder} not found or has no config.json (nothing is downloaded).")
     try:
-        model = CLIPModel.from_pretrained(folder, local_files_only=True)
+        with no_weight_loading_bar():
+            model = CLIPModel.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
         raise ModelLoadError(f"could not load a CLIPModel from {folder}: {err}") from err
     tokenizer = _load_tokenizer(folder)
