@@ -200,7 +200,16 @@ def test_training_script_runs_resumes_and_exports_a_loadable_model(tmp_path):
     assert steps == [1, 2, 3]
     bundle = load_bundle(tmp_path / "model")
     assert bundle.vae.config.scaling_factor != 0.18215  # measured from the latents
+    assert bundle.noise_scheduler.config.prediction_type == "epsilon"
     assert json.loads((tmp_path / "model" / "training.json").read_text())["step"] == 3
+    # Stage 3 continues from the finished stage 2 and exports a v-prediction model.
+    main(args[:7] + ["3", "--position-steps", "2"] + args[8:])
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "position"] == [1, 2]
+    bundle = load_bundle(tmp_path / "model")
+    assert bundle.noise_scheduler.config.prediction_type == "v_prediction"
+    assert bundle.noise_scheduler.config.timestep_spacing == "trailing"
+    assert json.loads((tmp_path / "model" / "training.json").read_text())["stage"] == "position"
 
 
 def test_latent_standardisation_keeps_reconstructions_and_centres_latents():
@@ -225,8 +234,31 @@ def test_latent_standardisation_keeps_reconstructions_and_centres_latents():
 def test_loss_weights_stay_bounded_at_the_noisiest_steps():
     from diffusers import DDPMScheduler
 
-    from pti_ops.toyworld.train import SCHEDULER_CONFIG, SNR_FLOOR, snr_weights
+    from pti_ops.toyworld.train import POSITION_SCHEDULER_CONFIG, SCHEDULER_CONFIG, SNR_FLOOR, snr_weights
 
     weights = snr_weights(DDPMScheduler.from_config(SCHEDULER_CONFIG), torch.arange(1000), gamma=5.0)
     assert torch.isfinite(weights).all() and weights.max() <= (1 + SNR_FLOOR) / SNR_FLOOR + 1e-3
     assert weights[0] < 0.01 and 1 < weights[500] < weights[950]  # low noise down-weighted, high noise up
+    # v-prediction (stage 3): the v loss already weights the clean latent by SNR + 1; capped at γ.
+    v_weights = snr_weights(DDPMScheduler.from_config(POSITION_SCHEDULER_CONFIG), torch.arange(1000), gamma=5.0)
+    assert torch.isfinite(v_weights).all() and v_weights.max() <= 1.0
+    assert v_weights[0] < 0.01 and torch.all(v_weights[700:] == 1.0)
+
+
+def test_pure_noise_share_of_a_batch_sits_at_the_noisiest_timesteps():
+    from diffusers import DDPMScheduler
+
+    from pti_ops.toyworld.train import POSITION_SCHEDULER_CONFIG, noised_batch
+
+    scheduler = DDPMScheduler.from_config(POSITION_SCHEDULER_CONFIG)
+    latents = torch.randn(8, 4, 4, 4)
+    batch = noised_batch(scheduler, latents, torch.Generator().manual_seed(0), 0.25, 980)
+    assert batch.noisy_latents.shape == latents.shape and batch.timesteps.shape == (8,)
+    assert torch.all(batch.timesteps[:2] >= 980)  # 25 % of 8
+    assert batch.timesteps[2:].min() < 980  # the rest uniform over all 1000 (seeded)
+    # Without a pure-noise share it draws exactly what `add_noise` draws (stage 2 unchanged).
+    from pti_ops.diffusion_loss import add_noise
+
+    plain = noised_batch(scheduler, latents, torch.Generator().manual_seed(1), 0.0, 980)
+    reference = add_noise(scheduler, latents, torch.Generator().manual_seed(1), (0, 1000))
+    assert torch.equal(plain.timesteps, reference.timesteps) and torch.equal(plain.target, reference.target)

@@ -52,8 +52,14 @@ SCHEDULER_CONFIG = {
     "clip_sample": False,
     "steps_offset": 1,  # as SD1.5's config; diffusers warns about pipelines saved without it
 }
-SNR_FLOOR = 0.02  # largest loss weight ≈ 50 (see `snr_weights`)
-VAE_STAGE, DENOISER_STAGE = 1, 2  # stage ids mixed into the per-step data seeds
+# Stage 3 (positions): v-prediction, as SD2 was fine-tuned from its epsilon model, and sampling
+# from t = 999 ("trailing"), where the latent is gone and only the caption says where to draw.
+# With epsilon the clean latent at the noisiest steps is read back as (x_t - σ ε̂) / α, errors ×
+# 1/α ≈ 20 at t = 958, and sampling started at t = 951, where the model had learned to look for
+# the character in the noise instead of reading the position words.
+POSITION_SCHEDULER_CONFIG = {**SCHEDULER_CONFIG, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+SNR_FLOOR = 0.02  # largest epsilon-loss weight ≈ 50 (see `snr_weights`)
+VAE_STAGE, DENOISER_STAGE, POSITION_STAGE = 1, 2, 3  # stage ids mixed into the per-step data seeds
 
 
 @dataclass
@@ -79,6 +85,13 @@ class ToyTrainConfig:
             is v-prediction's weighting: the highest noise levels fix the layout, and with the
             plain loss (weight SNR there) the first sampling steps predicted speckles that
             stayed; at low noise it is capped like min-SNR-γ (Hang et al. 2023, arXiv 2303.09556).
+        position_steps (`int`): stage 3 steps (0 = none): the stage-2 model fine-tuned to v-prediction
+            with `pure_noise_fraction` of each batch at t ≥ `pure_noise_from`, so that it learns to
+            place characters from the position words (see docs/toyworld.md).
+        position_learning_rate (`float`): peak learning rate of stage 3.
+        pure_noise_fraction (`float`): share of each stage-3 batch drawn at the noisiest timesteps.
+        pure_noise_from (`int`): first timestep of that range (SNR < 2e-4 from 980 on: only the caption
+            tells the model where the character is).
         ema_decay (`float`): decay of the exported EMA weights.
         checkpoint_every (`int`): steps between checkpoints (and exports of `OUT/model`).
         log_every (`int`): steps between loss records.
@@ -96,6 +109,10 @@ class ToyTrainConfig:
     batch_size: int = 32
     cfg_dropout: float = 0.1
     snr_gamma: float = 5.0
+    position_steps: int = 0
+    position_learning_rate: float = 3e-4
+    pure_noise_fraction: float = 0.25
+    pure_noise_from: int = 980
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     log_every: int = 25
@@ -296,9 +313,9 @@ class EMA:
             torch._foreach_lerp_(list(shadow.parameters()), list(module.parameters()), 1 - decay)
 
 
-def denoiser_batch(bundle, scenes, latents, config, step) -> tuple[torch.Tensor, list[str], torch.Generator]:
+def denoiser_batch(bundle, scenes, latents, config, step, stage: int = DENOISER_STAGE) -> tuple[torch.Tensor, list[str], torch.Generator]:
     """The scaled latents and captions of one step (captions dropped to `""` at `cfg_dropout`)."""
-    rng, generator = step_generators(config.seed, DENOISER_STAGE, step)
+    rng, generator = step_generators(config.seed, stage, step)
     indices = rng.integers(len(scenes), size=config.batch_size)
     mean, std = latents
     noise = torch.randn(mean[indices].shape, generator=generator)
@@ -308,14 +325,27 @@ def denoiser_batch(bundle, scenes, latents, config, step) -> tuple[torch.Tensor,
 
 
 def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample weights `min(SNR + 1, γ) / SNR` of the noise-prediction loss (see `snr_gamma`).
+    """Per-sample loss weights giving the implied clean latent's error the weight `min(SNR + 1, γ)`.
 
-    SNR is floored at `SNR_FLOOR` (t ≈ 920 here): the schedule's last steps have SNR → 0, where
-    the noise is the input itself and the weight would reach 1e8.
+    For epsilon that is `min(SNR + 1, γ) / SNR`, with SNR floored at `SNR_FLOOR` (t ≈ 920 here):
+    the schedule's last steps have SNR → 0, where the weight would reach 1e8. For v it is
+    `min(SNR + 1, γ) / (SNR + 1)`, in (0, 1]: no floor needed.
     """
     alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    if scheduler.config.prediction_type == "v_prediction":
+        snr_plus_one = 1 / (1 - alpha_bar)
+        return snr_plus_one.clamp(max=gamma) / snr_plus_one
     snr = (alpha_bar / (1 - alpha_bar)).clamp(min=SNR_FLOOR)
     return (snr + 1).clamp(max=gamma) / snr
+
+
+def noised_batch(scheduler: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator, pure_noise_fraction: float, pure_noise_from: int) -> NoisedBatch:
+    """Noise `latents` at uniform timesteps, the first `pure_noise_fraction` of them at t ≥ `pure_noise_from`."""
+    total = scheduler.config.num_train_timesteps
+    k = round(len(latents) * pure_noise_fraction)
+    parts = [add_noise(scheduler, latents[:k], generator, (pure_noise_from, total))] if k else []
+    parts.append(add_noise(scheduler, latents[k:], generator, (0, total)))
+    return NoisedBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in ("noisy_latents", "timesteps", "target")))
 
 
 def weighted_denoising_loss(unet: UNet2DConditionModel, batch: NoisedBatch, conditioning: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -325,23 +355,36 @@ def weighted_denoising_loss(unet: UNet2DConditionModel, batch: NoisedBatch, cond
     return per_sample.mean() if weights is None else (weights * per_sample).mean()
 
 
-def train_denoiser(bundle: ModelBundle, scenes, latents, config: ToyTrainConfig, run: "RunFiles") -> EMA:
-    """Train text encoder + UNet jointly on the cached latents; returns the EMA weights."""
+@dataclass(frozen=True)
+class DenoiserStage:
+    """One text encoder + UNet training stage: its name (checkpoint, log), data-seed id, length,
+    peak learning rate and share of each batch at the noisiest timesteps."""
+
+    name: str
+    seed_id: int
+    steps: int
+    learning_rate: float
+    pure_noise_fraction: float = 0.0
+
+
+def train_denoiser(bundle: ModelBundle, scenes, latents, config: ToyTrainConfig, run: "RunFiles", stage: DenoiserStage | None = None) -> EMA:
+    """Train text encoder + UNet jointly on the cached latents; returns the EMA weights (stage 2 by default)."""
+    stage = stage or DenoiserStage("denoiser", DENOISER_STAGE, config.steps, config.learning_rate)
     modules = [bundle.text_encoder, bundle.unet]
     params = [p for m in modules for p in m.parameters()]
     for m in modules:
         m.requires_grad_(True).train()
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(params, lr=stage.learning_rate)
     ema = EMA(modules, config.ema_decay)
     state = {"text_encoder": bundle.text_encoder, "unet": bundle.unet, "optimizer": optimizer,
              "ema_text_encoder": ema.shadow[0], "ema_unet": ema.shadow[1]}
-    start = run.resume("denoiser", state)
+    start = run.resume(stage.name, state)
     started, losses = time.time(), []
-    for step in range(start + 1, config.steps + 1):
-        scaled, captions, generator = denoiser_batch(bundle, scenes, latents, config, step)
+    for step in range(start + 1, stage.steps + 1):
+        scaled, captions, generator = denoiser_batch(bundle, scenes, latents, config, step, stage.seed_id)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config, config.learning_rate, config.steps)
-        noised = add_noise(bundle.noise_scheduler, scaled, generator, (0, bundle.noise_scheduler.config.num_train_timesteps))
+            group["lr"] = lr_at(step, config, stage.learning_rate, stage.steps)
+        noised = noised_batch(bundle.noise_scheduler, scaled, generator, stage.pure_noise_fraction, config.pure_noise_from)
         weights = snr_weights(bundle.noise_scheduler, noised.timesteps, config.snr_gamma) if config.snr_gamma > 0 else None
         conditioning = encode_tokens(bundle.text_encoder, tokenize(bundle.tokenizer, captions))
         loss = weighted_denoising_loss(bundle.unet, noised, conditioning, weights)
@@ -351,14 +394,24 @@ def train_denoiser(bundle: ModelBundle, scenes, latents, config: ToyTrainConfig,
         optimizer.step()
         ema.update(step)
         losses.append(loss.item())
-        if step % config.log_every == 0 or step == config.steps:
-            run.log({"stage": "denoiser", "step": step, "loss": float(np.mean(losses)),
+        if step % config.log_every == 0 or step == stage.steps:
+            run.log({"stage": stage.name, "step": step, "loss": float(np.mean(losses)),
                      "lr": optimizer.param_groups[0]["lr"], "s_per_step": (time.time() - started) / len(losses)})
             started, losses = time.time(), []
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            run.checkpoint("denoiser", step, state)
-            run.export(bundle, ema, step)
+        if step % config.checkpoint_every == 0 or step == stage.steps:
+            run.checkpoint(stage.name, step, state)
+            run.export(bundle, ema, step, stage.name)
     return ema
+
+
+def train_positions(bundle: ModelBundle, stage_2: EMA, scenes, latents, config: ToyTrainConfig, run: "RunFiles") -> EMA:
+    """Stage 3: fine-tune the stage-2 model (its EMA weights) to v-prediction with pure-noise samples."""
+    with torch.no_grad():
+        for module, shadow in zip((bundle.text_encoder, bundle.unet), stage_2.shadow):
+            module.load_state_dict(shadow.state_dict())
+    bundle.noise_scheduler = DDPMScheduler.from_config(POSITION_SCHEDULER_CONFIG)
+    stage = DenoiserStage("position", POSITION_STAGE, config.position_steps, config.position_learning_rate, config.pure_noise_fraction)
+    return train_denoiser(bundle, scenes, latents, config, run, stage)
 
 
 # --- files of a run ------------------------------------------------------------------------
@@ -394,13 +447,13 @@ class RunFiles:
         logger.info("resumed %s from step %d", stage, saved["step"])
         return saved["step"]
 
-    def export(self, bundle: ModelBundle, ema: EMA, step: int) -> Path:
+    def export(self, bundle: ModelBundle, ema: EMA, step: int, stage: str = "denoiser") -> Path:
         """Save the bundle with the EMA weights as the diffusers folder `model/`."""
         exported = ModelBundle(bundle.tokenizer, ema.shadow[0], ema.shadow[1], bundle.vae, bundle.noise_scheduler)
         folder = exported.save_pretrained(self.out / "model")
         # transformers 5 saves only tokenizer.json; 4.x's CLIPTokenizer reads vocab.json + merges.txt.
         write_clip_vocab(folder / "tokenizer", vocabulary())
-        (folder / "training.json").write_text(json.dumps({"step": step, "config": asdict(self.config)}, indent=2))
+        (folder / "training.json").write_text(json.dumps({"stage": stage, "step": step, "config": asdict(self.config)}, indent=2))
         return folder
 
 
@@ -421,7 +474,9 @@ def train(out: Path, config: ToyTrainConfig) -> Path:
     held_out = render_batch(random_scenes(256, config.seed + 1, HELD_OUT_CHARACTERS))
     run.log({"stage": "vae_eval", "mse_held_in": reconstruction_mse(bundle.vae, images[:256]),
              "mse_held_out": reconstruction_mse(bundle.vae, held_out), "scaling_factor": bundle.vae.config.scaling_factor})
-    train_denoiser(bundle, scenes, latents, config, run)
+    ema = train_denoiser(bundle, scenes, latents, config, run)
+    if config.position_steps:
+        train_positions(bundle, ema, scenes, latents, config, run)
     return out / "model"
 
 
