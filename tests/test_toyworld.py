@@ -262,3 +262,28 @@ def test_pure_noise_share_of_a_batch_sits_at_the_noisiest_timesteps():
     plain = noised_batch(scheduler, latents, torch.Generator().manual_seed(1), 0.0, 980)
     reference = add_noise(scheduler, latents, torch.Generator().manual_seed(1), (0, 1000))
     assert torch.equal(plain.timesteps, reference.timesteps) and torch.equal(plain.target, reference.target)
+
+
+def test_position_word_use_compares_true_and_wrong_position_captions(monkeypatch):
+    from pti_ops.toyworld import evaluate
+
+    bundle = load_bundle("toy")
+    seen = []
+    real = evaluate.encode_prompts
+
+    def recording(tokenizer, text_encoder, prompts):
+        seen.append(prompts)
+        return real(tokenizer, text_encoder, prompts)
+
+    monkeypatch.setattr(evaluate, "encode_prompts", recording)
+    report = evaluate.position_word_use(bundle, n=8, timestep_ranges=((975, 1000),))
+    true, wrong = seen
+    assert all(a != b for a, b in zip(true, wrong))
+    # Only the position phrase differs between the two captions of a scene.
+    from pti_ops.toyworld.world import parse_prompt
+
+    for a, b in zip(true, wrong):
+        pa, pb = parse_prompt(a), parse_prompt(b)
+        assert pa.pop("position") != pb.pop("position") and pa == pb
+    losses = report["975-1000"]
+    assert set(losses) == {"true", "wrong"} and all(0 < v < 10 for v in losses.values())

@@ -6,6 +6,10 @@ Prompts are the full captions of random scenes (fixed seed); one image per promp
 reads each image and the report gives, per attribute, the fraction of images that show what
 the prompt asked for, plus `all` (every attribute at once), for held-in characters (what the
 model was trained on) and, for reference, held-out ones (compositions it never saw).
+
+`position_word_use` is the sensitive check behind docs/toyworld.md's position study: the
+denoising loss of training scenes with their own captions against the same captions naming
+another cell, at the noisiest timesteps (equal losses = the position words are not used).
 """
 
 import argparse
@@ -18,14 +22,19 @@ import torch
 from PIL import Image
 
 from ..bundle import ModelBundle, load_bundle
+from ..diffusion_loss import add_noise, denoising_loss
+from ..text_conditioning import encode_prompts
 from ..sampling import SamplingConfig, decode_latents, denoise, initial_noise
 from .oracle import ATTRIBUTES, read_images
 from .world import (
     HELD_IN_CHARACTERS,
     HELD_OUT_CHARACTERS,
+    POSITIONS,
     Character,
+    Scene,
     full_caption,
     random_scenes,
+    render_batch,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,6 +92,26 @@ def prompt_accuracy(bundle: ModelBundle, scenes, config: SamplingConfig, seed: i
     return scores, images
 
 
+@torch.no_grad()
+def position_word_use(bundle: ModelBundle, n: int = 256, timestep_ranges=((900, 975), (975, 1000)), seed: int = 5) -> dict[str, dict[str, float]]:
+    """Loss with the true caption vs. the same caption naming another cell, per timestep range.
+
+    Same scenes, noise and timesteps for both; only the position words differ.
+    """
+    rng = np.random.default_rng(seed)
+    scenes = random_scenes(n, seed)
+    wrong = [Scene(s.character, s.size, str(rng.choice([p for p in POSITIONS if p != s.position])), s.offset) for s in scenes]
+    pixels = render_batch(scenes).float().to(bundle.device) / 127.5 - 1
+    latents = bundle.vae.encode(pixels.to(bundle.vae.dtype)).latent_dist.mean * bundle.vae.config.scaling_factor
+    conditionings = {name: encode_prompts(bundle.tokenizer, bundle.text_encoder, [full_caption(s) for s in group])
+                     for name, group in (("true", scenes), ("wrong", wrong))}
+    report = {}
+    for t_min, t_max in timestep_ranges:
+        noised = add_noise(bundle.noise_scheduler, latents, torch.Generator().manual_seed(seed), (t_min, t_max))
+        report[f"{t_min}-{t_max}"] = {name: denoising_loss(bundle.unet, noised, c).item() for name, c in conditionings.items()}
+    return report
+
+
 def save_grid(images: torch.Tensor, path: str | Path, columns: int = 10, zoom: int = 3) -> Path:
     """Write uint8 `[N, 3, H, W]` images as one PNG grid (row-major), each pixel `zoom`× larger."""
     n, _, h, w = images.shape
@@ -105,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=EVALUATION_GUIDANCE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=Path, help="also write the held-in images as a PNG grid")
+    parser.add_argument("--position-words", action="store_true", help="also measure `position_word_use`")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
@@ -114,8 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     held_out, _ = prompt_accuracy(bundle, evaluation_scenes(max(1, args.prompts // 4), HELD_OUT_CHARACTERS), config, args.seed)
     if args.grid:
         save_grid(images, args.grid)
-    print(json.dumps({"held_in": held_in, "held_out": held_out, "prompts": args.prompts, "steps": args.steps,
-                      "guidance": args.guidance, "seed": args.seed}, indent=2))
+    report = {"held_in": held_in, "held_out": held_out, "prompts": args.prompts, "steps": args.steps,
+              "guidance": args.guidance, "seed": args.seed}
+    if args.position_words:
+        report["position_word_use"] = position_word_use(bundle)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
