@@ -43,7 +43,7 @@ MODEL_PROMPTS = (
     "a toy illustration of a big green round character with a hat in the bottom right",
 )
 MODEL_IMAGES_PER_PROMPT = 3
-MODEL_MIN_ATTRIBUTE_ACCURACY = {"shape": 0.75, "colour": 0.75, "accessory": 0.75, "size": 0.75}
+MODEL_MIN_ATTRIBUTE_ACCURACY = {"shape": 0.75, "colour": 0.75, "accessory": 0.75, "size": 0.75, "position": 0.75}
 
 
 def _truth(scene: Scene) -> dict:
