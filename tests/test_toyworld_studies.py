@@ -55,6 +55,6 @@ def test_measure_reads_the_rendered_character_back(untrained_model, monkeypatch)
     metrics, _ = measure(load_bundle(untrained_model), "tok1", character, StudySettings(seeds=[0, 1]), with_locality=False)
     assert metrics["reconstruction"] == 1.0 and metrics["edit_identity"] == 1.0
     # Small renders on the right obey "a small tok1" and "a small tok1 on the right", not "… in the bottom right".
-    assert metrics["editability"] == pytest.approx(2 / 3)
+    assert metrics["editability"] == pytest.approx(2 / 3) and metrics["edit_obeyed"] == pytest.approx(2 / 3)
     assert metrics["position_spread_px"] < 1.5
     assert torch.equal(renders, character_images(character, n=2, corner="middle right", size="small"))

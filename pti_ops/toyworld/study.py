@@ -4,7 +4,8 @@ What the notes want to see, measured exactly instead of with CLIP scores:
 - reconstruction: the share of generations of the placeholder prompt that show the taught
   character (its shape, colour and accessory all read back by the oracle);
 - editability: the share of edit prompts (another size, another position) obeyed while the
-  character stays recognisable;
+  character stays recognisable; `edit_obeyed` counts the edit alone (size and position as asked,
+  whatever the character looks like) and `edit_identity` the character alone;
 - locality: the oracle accuracy of held-in prompts without the placeholder (they must not get
   worse) and the ε-prediction drift from the base model on them;
 - position learning: the spread of the character's centre across seeds for the placeholder
@@ -82,14 +83,16 @@ def measure(bundle: ModelBundle, placeholder: str, character: Character, setting
     edit_prompts = [p.format(placeholder) for p in EDIT_PROMPTS]
     edit_images = _generate(bundle, edit_prompts, settings)
     edit = read_images(edit_images)
-    obeyed = []
+    obeyed, edit_only = [], []
     for i, prompt in enumerate(p.format(CLASS_WORD) for p in EDIT_PROMPTS):
+        readings = edit[i * seeds:(i + 1) * seeds]
         asked = {k: v for k, v in parse_prompt(prompt).items() if k in ("size", "position")}
-        asked.update({name: getattr(character, name) for name in IDENTITY})
-        obeyed.append(score_readings(edit[i * seeds:(i + 1) * seeds], asked)["all"])
+        edit_only.append(score_readings(readings, asked)["all"])
+        obeyed.append(score_readings(readings, {**asked, **{name: getattr(character, name) for name in IDENTITY}})["all"])
     metrics = {
         "reconstruction": identity_score(recon, character),
         "editability": float(np.mean(obeyed)),
+        "edit_obeyed": float(np.mean(edit_only)),
         "edit_identity": identity_score(edit, character),
         "position_spread_px": centre_spread(recon),
     }
