@@ -171,8 +171,9 @@ def _markdown(rows: dict, character, seconds: float) -> str:
              "|---|" + "---|" * len(columns)]
     for name, metrics in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.3f}" if c in metrics else "—" for c in columns) + " |")
-    lines += ["", f"Wall time {seconds:.0f} s. Reconstruction, editability, edit identity and held-in accuracy are "
-              "fractions of generations the oracle reads as asked; position spread is the RMS distance (pixels) of the "
+    lines += ["", f"Wall time {seconds:.0f} s. Reconstruction, editability, edit obeyed, edit identity and held-in accuracy "
+              "are fractions of generations the oracle reads as asked (editability: the edit's size and position and the "
+              "character; edit obeyed: the edit alone; edit identity: the character alone); position spread is the RMS distance (pixels) of the "
               "character's centre across seeds (small = the training corner was learned); locality ε MSE is the "
               "tuned-vs-base prediction difference on prompts without the token."]
     return "\n".join(lines) + "\n"
