@@ -343,9 +343,11 @@ def noised_batch(scheduler: DDPMScheduler, latents: torch.Tensor, generator: tor
     """Noise `latents` at uniform timesteps, the first `pure_noise_fraction` of them at t ≥ `pure_noise_from`."""
     total = scheduler.config.num_train_timesteps
     k = round(len(latents) * pure_noise_fraction)
-    parts = [add_noise(scheduler, latents[:k], generator, (pure_noise_from, total))] if k else []
-    parts.append(add_noise(scheduler, latents[k:], generator, (0, total)))
-    return NoisedBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in ("noisy_latents", "timesteps", "target")))
+    if k == 0:
+        return add_noise(scheduler, latents, generator, (0, total))
+    noisiest = add_noise(scheduler, latents[:k], generator, (pure_noise_from, total))
+    rest = add_noise(scheduler, latents[k:], generator, (0, total))
+    return NoisedBatch(*(torch.cat([getattr(noisiest, f), getattr(rest, f)]) for f in ("noisy_latents", "timesteps", "target")))
 
 
 def weighted_denoising_loss(unet: UNet2DConditionModel, batch: NoisedBatch, conditioning: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
