@@ -24,13 +24,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pti_ops.bundle import load_bundle  # noqa: E402
+from pti_ops.models import load_bundle  # noqa: E402
 from pti_ops.dataset import dataset_from_tensor  # noqa: E402
 from pti_ops.inversion import InversionConfig, run_inversion  # noqa: E402
 from pti_ops.lora_tune import UNET_TARGETS, TuneConfig, lora_config, run_tuning  # noqa: E402
 from pti_ops.placeholder import add_placeholder  # noqa: E402
 from pti_ops.regularizer import RegularizerConfig  # noqa: E402
-from pti_ops.text_conditioning import encode_tokens, tokenize  # noqa: E402
+from pti_ops.training.text_conditioning import encode_tokens, tokenize  # noqa: E402
 
 PROMPT = "an anime illustration of tok1"
 

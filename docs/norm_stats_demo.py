@@ -1,6 +1,6 @@
 """Regenerate the numbers of docs/norm-stats.md: `python docs/norm_stats_demo.py` (CPU, ~30 s).
 
-Every number comes from pti_ops.norm_stats: synthetic shells with closed-form answers, LayerNorm
+Every number comes from pti_ops.norm_stats.compute: synthetic shells with closed-form answers, LayerNorm
 outputs, and the tiny random SD1.5-shaped model. Seeds are fixed, so the output is reproducible.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pti_ops.norm_stats import (  # noqa: E402
+from pti_ops.norm_stats.compute import (  # noqa: E402
     NormStatsConfig,
     compute_norm_stats,
     shell_expectations,
@@ -23,8 +23,8 @@ from pti_ops.norm_stats import (  # noqa: E402
     synthetic_shell,
 )
 from pti_ops.placeholder import add_placeholder  # noqa: E402
-from pti_ops.text_conditioning import encode_prompts, text_transformer  # noqa: E402
-from pti_ops.tiny_model import build_tiny_bundle  # noqa: E402
+from pti_ops.training.text_conditioning import encode_prompts, text_transformer  # noqa: E402
+from pti_ops.models.tiny_model import build_tiny_bundle  # noqa: E402
 
 N = 20000  # vectors per synthetic case: half fit the centre, half are measured
 

@@ -5,7 +5,7 @@ builds a config, calls this module and one core function.
 
 ComfyUI → core: the weights ComfyUI holds (with every patch already on its ModelPatcher applied,
 e.g. an upstream LoraLoader) are renamed to the LDM single-file layout and converted with
-diffusers' own LDM → diffusers functions (`pti_ops.single_file.bundle_from_ldm_state`). The
+diffusers' own LDM → diffusers functions (`pti_ops.models.single_file.bundle_from_ldm_state`). The
 diffusers configs are derived from what ComfyUI detected (`model_config.unet_config`) and from
 tensor shapes, so UNets and VAEs of non-standard sizes work too. The tokenizer is the one ComfyUI
 ships for SD1.x (`comfy/sd1_tokenizer/`).
@@ -32,17 +32,11 @@ import comfy.sd1_clip
 import comfy.utils
 import folder_paths
 
-from ..pti_ops.bundle import ModelBundle
+from ..pti_ops.models import ModelBundle
 from ..pti_ops.errors import InvalidInputError, ModelLoadError
-from ..pti_ops.ldm_layout import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
-from ..pti_ops.lora_file import group_kohya_modules
-from ..pti_ops.single_file import (
-    tokenizer_from_folder,
-    bundle_from_ldm_state,
-    check_sd15_layout,
-    load_configs,
-    text_encoder_from_ldm_state,
-)
+from ..pti_ops.models import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from ..pti_ops.files import group_kohya_modules
+from ..pti_ops.models import tokenizer_from_folder, bundle_from_ldm_state, check_sd15_layout, load_configs, text_encoder_from_ldm_state
 
 logger = logging.getLogger(__name__)
 

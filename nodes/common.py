@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from ..pti_ops.errors import InvalidInputError
-from ..pti_ops.file_io import check_output_name
-from ..pti_ops.precision import MIXED_PRECISION_MODES
+from ..pti_ops.files import check_output_name
+from ..pti_ops.training import MIXED_PRECISION_MODES
 
 SEED = (
     "INT",

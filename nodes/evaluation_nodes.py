@@ -1,6 +1,6 @@
 """PivotalEvaluate and PivotalSweep: the metrics of a tuned model, and the learning-rate sweeps of the notes.
 
-Both delegate to the core (`pti_ops.metrics_evaluate.evaluate`, `pti_ops.sweeps.inversion_sweep` /
+Both delegate to the core (`pti_ops.metrics.evaluation.evaluate`, `pti_ops.sweeps.run.inversion_sweep` /
 `lora_sweep`). A scorer whose weights are not on disk (LPIPS backbone, CLIP model folder) makes its
 metrics "not computed" with the reason; nothing is downloaded.
 """
@@ -11,17 +11,17 @@ import math
 import torch
 
 from ..pti_ops.errors import InvalidInputError, ModelLoadError, OutputExistsError
-from ..pti_ops.file_io import check_output_name
+from ..pti_ops.files import check_output_name
 from ..pti_ops.inversion import InversionConfig
 from ..pti_ops.lora_tune import TuneConfig
 from ..pti_ops.metrics import dataset_images
-from ..pti_ops.metrics_clip import try_load_clip
-from ..pti_ops.metrics_evaluate import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, EvaluationConfig, Scorers, evaluate
-from ..pti_ops.metrics_lpips import LPIPS_NETS, load_lpips
-from ..pti_ops.sampling import SAMPLERS, SamplingConfig, apply_embedding, apply_lora
+from ..pti_ops.metrics import try_load_clip
+from ..pti_ops.metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, EvaluationConfig, Scorers, evaluate
+from ..pti_ops.metrics import LPIPS_NETS, load_lpips
+from ..pti_ops.metrics import SAMPLERS, SamplingConfig, apply_embedding, apply_lora
 from ..pti_ops.sweeps import inversion_sweep, lora_sweep
-from ..pti_ops.sweeps_analysis import check_learning_rates
-from ..pti_ops.sweeps_report import SWEEP_KINDS
+from ..pti_ops.sweeps import check_learning_rates
+from ..pti_ops.sweeps import SWEEP_KINDS
 from . import bridge
 from .common import MEMORY_OPTIONS, OVERWRITE, SEED, TEMPLATES, PivotEmbedding, history_every, split_lines
 

@@ -2,11 +2,11 @@
 
 import torch
 
-from ..pti_ops.embedding_file import save_embedding
-from ..pti_ops.file_io import output_path
+from ..pti_ops.files import save_embedding
+from ..pti_ops.files import output_path
 from ..pti_ops.inversion import NORM_MODES, InversionConfig, run_inversion
 from ..pti_ops.placeholder import MAX_VECTORS
-from ..pti_ops.plots import figure_to_array, history_figure
+from ..pti_ops.metrics import figure_to_array, history_figure
 from . import bridge
 from .common import (
     MEMORY_OPTIONS,

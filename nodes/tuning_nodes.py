@@ -4,14 +4,14 @@ import logging
 
 import torch
 
-from ..pti_ops.embedding_file import save_embedding
+from ..pti_ops.files import save_embedding
 from ..pti_ops.errors import InvalidInputError, MissingModelFileError
-from ..pti_ops.file_io import output_path
-from ..pti_ops.lora_file import save_lora
+from ..pti_ops.files import output_path
+from ..pti_ops.files import save_lora
 from ..pti_ops.lora_tune import SCHEDULES, UNET_TARGETS, TuneConfig, run_tuning
 from ..pti_ops.placeholder import add_placeholder
 from ..pti_ops.regularizer import INTERPOLATION_MODES, REGULARIZER_MODES, RegularizerConfig, check_centre_given
-from ..pti_ops.plots import figure_to_array, history_figure
+from ..pti_ops.metrics import figure_to_array, history_figure
 from . import bridge
 from .common import (
     MEMORY_OPTIONS,
@@ -202,7 +202,7 @@ class SlerpRegularizer:
 
 def _check_lpips_weights() -> None:
     """Fail here, not after the model conversion, when LPIPS's backbone weights are not on disk."""
-    from ..pti_ops.metrics_lpips import BACKBONE_URLS, backbone_path
+    from ..pti_ops.metrics import BACKBONE_URLS, backbone_path
 
     path = backbone_path("alex")
     if not path.is_file():

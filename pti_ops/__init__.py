@@ -5,14 +5,14 @@ kept local by a SLERP regularisation in text-encoder space; plus the measurement
 what the tuning did. See README.md for the command line and the ComfyUI nodes.
 """
 
-from .bundle import ModelBundle, load_bundle
+from .models import ModelBundle, load_bundle
 from .dataset import DatasetConfig, ImageDataset, dataset_from_tensor, load_image_folder
-from .embedding_file import load_embedding, save_embedding
+from .files.embedding_file import load_embedding, save_embedding
 from .interpolation import slerp, vslerp
 from .inversion import InversionConfig, InversionResult, run_inversion
-from .lora_file import apply_kohya_lora, load_lora, save_lora
+from .files.lora_file import apply_kohya_lora, load_lora, save_lora
 from .lora_tune import TuneConfig, TuneResult, run_tuning
-from .norm_stats import NormStats, NormStatsConfig, compute_norm_stats
+from .norm_stats.compute import NormStats, NormStatsConfig, compute_norm_stats
 from .pivotal import run_pivotal_tuning
 from .placeholder import PlaceholderToken, add_placeholder
 from .regularizer import LocalityRegularizer, RegularizerConfig

@@ -13,16 +13,16 @@ from typing import Callable, Literal
 
 import torch
 
-from .batches import DEFAULT_TEMPLATES, BatchSampler, build_caption_table, check_templates
-from .bundle import ModelBundle
+from .training.batches import DEFAULT_TEMPLATES, BatchSampler, build_caption_table, check_templates
+from .models.bundle import ModelBundle
 from .dataset import ImageDataset
-from .diffusion_loss import add_noise, check_timestep_range, denoising_loss
+from .training.diffusion_loss import add_noise, check_timestep_range, denoising_loss
 from .errors import InvalidInputError, TrainingStopped
-from .latent_cache import encode_latents
-from .metrics_distance import embedding_distance, nearest_tokens
-from .precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
+from .training.latent_cache import encode_latents
+from .metrics.distance import embedding_distance, nearest_tokens
+from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
 from .placeholder import PlaceholderToken, TrainableVectors, add_placeholder, placeholder_vectors, spliced_placeholder
-from .text_conditioning import encode_tokens
+from .training.text_conditioning import encode_tokens
 
 logger = logging.getLogger(__name__)
 

@@ -21,21 +21,21 @@ from typing import Literal
 import torch
 from peft import LoraConfig
 
-from .adapters import adapters_disabled, lora_layers
-from .batches import DEFAULT_TEMPLATES, BatchSampler, build_caption_table, check_templates
-from .bundle import ModelBundle
+from .training.adapters import adapters_disabled, lora_layers
+from .training.batches import DEFAULT_TEMPLATES, BatchSampler, build_caption_table, check_templates
+from .models.bundle import ModelBundle
 from .dataset import ImageDataset
-from .diffusion_loss import NoisedBatch, add_noise, check_timestep_range
+from .training.diffusion_loss import NoisedBatch, add_noise, check_timestep_range
 from .errors import InvalidInputError, TokenizerError, TrainingStopped
-from .image_locality import image_locality_loss
+from .training.image_locality import image_locality_loss
 from .inversion import StepCallback
-from .latent_cache import encode_latents
-from .lora_file import lora_state_dict_to_kohya
-from .precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
+from .training.latent_cache import encode_latents
+from .files.lora_file import lora_state_dict_to_kohya
+from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
 from .placeholder import PlaceholderToken, TrainableVectors, placeholder_vectors, spliced_placeholder
 from .regularizer import LocalityRegularizer, RegularizerConfig, locality_loss
-from .text_conditioning import encode_tokens
-from .tune_checkpoint import load_checkpoint, save_checkpoint
+from .training.text_conditioning import encode_tokens
+from .training.checkpoints import load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def run_tuning(
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # LoRA A matrices are initialised from torch's global generator
     if locality is not None and locality.config.image_space and lpips_model is None:
-        from .metrics_lpips import load_lpips
+        from .metrics.lpips_model import load_lpips
 
         lpips_model = load_lpips(device=bundle.device)
     trainer = _Trainer(bundle, token, config, locality, captions, latents, generator, t_range)

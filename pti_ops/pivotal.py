@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bundle import ModelBundle
+from .models.bundle import ModelBundle
 from .dataset import ImageDataset
 from .inversion import InversionConfig, InversionResult, StepCallback, run_inversion
 from .lora_tune import TuneConfig, TuneResult, run_tuning

@@ -27,11 +27,11 @@ from typing import Any, Literal, Mapping, get_args
 
 import torch
 
-from .bundle import ModelBundle
+from .models.bundle import ModelBundle
 from .errors import InvalidInputError, TokenizerError
 from .interpolation import rotate_towards_random, slerp, vslerp
 from .placeholder import PlaceholderToken
-from .text_conditioning import encode_prompts, tokenize
+from .training.text_conditioning import encode_prompts, tokenize
 
 RegularizerMode = Literal["none", "empty", "class", "path", "sphere"]
 REGULARIZER_MODES: tuple[str, ...] = get_args(RegularizerMode)

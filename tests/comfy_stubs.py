@@ -3,8 +3,8 @@
 The node layer is imported under these stubs with `patch.dict(sys.modules, ...)`, the way
 ComfyUI's own unit tests import node modules (tests-unit/comfy_extras_test/). The fakes expose
 exactly the attributes the bridge reads from ComfyUI objects, filled with the tiny test model's
-weights renamed to ComfyUI's layout (LDM names, `clip_l.` prefix) by `pti_ops.ldm_layout`.
-The LoRA key map is re-derived by `pti_ops.lora_file.comfyui_lora_key_map` (tested against
+weights renamed to ComfyUI's layout (LDM names, `clip_l.` prefix) by `pti_ops.models.ldm_layout`.
+The LoRA key map is re-derived by `pti_ops.files.lora_file.comfyui_lora_key_map` (tested against
 ComfyUI's rules in test_lora_file.py).
 """
 
@@ -21,10 +21,10 @@ from unittest.mock import patch
 import pytest
 import torch
 
-from pti_ops.clip_vocab import write_clip_vocab
-from pti_ops.ldm_layout import clip_to_ldm, unet_to_ldm, vae_to_ldm
-from pti_ops.lora_file import comfyui_lora_key_map
-from pti_ops.tiny_model import TINY_WORDS, build_tiny_bundle
+from pti_ops.models.clip_vocab import write_clip_vocab
+from pti_ops.models.ldm_layout import clip_to_ldm, unet_to_ldm, vae_to_ldm
+from pti_ops.files.lora_file import comfyui_lora_key_map
+from pti_ops.models.tiny_model import TINY_WORDS, build_tiny_bundle
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "pivotal_tuning_pack"

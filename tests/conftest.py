@@ -11,14 +11,14 @@ torch.set_num_threads(int(os.environ.get("PTI_TEST_THREADS", "1")))
 
 @pytest.fixture
 def tiny_bundle():
-    from pti_ops.bundle import load_bundle
+    from pti_ops.models import load_bundle
 
     return load_bundle("tiny")
 
 
 @pytest.fixture
 def image_folder(tmp_path):
-    from pti_ops.example_images import write_example_images
+    from example_images import write_example_images
 
     folder = tmp_path / "images"
     write_example_images(folder, count=4, size=48)

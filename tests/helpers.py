@@ -3,8 +3,8 @@
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from pti_ops.lora_file import lora_state_dict_to_kohya
-from pti_ops.tiny_model import build_tiny_bundle
+from pti_ops.files.lora_file import lora_state_dict_to_kohya
+from pti_ops.models.tiny_model import build_tiny_bundle
 
 
 def kohya_lora(up_std: float = 0.05, text_encoder: bool = False) -> dict[str, torch.Tensor]:

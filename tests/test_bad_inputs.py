@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pti_ops.cli import main
-from pti_ops.embedding_file import save_embedding
+from pti_ops.files.embedding_file import save_embedding
 
 
 class Payload:

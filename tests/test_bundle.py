@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pti_ops.bundle import load_bundle
+from pti_ops.models import load_bundle
 from pti_ops.errors import MissingModelFileError, ModelLoadError
 
 

@@ -1,6 +1,6 @@
 import json
 
-from pti_ops.clip_vocab import build_bpe, make_clip_tokenizer, write_clip_vocab
+from pti_ops.models.clip_vocab import build_bpe, make_clip_tokenizer, write_clip_vocab
 
 WORDS = ["an", "anime", "illustration", "of", "on", "character", "drawing", "in"]
 

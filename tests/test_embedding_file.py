@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pti_ops.embedding_file import load_embedding, save_embedding
+from pti_ops.files.embedding_file import load_embedding, save_embedding
 from pti_ops.errors import InvalidInputError, OutputExistsError
 from pti_ops.placeholder import add_placeholder
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from pti_ops.diffusion_loss import NoisedBatch, add_noise, denoising_loss
+from pti_ops.training.diffusion_loss import NoisedBatch, add_noise, denoising_loss
 from pti_ops.errors import InvalidInputError
 from pti_ops.inversion import InversionConfig, run_inversion, vocabulary_mean_norm
-from pti_ops.text_conditioning import encode_tokens, tokenize
+from pti_ops.training.text_conditioning import encode_tokens, tokenize
 
 
 def _fixed_batch_loss(bundle, dataset, prompt, seed=123):
@@ -76,7 +76,7 @@ def test_fixed_norm_mode_keeps_the_vocabulary_mean_norm(tiny_bundle, tiny_datase
 
 
 def test_pull_mode_moves_the_norm_towards_the_vocabulary_mean():
-    from pti_ops.bundle import load_bundle
+    from pti_ops.models import load_bundle
     from pti_ops.dataset import dataset_from_tensor
 
     dataset = dataset_from_tensor(torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(1)), 32)
@@ -90,7 +90,7 @@ def test_pull_mode_moves_the_norm_towards_the_vocabulary_mean():
 
 
 def test_same_seed_gives_the_same_embedding_and_another_seed_does_not(tiny_dataset):
-    from pti_ops.bundle import load_bundle
+    from pti_ops.models import load_bundle
 
     runs = [run_inversion(load_bundle("tiny"), tiny_dataset, _config(steps=8, seed=s)).vectors for s in (7, 7, 8)]
     assert torch.equal(runs[0], runs[1])

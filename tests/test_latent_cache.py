@@ -1,7 +1,7 @@
 import torch
 
 from pti_ops.inversion import InversionConfig, run_inversion
-from pti_ops.latent_cache import encode_latents
+from pti_ops.training.latent_cache import encode_latents
 
 
 def test_mirrored_view_is_the_encoding_of_the_mirrored_image(tiny_bundle, tiny_dataset):

@@ -5,7 +5,7 @@ import gc
 
 import torch
 
-from pti_ops.bundle import load_bundle
+from pti_ops.models import load_bundle
 from pti_ops.dataset import dataset_from_tensor
 from pti_ops.inversion import InversionConfig, run_inversion
 from pti_ops.lora_tune import TuneConfig, run_tuning

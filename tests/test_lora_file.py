@@ -7,14 +7,14 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 from pti_ops.errors import InvalidInputError, MissingModelFileError, OutputExistsError
-from pti_ops.lora_file import (
+from pti_ops.files.lora_file import (
     apply_kohya_lora,
     comfyui_lora_key_map,
     load_lora,
     lora_state_dict_to_kohya,
     save_lora,
 )
-from pti_ops.tiny_model import build_tiny_bundle
+from pti_ops.models.tiny_model import build_tiny_bundle
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]

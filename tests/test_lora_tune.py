@@ -6,15 +6,15 @@ from diffusers import UNet2DConditionModel
 from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from pti_ops.bundle import load_bundle
+from pti_ops.models import load_bundle
 from pti_ops.dataset import dataset_from_tensor
 from pti_ops.errors import InvalidInputError, TokenizerError
-from pti_ops.lora_file import apply_kohya_lora
-from pti_ops.adapters import adapters_disabled
+from pti_ops.files.lora_file import apply_kohya_lora
+from pti_ops.training.adapters import adapters_disabled
 from pti_ops.lora_tune import UNET_TARGETS, TuneConfig, lora_config, run_tuning
 from pti_ops.placeholder import add_placeholder
 from pti_ops.regularizer import RegularizerConfig
-from pti_ops.text_conditioning import encode_prompts
+from pti_ops.training.text_conditioning import encode_prompts
 
 PIVOT = torch.randn(1, 32, generator=torch.Generator().manual_seed(5)) * 0.5
 
@@ -229,7 +229,7 @@ def test_divergence_stops_with_the_last_good_lora():
 
 
 def test_image_space_term_adds_lpips_and_l2_of_decoded_predictions():
-    from pti_ops.metrics_lpips import load_lpips
+    from pti_ops.metrics.lpips_model import load_lpips
 
     lpips_model = load_lpips(random_backbone=True)
     runs = {}
@@ -242,7 +242,7 @@ def test_image_space_term_adds_lpips_and_l2_of_decoded_predictions():
 
 
 def test_predicted_x0_inverts_the_noising():
-    from pti_ops.diffusion_loss import predicted_x0
+    from pti_ops.training.diffusion_loss import predicted_x0
 
     bundle = load_bundle("tiny")
     latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)

@@ -9,11 +9,11 @@ import torch
 import torchvision
 from transformers import CLIPConfig, CLIPModel
 
-from pti_ops.clip_vocab import make_clip_tokenizer
-from pti_ops.embedding_file import save_embedding
+from pti_ops.models.clip_vocab import make_clip_tokenizer
+from pti_ops.files.embedding_file import save_embedding
 from pti_ops.errors import InvalidInputError, MissingModelFileError, OutputExistsError
-from pti_ops.lora_file import save_lora
-from pti_ops.metrics import (
+from pti_ops.files.lora_file import save_lora
+from pti_ops.metrics.scores import (
     METRIC_NAMES,
     EvaluationReport,
     centroid_spread,
@@ -26,12 +26,12 @@ from pti_ops.metrics import (
     reconstruction_metrics,
     subject_centroids,
 )
-from pti_ops.metrics_clip import clip_image_similarity, load_clip, try_load_clip
-from pti_ops.metrics_distance import distance_from_history, embedding_distance
-from pti_ops.metrics_evaluate import EvaluationConfig, Scorers, evaluate
-from pti_ops.metrics_lpips import BACKBONE_FILES, load_lpips, lpips_matrix
-from pti_ops.sampling import SamplingConfig, apply_lora
-from pti_ops.tiny_model import TINY_WORDS, build_tiny_bundle
+from pti_ops.metrics.clip import clip_image_similarity, load_clip, try_load_clip
+from pti_ops.metrics.distance import distance_from_history, embedding_distance
+from pti_ops.metrics.evaluation import EvaluationConfig, Scorers, evaluate
+from pti_ops.metrics.lpips_model import BACKBONE_FILES, load_lpips, lpips_matrix
+from pti_ops.metrics.sampling import SamplingConfig, apply_lora
+from pti_ops.models.tiny_model import TINY_WORDS, build_tiny_bundle
 from helpers import kohya_lora
 
 
@@ -223,7 +223,7 @@ def test_bad_evaluation_settings_raise_clear_errors(settings, message):
 
 
 def _evaluate_args(*extra):
-    from pti_ops.cli_evaluate import add_evaluate_command
+    from pti_ops.cli.evaluate import add_evaluate_command
 
     parser = argparse.ArgumentParser()
     add_evaluate_command(parser.add_subparsers(dest="command"))
@@ -256,7 +256,7 @@ def test_evaluate_command_writes_json_markdown_and_grid(tmp_path, image_folder, 
 
 
 def test_evaluate_command_refuses_bad_seeds_and_missing_lpips_weights(tmp_path, monkeypatch):
-    from pti_ops.cli_evaluate import build_scorers, parse_seeds
+    from pti_ops.cli.evaluate import build_scorers, parse_seeds
 
     with pytest.raises(InvalidInputError, match="--seeds '0,x' must be comma-separated integers"):
         parse_seeds("0,x")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from comfy_stubs import PACK_NAME, comfy_env, fake_comfy_models, fake_models  # noqa: F401  (fixtures)
 
-from pti_ops.tiny_model import build_tiny_bundle
+from pti_ops.models.tiny_model import build_tiny_bundle
 
 # ComfyUI's detected unet_config for v1-5-pruned-emaonly (comfy/model_detection.py + supported_models.SD15).
 SD15_COMFY_UNET_CONFIG = {
@@ -57,7 +57,7 @@ def test_bundle_applies_upstream_patches_without_touching_them(bridge):
 
 def test_sd15_unet_config_translates_to_diffusers_sd15(bridge):
     config = bridge.diffusers_unet_config(SD15_COMFY_UNET_CONFIG)
-    with open(importlib.import_module("pti_ops.single_file").CONFIG_DIR / "unet_config.json") as file:
+    with open(importlib.import_module("pti_ops.models.single_file").CONFIG_DIR / "unet_config.json") as file:
         sd15 = json.load(file)
     for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "cross_attention_dim",
                 "attention_head_dim", "use_linear_projection", "in_channels", "out_channels"):  # fmt: skip

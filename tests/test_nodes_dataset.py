@@ -4,7 +4,7 @@ import pytest
 import torch
 from comfy_stubs import comfy_env, nodes, run_node  # noqa: F401  (fixtures)
 
-from pti_ops.example_images import write_example_images
+from example_images import write_example_images
 
 
 @pytest.fixture

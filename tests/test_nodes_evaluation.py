@@ -13,11 +13,11 @@ import torch
 from comfy_stubs import PACK_NAME, InterruptProcessingException, comfy_env, fake_models, nodes, run_node  # noqa: F401
 from transformers import CLIPConfig, CLIPModel
 
-from pti_ops.clip_vocab import make_clip_tokenizer
+from pti_ops.models.clip_vocab import make_clip_tokenizer
 from pti_ops.dataset import DatasetConfig, load_image_folder
-from pti_ops.example_images import write_example_images
-from pti_ops.metrics_lpips import load_lpips
-from pti_ops.tiny_model import TINY_WORDS
+from example_images import write_example_images
+from pti_ops.metrics.lpips_model import load_lpips
+from pti_ops.models.tiny_model import TINY_WORDS
 
 TEMPLATE = "an anime illustration of {}"
 SMALL_EVAL = dict(

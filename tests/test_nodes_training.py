@@ -7,9 +7,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pti_ops.dataset import DatasetConfig, load_image_folder
-from pti_ops.example_images import write_example_images
-from pti_ops.lora_file import comfyui_lora_key_map
-from pti_ops.tiny_model import build_tiny_bundle
+from example_images import write_example_images
+from pti_ops.files.lora_file import comfyui_lora_key_map
+from pti_ops.models.tiny_model import build_tiny_bundle
 
 TEMPLATE = "an anime illustration of {}"
 

@@ -11,7 +11,7 @@ import torch
 from transformers import CLIPTextModelWithProjection
 
 from pti_ops.errors import InvalidInputError, OutputExistsError
-from pti_ops.norm_stats import (
+from pti_ops.norm_stats.compute import (
     NormStats,
     NormStatsConfig,
     compute_norm_stats,
@@ -25,8 +25,8 @@ from pti_ops.norm_stats import (
     synthetic_shell,
 )
 from pti_ops.placeholder import add_placeholder
-from pti_ops.text_conditioning import encode_prompts, text_transformer, tokenize
-from pti_ops.tiny_model import build_tiny_bundle
+from pti_ops.training.text_conditioning import encode_prompts, text_transformer, tokenize
+from pti_ops.models.tiny_model import build_tiny_bundle
 
 TEMPLATE = "an anime illustration of {}"
 SUBJECTS = "character person man woman girl boy cat dog robot creature".split()
@@ -421,8 +421,8 @@ def test_json_round_trip_plot_and_no_silent_overwrite(tiny, tmp_path):
 
 
 def test_cli_writes_stats_and_plot(tmp_path, capsys):
-    from pti_ops.cli_norm_stats import add_norm_stats_command
-    from pti_ops.embedding_file import save_embedding
+    from pti_ops.cli.norm_stats import add_norm_stats_command
+    from pti_ops.files.embedding_file import save_embedding
 
     bundle, token = placeholder_bundle()
     trained = bundle.text_encoder.get_input_embeddings().weight[list(token.token_ids)].detach()
@@ -449,7 +449,7 @@ def test_cli_writes_stats_and_plot(tmp_path, capsys):
 
 
 def test_cli_centre_option(tmp_path, capsys):
-    from pti_ops.cli_norm_stats import add_norm_stats_command
+    from pti_ops.cli.norm_stats import add_norm_stats_command
 
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(tiny_captions(20)) + "\n", encoding="utf-8")

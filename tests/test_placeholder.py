@@ -3,7 +3,7 @@ import torch
 
 from pti_ops.errors import InvalidInputError, TokenizerError
 from pti_ops.placeholder import TrainableVectors, add_placeholder, placeholder_vectors, spliced_placeholder
-from pti_ops.text_conditioning import encode_tokens, tokenize
+from pti_ops.training.text_conditioning import encode_tokens, tokenize
 
 
 def test_single_vector_placeholder_starts_at_the_initializer(tiny_bundle):

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from pti_ops.bundle import load_bundle
+from pti_ops.models import load_bundle
 from pti_ops.dataset import dataset_from_tensor
 from pti_ops.errors import InvalidInputError
 from pti_ops.inversion import InversionConfig, run_inversion
 from pti_ops.lora_tune import TuneConfig, run_tuning
 from pti_ops.placeholder import add_placeholder
-from pti_ops.precision import check_mixed_precision
+from pti_ops.training.precision import check_mixed_precision
 
 
 def _tune(**overrides):

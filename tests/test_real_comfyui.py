@@ -99,7 +99,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from pti_ops.example_images import write_example_images
+    from example_images import write_example_images
 
     server = Server(tmp_path_factory.mktemp("real_comfyui"))
     for folder in ("checkpoints", "embeddings", "loras"):

@@ -7,8 +7,8 @@ from pti_ops.errors import InvalidInputError, TokenizerError
 from pti_ops.interpolation import angle_between, slerp
 from pti_ops.placeholder import add_placeholder
 from pti_ops.regularizer import REGULARIZER_MODES, LocalityRegularizer, RegularizerConfig, locality_loss
-from pti_ops.text_conditioning import encode_prompts
-from pti_ops.tiny_model import build_tiny_bundle
+from pti_ops.training.text_conditioning import encode_prompts
+from pti_ops.models.tiny_model import build_tiny_bundle
 
 TEMPLATE = "an anime illustration of {}"
 START = 5  # BOS=0 an anime illustration of tok1=5

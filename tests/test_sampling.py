@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pti_ops.errors import InvalidInputError
-from pti_ops.sampling import (
+from pti_ops.metrics.sampling import (
     GRID_PAD,
     SamplingConfig,
     adapters_disabled,
@@ -20,8 +20,8 @@ from pti_ops.sampling import (
     sample_images,
     set_lora_strength,
 )
-from pti_ops.text_conditioning import encode_prompts
-from pti_ops.tiny_model import build_tiny_bundle
+from pti_ops.training.text_conditioning import encode_prompts
+from pti_ops.models.tiny_model import build_tiny_bundle
 
 from helpers import kohya_lora
 

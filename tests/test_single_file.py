@@ -11,13 +11,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from pti_ops import ldm_layout, single_file
-from pti_ops.bundle import load_bundle
-from pti_ops.clip_vocab import BOS_TOKEN, EOS_TOKEN, write_clip_vocab
+from pti_ops.models import ldm_layout, single_file
+from pti_ops.models import load_bundle
+from pti_ops.models.clip_vocab import BOS_TOKEN, EOS_TOKEN, write_clip_vocab
 from pti_ops.errors import MissingModelFileError, ModelLoadError, OutputExistsError
-from pti_ops.ldm_layout import clip_to_ldm, save_ldm_checkpoint, unet_to_ldm, vae_to_ldm
-from pti_ops.single_file import build_openai_clip_vocab, load_single_file
-from pti_ops.tiny_model import TINY_WORDS, build_tiny_bundle
+from pti_ops.models.ldm_layout import clip_to_ldm, save_ldm_checkpoint, unet_to_ldm, vae_to_ldm
+from pti_ops.models.single_file import build_openai_clip_vocab, load_single_file
+from pti_ops.models.tiny_model import TINY_WORDS, build_tiny_bundle
 
 PROMPTS = ["a photo of a cat", "an anime girl holding a sword, beach", "zebra xylophone!"]
 PARTS = ("unet", "vae", "text_encoder")

@@ -10,20 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from pti_ops.bundle import load_bundle
+from pti_ops.models import load_bundle
 from pti_ops.cli import main
-from pti_ops.embedding_file import load_embedding, save_embedding
+from pti_ops.files.embedding_file import load_embedding, save_embedding
 from pti_ops.errors import InvalidInputError, OutputExistsError
 from pti_ops.inversion import InversionConfig
-from pti_ops.lora_file import load_lora
+from pti_ops.files.lora_file import load_lora
 from pti_ops.lora_tune import TuneConfig
-from pti_ops.metrics_evaluate import EvaluationConfig, Scorers
-from pti_ops.metrics_lpips import load_lpips
+from pti_ops.metrics.evaluation import EvaluationConfig, Scorers
+from pti_ops.metrics.lpips_model import load_lpips
 from pti_ops.regularizer import RegularizerConfig
-from pti_ops.sampling import SamplingConfig
-from pti_ops.sweeps import _check_regularizers, inversion_sweep, lora_sweep
-from pti_ops.sweeps_analysis import check_learning_rates, find_knee, fit_through_origin, position_learning_onset
-from pti_ops.sweeps_report import SweepReport, check_sweep_kind
+from pti_ops.metrics.sampling import SamplingConfig
+from pti_ops.sweeps.run import _check_regularizers, inversion_sweep, lora_sweep
+from pti_ops.sweeps.analysis import check_learning_rates, find_knee, fit_through_origin, position_learning_onset
+from pti_ops.sweeps.report import SweepReport, check_sweep_kind
 
 LRS = [2e-3, 1e-2]
 
@@ -31,7 +31,7 @@ LRS = [2e-3, 1e-2]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     from pti_ops.dataset import DatasetConfig, load_image_folder
-    from pti_ops.example_images import write_example_images
+    from example_images import write_example_images
 
     folder = tmp_path_factory.mktemp("images")
     write_example_images(folder, count=3, size=48)
@@ -245,7 +245,7 @@ def test_lora_sweep_measures_locality_spread_and_onset(dataset, scorers):
 
 
 def _sweep_args(*extra):
-    from pti_ops.cli_sweep import add_sweep_command
+    from pti_ops.cli.sweep import add_sweep_command
 
     parser = argparse.ArgumentParser()
     add_sweep_command(parser.add_subparsers(dest="command"))
@@ -264,7 +264,7 @@ def _sweep_args(*extra):
     ],
 )
 def test_command_refuses_bad_inputs(tmp_path, extra, error, message, monkeypatch):
-    import pti_ops.cli_sweep as cli_sweep
+    import pti_ops.cli.sweep as cli_sweep
 
     monkeypatch.setattr(cli_sweep, "load_embedding", lambda path: type("E", (), {"metadata": {}})())
     monkeypatch.setattr(cli_sweep, "load_bundle", lambda *a, **k: pytest.fail("loaded a model before checking the inputs"))
@@ -274,7 +274,7 @@ def test_command_refuses_bad_inputs(tmp_path, extra, error, message, monkeypatch
 
 
 def test_command_refuses_a_non_empty_out_before_training(tmp_path, image_folder, monkeypatch):
-    import pti_ops.cli_sweep as cli_sweep
+    import pti_ops.cli.sweep as cli_sweep
 
     out = tmp_path / "report"
     out.mkdir()

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pti_ops.bundle import load_bundle
+from pti_ops.models import load_bundle
 from pti_ops.inversion import InversionConfig, run_inversion
-from pti_ops.sampling import SamplingConfig
+from pti_ops.metrics.sampling import SamplingConfig
 from pti_ops.toyworld.evaluate import generate
 from pti_ops.toyworld.oracle import (
     ATTRIBUTES,
@@ -157,7 +157,7 @@ def test_generations_are_seeded_per_image(toy_bundle):
 def test_the_toy_model_runs_the_diffusers_sd_pipeline(toy_bundle):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from pti_ops.sampling import initial_noise
+    from pti_ops.metrics.sampling import initial_noise
 
     b = toy_bundle
     pipe = StableDiffusionPipeline(
@@ -257,7 +257,7 @@ def test_pure_noise_share_of_a_batch_sits_at_the_noisiest_timesteps():
     assert torch.all(batch.timesteps[:2] >= 980)  # 25 % of 8
     assert batch.timesteps[2:].min() < 980  # the rest uniform over all 1000 (seeded)
     # Without a pure-noise share it draws exactly what `add_noise` draws (stage 2 unchanged).
-    from pti_ops.diffusion_loss import add_noise
+    from pti_ops.training.diffusion_loss import add_noise
 
     plain = noised_batch(scheduler, latents, torch.Generator().manual_seed(1), 0.0, 980)
     reference = add_noise(scheduler, latents, torch.Generator().manual_seed(1), (0, 1000))

@@ -46,7 +46,7 @@ def test_measure_reads_the_rendered_character_back(untrained_model, monkeypatch)
     """With generations replaced by renders of the character, the oracle scores are exact."""
     import torch
 
-    from pti_ops.bundle import load_bundle
+    from pti_ops.models import load_bundle
     from pti_ops.toyworld import study
 
     character = HELD_OUT_CHARACTERS[1]

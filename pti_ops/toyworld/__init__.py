@@ -5,10 +5,13 @@ back from pixels, so that pivotal tuning can be run and measured on a CPU in min
 - `world`: characters, scenes, the renderer, captions, held-out characters, training sets.
 - `oracle`: attribute readings of images and prompt-following scores.
 - `train`: the script that trained the shipped model (`python -m pti_ops.toyworld.train`).
+- `demo`, `benchmark`: the demo and the benchmark (`python -m pti_ops demo`, `… benchmark toyworld`).
 - `evaluate`: oracle accuracy of a model's generations (`python -m pti_ops.toyworld.evaluate`),
-  sampled with the package's general sampler (`pti_ops.sampling`).
+  sampled with the package's general sampler (`pti_ops.metrics.sampling`).
 """
 
+from .benchmark import BenchmarkConfig, run_benchmark, write_results
+from .demo import DemoConfig, run_demo
 from .oracle import (
     Reading,
     centre_spread,
@@ -34,6 +37,11 @@ from .world import (
 )
 
 __all__ = [
+    "BenchmarkConfig",
+    "DemoConfig",
+    "run_benchmark",
+    "run_demo",
+    "write_results",
     "Character",
     "Scene",
     "HELD_IN_CHARACTERS",

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bundle import load_bundle
-from ..file_io import atomic_write
+from ..models import load_bundle
+from ..files.safe_write import atomic_write
 from ..inversion import InversionConfig, run_inversion
 from ..lora_tune import TuneConfig, run_tuning
 from ..placeholder import add_placeholder
 from ..regularizer import RegularizerConfig
-from ..sweeps_analysis import find_knee, fit_through_origin, position_learning_onset
+from ..sweeps.analysis import find_knee, fit_through_origin, position_learning_onset
 from .study import RECONSTRUCTION_PROMPT, StudySettings, measure
 from .world import CLASS_WORD, HELD_OUT_CHARACTERS, character_dataset
 

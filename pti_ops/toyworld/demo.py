@@ -16,16 +16,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..bundle import load_bundle
-from ..embedding_file import save_embedding
+from ..models import load_bundle
+from ..files.embedding_file import save_embedding
 from ..inversion import InversionConfig, run_inversion
-from ..lora_file import save_lora
+from ..files.lora_file import save_lora
 from ..lora_tune import TuneConfig, run_tuning
-from ..norm_stats import NormStatsConfig, compute_norm_stats
+from ..norm_stats.compute import NormStatsConfig, compute_norm_stats
 from ..placeholder import add_placeholder
-from ..plots import history_figure, save_png
+from ..metrics.plots import history_figure, save_png
 from ..regularizer import RegularizerConfig
-from ..sampling import image_grid
+from ..metrics.sampling import image_grid
 from .study import EDIT_PROMPTS, RECONSTRUCTION_PROMPT, StudySettings, measure
 from .world import CLASS_WORD, HELD_OUT_CHARACTERS, character_dataset, random_caption, random_scenes
 

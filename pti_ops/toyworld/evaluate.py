@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..bundle import ModelBundle, load_bundle
-from ..diffusion_loss import add_noise, denoising_loss
-from ..text_conditioning import encode_prompts
-from ..sampling import SamplingConfig, decode_latents, denoise, initial_noise
+from ..models import ModelBundle, load_bundle
+from ..training.diffusion_loss import add_noise, denoising_loss
+from ..training.text_conditioning import encode_prompts
+from ..metrics.sampling import SamplingConfig, decode_latents, denoise, initial_noise
 from .oracle import ATTRIBUTES, read_images
 from .world import (
     HELD_IN_CHARACTERS,

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..adapters import adapters_disabled, lora_layers
-from ..bundle import ModelBundle
-from ..metrics import locality_eps_mse
-from ..sampling import SamplingConfig, sample_images
+from ..training.adapters import adapters_disabled, lora_layers
+from ..models.bundle import ModelBundle
+from ..metrics.scores import locality_eps_mse
+from ..metrics.sampling import SamplingConfig, sample_images
 from .oracle import centre_spread, read_images, score_readings
 from .world import CLASS_WORD, HELD_IN_CHARACTERS, PREFIX, Character, full_caption, parse_prompt, random_scenes
 

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..bundle import ModelBundle
-from ..clip_vocab import make_clip_tokenizer, write_clip_vocab
-from ..diffusion_loss import NoisedBatch, add_noise
-from ..text_conditioning import encode_tokens, tokenize
+from ..models.bundle import ModelBundle
+from ..models.clip_vocab import make_clip_tokenizer, write_clip_vocab
+from ..training.diffusion_loss import NoisedBatch, add_noise
+from ..training.text_conditioning import encode_tokens, tokenize
 from .world import (
     HELD_OUT_CHARACTERS,
     random_caption,

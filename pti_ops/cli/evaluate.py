@@ -1,0 +1,148 @@
+"""`python -m pti_ops evaluate`: generate fixed prompt × seed sets and write the metrics report.
+
+Writes into `--out`: `metrics.json` (values, descriptions, reasons, per-image details, settings),
+`metrics.md` (one table) and `grid.png` (every generation, a row per prompt, a column per seed).
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..models import load_bundle
+from .options import add_model_options, write_json
+from ..dataset import DatasetConfig, load_image_folder
+from ..files import load_embedding
+from ..errors import InvalidInputError, OutputExistsError
+from ..files import atomic_write
+from ..files import load_lora
+from ..metrics import dataset_images
+from ..metrics import try_load_clip
+from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, EvaluationConfig, Scorers, evaluate
+from ..metrics import load_lpips
+from ..metrics import SAMPLERS, SamplingConfig, apply_embedding, apply_lora
+
+logger = logging.getLogger(__name__)
+
+LPIPS_CHOICES = ("alex", "vgg", "random", "off")
+OUTPUT_FILES = ("metrics.json", "metrics.md", "grid.png")
+
+
+def add_evaluate_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="measure reconstruction, editability, locality, diversity and distance of a tuned model.",
+        description="Generate images for fixed prompts and seeds with a model (+ embedding, + LoRA) and score them. "
+        "CLIP scores need a local CLIPModel folder; without one they are reported as not computed.",
+    )
+    add_model_options(p)
+    p.add_argument("--embedding", default=None, help="trained embedding file (.safetensors or .pt) to load as --token.")
+    p.add_argument("--token", default=None, help="placeholder word that fills {} in prompts (default: the embedding's, else tok1).")
+    p.add_argument("--init-word", default=None,
+                   help="class word: the embedding's initializer (distances start there), the word edit prompts are scored "
+                        "with and of default locality prompts (default: the embedding's, else character).")
+    p.add_argument("--lora", default=None, help="kohya LoRA file (.safetensors) to apply.")
+    p.add_argument("--lora-strength", type=float, default=1.0, help="LoRA multiplier: 1 = as trained, 0 = base model (default: 1.0).")
+    p.add_argument("--images", default=None, help="folder of the training images (reconstruction is not computed without it).")
+    p.add_argument("--prompts", action="append", default=None, help=f"training prompt with {{}} for the token; repeat for several (default: {DEFAULT_PROMPTS[0]!r}).")
+    p.add_argument("--edit-prompts", action="append", default=None, help="edit prompt with {} for the token; repeat for several (default: three built-in edits).")
+    p.add_argument("--locality-prompts", action="append", default=None, help="prompt without the token for locality; repeat (default: the prompts with the class word).")
+    p.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds, the same in every set (default: 0,1,2,3).")
+    p.add_argument("--steps", type=int, default=30, help="sampling steps (default: 30).")
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default: 5).")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim or euler (default: ddim).")
+    p.add_argument("--batch-size", type=int, default=4, help="images generated together (default: 4).")
+    p.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer, 2 = penultimate (default: 1).")
+    p.add_argument("--clip-model", default=None, help="local transformers CLIPModel folder for the CLIP scores (nothing is downloaded).")
+    p.add_argument("--lpips", choices=LPIPS_CHOICES, default="alex",
+                   help="LPIPS backbone: alex or vgg (torchvision weights from the torch hub cache); random = untrained "
+                        "backbone, only to test the pipeline; off = LPIPS scores not computed (default: alex).")
+    p.add_argument("--out", required=True, help="report folder (metrics.json, metrics.md, grid.png).")
+    p.add_argument("--overwrite", action="store_true", help="replace existing report files.")
+    p.set_defaults(handler=run_evaluate_command)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`"0,1,2"` → `[0, 1, 2]`."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as err:
+        raise InvalidInputError(f"--seeds {text!r} must be comma-separated integers, e.g. 0,1,2,3.") from err
+    if not seeds:
+        raise InvalidInputError("--seeds is empty: give comma-separated integers, e.g. 0,1,2,3.")
+    return seeds
+
+
+def fill_names_from_embedding(args: argparse.Namespace) -> dict[str, str]:
+    """Read the embedding's metadata; default --token and --init-word to the names it was trained with."""
+    metadata = load_embedding(args.embedding).metadata if args.embedding else {}
+    for option, key, default in (("token", "placeholder", "tok1"), ("init_word", "initializer", "character")):
+        recorded = metadata.get(key)
+        if getattr(args, option) is None:
+            setattr(args, option, recorded or default)
+        elif recorded and recorded != getattr(args, option):
+            logger.warning("--%s %s differs from the embedding's %s %r.", option.replace("_", "-"), getattr(args, option), key, recorded)
+    return metadata
+
+
+def build_config(args: argparse.Namespace) -> EvaluationConfig:
+    """The evaluation settings from the command line (checked before any model is loaded)."""
+    sampling = SamplingConfig(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, batch_size=args.batch_size, clip_skip=args.clip_skip)
+    return EvaluationConfig(
+        prompts=args.prompts or list(DEFAULT_PROMPTS),
+        edit_prompts=args.edit_prompts if args.edit_prompts is not None else list(DEFAULT_EDIT_PROMPTS),
+        locality_prompts=args.locality_prompts, placeholder=args.token, class_word=args.init_word,
+        seeds=parse_seeds(args.seeds), sampling=sampling,
+    )
+
+
+def build_scorers(args: argparse.Namespace) -> Scorers:
+    """LPIPS (a missing weight file stops here, before any generation) and CLIP (missing → reason)."""
+    clip, clip_reason = try_load_clip(args.clip_model, args.device)
+    if args.lpips == "off":
+        return Scorers(None, clip, "LPIPS switched off (--lpips off)", clip_reason)
+    if args.lpips == "random":
+        logger.warning("LPIPS with a random backbone: its values test the pipeline and are not perceptual distances.")
+        return Scorers(load_lpips("alex", random_backbone=True, device=args.device), clip, "", clip_reason)
+    return Scorers(load_lpips(args.lpips, device=args.device), clip, "", clip_reason)
+
+
+def run_evaluate_command(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    existing = [out / name for name in OUTPUT_FILES if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise OutputExistsError(f"{existing[0]} already exists: choose another --out or pass --overwrite.")
+    fill_names_from_embedding(args)
+    config = build_config(args)
+    scorers = build_scorers(args)
+    bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
+    token = None
+    if args.embedding:
+        vectors = load_embedding(args.embedding).for_family(bundle.family, bundle.embedding_dim)
+        token = apply_embedding(bundle, vectors, args.token, args.init_word)
+    if args.lora:
+        apply_lora(bundle, load_lora(args.lora)[0], args.lora_strength)
+    side = config.sampling.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
+    training = None
+    if args.images:
+        dataset = load_image_folder(args.images, DatasetConfig(resolution=side))
+        training = dataset_images(dataset, (side, side))
+    logger.info("model %s: generating with %d seed(s) per prompt", bundle.name, len(config.seeds))
+    result = evaluate(bundle, config, scorers, training, token)
+    result.report.settings.update(embedding=args.embedding, lora=args.lora, lora_strength=args.lora_strength,
+                                  images=args.images, clip_model=args.clip_model, lpips=args.lpips)
+    write_report(out, result, args.overwrite)
+    logger.info("%s", result.report.to_markdown())
+    logger.info("wrote %s", ", ".join(str(out / name) for name in OUTPUT_FILES))
+    return 0
+
+
+def write_report(out: Path, result, overwrite: bool) -> None:
+    """metrics.json, metrics.md and grid.png, each written atomically."""
+    write_json(out / "metrics.json", result.report.to_dict(), overwrite=overwrite)
+    markdown = result.report.to_markdown()
+    atomic_write(out / "metrics.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"), overwrite=overwrite)
+    grid = (np.clip(result.grid(), 0, 1) * 255 + 0.5).astype(np.uint8)
+    atomic_write(out / "grid.png", lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"), overwrite=overwrite)

@@ -1,0 +1,116 @@
+"""`python -m pti_ops invert`: textual inversion of a placeholder token from an image folder."""
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..models import load_bundle
+from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, write_json
+from ..dataset import DatasetConfig, ImageDataset, load_image_folder
+from ..files import save_embedding
+from ..errors import InvalidInputError, OutputExistsError
+from ..inversion import NORM_MODES, InversionConfig, config_to_dict, run_inversion
+
+logger = logging.getLogger(__name__)
+
+
+def add_invert_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "invert",
+        help="learn a new token's embedding from images (textual inversion).",
+        description="Textual inversion: learn the embedding of a new placeholder token from images of a character. "
+        "Only the placeholder's rows are trained; the model is frozen. Writes a .safetensors embedding that "
+        "ComfyUI (embedding:NAME) and diffusers (load_textual_inversion) load.",
+    )
+    add_model_options(p)
+    add_dataset_options(p)
+    add_inversion_options(p)
+    p.add_argument("--batch-size", type=int, default=1, help="images per micro-batch (default: 1).")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default: 1).")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same embedding on CPU (default: 0).")
+    p.add_argument("--t-min", type=int, default=None, help="lowest training timestep (default: 0).")
+    p.add_argument("--t-max", type=int, default=None, help="highest training timestep, exclusive (default: the schedule's length).")
+    p.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer, 2 = penultimate (default: 1).")
+    p.add_argument("--history-every", type=int, default=10, help="record loss and distances every N steps (default: 10).")
+    add_precision_options(p)
+    p.add_argument("--out", required=True, help="output embedding file (.safetensors).")
+    p.add_argument("--history", default=None, help="also write the run's history (loss, distance, norm, cosine, nearest tokens) as JSON here.")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files.")
+    p.set_defaults(handler=run_invert_command)
+
+
+def add_inversion_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The inversion's options; `prefix` (e.g. `ti-`) names steps and lr apart from the LoRA's."""
+    g = p.add_argument_group("textual inversion")
+    g.add_argument("--token", default="tok1", help="placeholder word to learn, used in prompts (default: tok1).")
+    g.add_argument("--init-word", default="character", help="class word the embedding starts from (default: character).")
+    g.add_argument("--num-vectors", type=int, default=1, help="embedding vectors behind the token: more capacity, less editability (default: 1).")
+    g.add_argument("--template", action="append", default=None,
+                   help="prompt template with {} for the token; repeat for several (default: 'an anime illustration of {}').")
+    g.add_argument(f"--{prefix}steps", type=int, default=1000, help="inversion optimiser steps (default: 1000).")
+    g.add_argument(f"--{prefix}lr", type=float, default=5e-4, help="inversion learning rate; distance travelled grows with lr x steps (default: 5e-4).")
+    g.add_argument("--norm-mode", choices=NORM_MODES, default="none",
+                   help="none; pull (pull the norm toward the vocabulary's mean norm); fixed (train the direction only).")
+    g.add_argument("--norm-strength", type=float, default=1.0, help="weight of the pull term (default: 1.0).")
+
+
+def inversion_config_from(args: argparse.Namespace, prefix: str = "") -> InversionConfig:
+    """The `InversionConfig` of the parsed options (`prefix` as given to `add_inversion_options`, with `_`)."""
+    return InversionConfig(
+        placeholder=args.token, initializer=args.init_word, num_vectors=args.num_vectors,
+        templates=args.template or ["an anime illustration of {}"], steps=getattr(args, f"{prefix}steps"),
+        learning_rate=getattr(args, f"{prefix}lr"), batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        seed=args.seed, timestep_range=timestep_range_from(args), norm_mode=args.norm_mode,
+        norm_strength=args.norm_strength, clip_skip=args.clip_skip, history_every=args.history_every,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+    )
+
+
+def load_dataset_for(args: argparse.Namespace, bundle) -> ImageDataset:
+    """The image folder of the options, at `--resolution` or the model's native size."""
+    resolution = args.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
+    dataset = load_image_folder(args.images, DatasetConfig(
+        resolution=resolution, flip=args.flip, caption_source=args.captions,
+        on_bad_image="skip" if args.skip_bad_images else "error",
+    ))
+    logger.info("model %s, %d image(s) at %d px", bundle.name, len(dataset), resolution)
+    return dataset
+
+
+def timestep_range_from(args: argparse.Namespace) -> tuple[int, int] | None:
+    t_min, t_max = getattr(args, "t_min", None), getattr(args, "t_max", None)
+    if getattr(args, "max_timestep", None):
+        t_max = args.max_timestep
+    if t_min is None and t_max is None:
+        return None
+    return (t_min or 0, t_max if t_max is not None else 1000)
+
+
+def check_outputs(args: argparse.Namespace, *paths: str | None) -> None:
+    """Fail before any training when an output would replace a file without --overwrite."""
+    for path in paths:
+        if path and Path(path).exists() and not args.overwrite:
+            raise OutputExistsError(f"{path} already exists: choose another output path or pass --overwrite.")
+
+
+def run_invert_command(args: argparse.Namespace) -> int:
+    if not args.out.endswith(".safetensors"):
+        raise InvalidInputError(f"--out {args.out!r} must end in .safetensors.")
+    check_outputs(args, args.out, args.history)
+    config = inversion_config_from(args)
+    bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
+    dataset = load_dataset_for(args, bundle)
+    progress = TerminalProgress(config.steps, f"invert {config.placeholder}")
+    try:
+        result = run_inversion(bundle, dataset, config, on_step=progress)
+    finally:
+        progress.close()
+    path = save_embedding(args.out, result.vectors, bundle.family, result.metadata(bundle.name), overwrite=args.overwrite)
+    last = result.history[-1]
+    logger.info("wrote %s (%d vector(s)); distance from init %.4g, norm %.4g, cos %.3f",
+                path, result.token.num_vectors, last["distance"], last["norm"], last["cosine"])
+    if args.history:
+        write_json(args.history, {"config": config_to_dict(config), "vocabulary_norm": result.vocabulary_norm,
+                                  "history": result.history}, overwrite=args.overwrite)
+        logger.info("wrote %s", args.history)
+    return 0

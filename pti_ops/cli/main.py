@@ -1,0 +1,50 @@
+"""Command line: `python -m pti_ops <command> …` (also installed as `pti-ops`).
+
+Each command is a pair of functions in its own module — `add_<name>_command(subparsers)` declares
+its options, the function it sets as `handler` runs it — and `COMMANDS` lists them.
+"""
+
+import argparse
+import logging
+import sys
+
+from ..errors import PivotalError
+from .benchmark import add_benchmark_command
+from .demo import add_demo_command
+from .evaluate import add_evaluate_command
+from .invert import add_invert_command
+from .norm_stats import add_norm_stats_command
+from .sweep import add_sweep_command
+from .tune import add_run_command, add_tune_command
+
+logger = logging.getLogger("pti_ops")
+
+COMMANDS = [add_demo_command, add_invert_command, add_tune_command, add_run_command, add_norm_stats_command,
+            add_evaluate_command, add_benchmark_command, add_sweep_command]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pti_ops",
+        description="Pivotal tuning for Stable Diffusion: textual inversion, LoRA around the frozen token, measurements.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except PivotalError as err:
+        # Errors a user can fix: one clear sentence, no traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written.", file=sys.stderr)
+        return 130

@@ -1,0 +1,425 @@
+"""LoRA files in kohya format: export from peft adapters, write, read, check, apply.
+
+One module of a file is three tensors under one prefix (the module's diffusers path, `.` → `_`):
+```
+lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight  [rank, in]
+lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight    [out, rank]
+lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha             []
+```
+(conv modules keep 4-D weights: down `[rank, in, kh, kw]`, up `[out, rank, 1, 1]`). The update is
+`up @ down * alpha / rank`. Text-encoder modules are `lora_te_text_model_encoder_layers_N_…`.
+This is what ComfyUI's stock LoraLoader and diffusers' `load_lora_weights` read for SD1.5; the
+PEFT spelling (`unet.….lora_A.weight`) is never written because ComfyUI skips it for attention.
+"""
+
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..errors import InvalidInputError, MissingModelFileError
+from .safe_write import atomic_write
+
+UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIX = "lora_te_"
+DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
+
+# A kohya key: module prefix, then one of the three parts. Only the SD1.5 prefixes for now
+# (SDXL adds lora_te1_/lora_te2_).
+_KOHYA_KEY = re.compile(rf"^((?:{UNET_PREFIX}|{TEXT_ENCODER_PREFIX})\w+)\.({re.escape(DOWN)}|{re.escape(UP)}|{ALPHA})$")
+
+# Metadata keys the caller must give; rank and alpha are derived from the tensors if absent.
+REQUIRED_METADATA = ("pivotal.placeholder", "pivotal.base_model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Key rules
+# ---------------------------------------------------------------------------------------------
+
+
+def unet_lora_prefix(module_name: str) -> str:
+    """Kohya prefix of a diffusers UNet module, e.g. `…attn1.to_out.0` → `lora_unet_…attn1_to_out_0`."""
+    return UNET_PREFIX + module_name.replace(".", "_")
+
+
+def text_encoder_lora_prefix(module_name: str) -> str:
+    """Kohya prefix of a CLIP text-encoder module, for transformers 4.x and 5.x module names.
+
+    transformers 5.x flattened `CLIPTextModel` (`encoder.layers.0…`), 4.x has `text_model.encoder…`;
+    ComfyUI and diffusers both expect the `text_model_` part in the key, so it is added when absent.
+    """
+    if not module_name.startswith("text_model."):
+        module_name = "text_model." + module_name
+    return TEXT_ENCODER_PREFIX + module_name.replace(".", "_")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside a `PeftModel` (whose module names start with `base_model.model.`)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _models(unet, text_encoder) -> list[tuple[torch.nn.Module, Callable[[str], str]]]:
+    """The given models, each with the function that names its modules' kohya prefixes."""
+    pairs = [(unet, unet_lora_prefix), (text_encoder, text_encoder_lora_prefix)]
+    return [(_unwrap(model), to_prefix) for model, to_prefix in pairs if model is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# peft adapters → kohya dict
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_state_dict_to_kohya(
+    unet: torch.nn.Module | None = None,
+    text_encoder: torch.nn.Module | None = None,
+    adapter_name: str = "default",
+) -> dict[str, torch.Tensor]:
+    """Read the peft LoRA adapter `adapter_name` of the UNet and/or text encoder as a kohya dict.
+
+    Every module gets `.lora_down.weight` (peft's lora_A), `.lora_up.weight` (lora_B) and `.alpha`,
+    with per-module ranks and alphas as peft has them. Tensors are float32 copies.
+
+    Args:
+        unet (`UNet2DConditionModel`, *optional*): the UNet carrying the adapter (or a `PeftModel` of it).
+        text_encoder (`CLIPTextModel`, *optional*): the text encoder carrying the adapter, if it was tuned.
+        adapter_name (`str`): the peft adapter to export.
+    """
+    kohya: dict[str, torch.Tensor] = {}
+    for model, to_prefix in _models(unet, text_encoder):
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+                kohya.update(_export_layer(to_prefix(name), module, adapter_name))
+    if not kohya:
+        raise InvalidInputError(
+            f"no LoRA adapter named {adapter_name!r} was found on the given model(s): inject one with peft "
+            "before exporting, or pass the adapter's name as `adapter_name`."
+        )
+    return kohya
+
+
+def _export_layer(prefix: str, layer: LoraLayer, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The three kohya tensors of one peft LoRA layer."""
+    base = layer.get_base_layer()
+    if not isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
+        raise InvalidInputError(
+            f"LoRA on {prefix} wraps a {type(base).__name__}: the kohya format holds Linear and Conv2d "
+            "modules only. Remove that module from the LoRA `target_modules`."
+        )
+    if layer.use_dora.get(adapter_name) or layer.lora_bias.get(adapter_name):
+        raise InvalidInputError(
+            f"LoRA on {prefix} uses DoRA or a LoRA bias, which this kohya export does not write: "
+            "train with `use_dora=False` and `lora_bias=False`."
+        )
+    rank = layer.r[adapter_name]
+    return {
+        f"{prefix}.{DOWN}": _copy(layer.lora_A[adapter_name].weight),
+        f"{prefix}.{UP}": _copy(layer.lora_B[adapter_name].weight),
+        f"{prefix}.{ALPHA}": torch.tensor(_kohya_alpha(layer, adapter_name, rank), dtype=torch.float32),
+    }
+
+
+def _kohya_alpha(layer: LoraLayer, adapter_name: str, rank: int) -> float:
+    """The alpha for which kohya's `alpha / rank` equals peft's scaling of this layer.
+
+    peft scales by `lora_alpha / rank`, or `lora_alpha / sqrt(rank)` with rsLoRA, so rsLoRA
+    needs `lora_alpha * sqrt(rank)`. If the scaling was changed at run time (diffusers'
+    `set_adapters` weights), the effective scaling is what the file must reproduce.
+    """
+    alpha = layer.lora_alpha[adapter_name]
+    if layer.use_rslora.get(adapter_name, False):
+        alpha = alpha * math.sqrt(rank)
+    scaling = layer.scaling[adapter_name]
+    if not math.isclose(alpha / rank, scaling, rel_tol=1e-6):
+        alpha = scaling * rank
+    return float(alpha)
+
+
+def _copy(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 contiguous copy, detached from the live parameter."""
+    return weight.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by save, load and apply
+# ---------------------------------------------------------------------------------------------
+
+
+def group_kohya_modules(kohya_dict: dict[str, torch.Tensor], where: str = "LoRA") -> dict[str, dict[str, torch.Tensor]]:
+    """Group a kohya dict by module prefix after checking it, raising on the first bad key.
+
+    Args:
+        kohya_dict (`dict[str, Tensor]`): kohya keys → tensors.
+        where (`str`): what the dict is (a file path), to start error messages with.
+    """
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key in sorted(kohya_dict):
+        match = _KOHYA_KEY.match(key)
+        if match is None:
+            raise InvalidInputError(
+                f"{where}: key {key!r} is not a kohya LoRA key (expected `lora_unet_…` or `lora_te_…` "
+                "followed by `.lora_down.weight`, `.lora_up.weight` or `.alpha`). Is this an SD1.5 LoRA "
+                "file in kohya format?"
+            )
+        modules.setdefault(match.group(1), {})[match.group(2)] = kohya_dict[key]
+    if not modules:
+        raise InvalidInputError(f"{where}: contains no LoRA weights.")
+    for prefix in sorted(modules):
+        _check_module(prefix, modules[prefix], where)
+    return modules
+
+
+def _check_module(prefix: str, parts: dict[str, torch.Tensor], where: str) -> None:
+    """Raise unless one module's down, up and alpha exist and fit together."""
+    for part in (DOWN, UP, ALPHA):
+        if part not in parts:
+            present = ", ".join(f"`.{p}`" for p in sorted(parts))
+            raise InvalidInputError(
+                f"{where}: `{prefix}.{part}` is missing (the module has only {present}); every LoRA "
+                "module needs `.lora_down.weight`, `.lora_up.weight` and `.alpha`. The file is "
+                "incomplete or was not written in kohya format."
+            )
+    down, up, alpha = parts[DOWN], parts[UP], parts[ALPHA]
+    if alpha.numel() != 1:
+        raise InvalidInputError(f"{where}: `{prefix}.alpha` must be a single number, got shape {list(alpha.shape)}.")
+    conv_ok = down.dim() == 4 and up.dim() == 4 and tuple(up.shape[2:]) == (1, 1)
+    if not (down.dim() == up.dim() == 2 or conv_ok) or up.shape[1] != down.shape[0]:
+        raise InvalidInputError(
+            f"{where}: `{prefix}.lora_up.weight` has shape {list(up.shape)} and `.lora_down.weight` "
+            f"{list(down.shape)}; expected up [out, rank] with down [rank, in] (conv: up [out, rank, 1, 1] "
+            "with down [rank, in, kh, kw]). The file is damaged or not a LoRA."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def save_lora(
+    path: str | os.PathLike,
+    kohya_dict: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    overwrite: bool = False,
+) -> Path:
+    """Write a kohya LoRA `.safetensors` file atomically, after checking every key.
+
+    The kohya metadata (`ss_network_module`, `ss_network_dim`, `ss_network_alpha`) is derived from
+    the tensors so it cannot disagree with them; `pivotal.rank` / `pivotal.alpha` default to the same.
+
+    Args:
+        path (`str`): the file to write.
+        kohya_dict (`dict[str, Tensor]`): from `lora_state_dict_to_kohya`.
+        metadata (`dict[str, str]`): at least `pivotal.placeholder` and `pivotal.base_model`.
+        overwrite (`bool`): replace an existing file instead of refusing.
+    """
+    if Path(path).suffix.lower() != ".safetensors":
+        raise InvalidInputError(f"LoRA path {str(path)!r} must end in .safetensors (the only format LoraLoader reads safely).")
+    modules = group_kohya_modules(kohya_dict, "LoRA to save")
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise InvalidInputError(f"LoRA metadata lacks {', '.join(missing)}: give them (an empty string is allowed).")
+    not_text = [key for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str)]
+    if not_text:
+        raise InvalidInputError(f"LoRA metadata values must be strings; {not_text[0]!r} is not.")
+    rank, alpha = _summary(modules)
+    file_metadata = {"pivotal.rank": rank, "pivotal.alpha": alpha, **metadata}
+    file_metadata.update(ss_network_module="networks.lora", ss_network_dim=rank, ss_network_alpha=alpha)
+    tensors = {key: value.detach().contiguous() for key, value in kohya_dict.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=file_metadata), overwrite=overwrite)
+
+
+def _summary(modules: dict[str, dict[str, torch.Tensor]]) -> tuple[str, str]:
+    """Rank and alpha as metadata strings; `"Dynamic"` when modules differ, as kohya's resize tool writes."""
+    ranks = {int(parts[DOWN].shape[0]) for parts in modules.values()}
+    alphas = {float(parts[ALPHA]) for parts in modules.values()}
+    rank = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    alpha = f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic"
+    return rank, alpha
+
+
+def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read and check a kohya LoRA file; returns `(tensors, metadata)`.
+
+    Args:
+        path (`str`): a `.safetensors` LoRA file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingModelFileError(f"LoRA file {path} not found.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+            metadata = dict(file.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise InvalidInputError(f"{path} is not a readable .safetensors file: {err}") from err
+    group_kohya_modules(tensors, str(path))
+    return tensors, metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# kohya dict → peft adapters
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_kohya_lora(
+    unet: torch.nn.Module | None,
+    text_encoder: torch.nn.Module | None,
+    kohya_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    strict: bool = True,
+) -> list[str]:
+    """Inject peft LoRA adapters with the file's per-module ranks and alphas, and load its weights.
+
+    The models are changed in place (pass clones to keep the originals). Everything is checked
+    before the first model is touched. Returns the keys that match no module (empty when all loaded).
+
+    Args:
+        unet (`UNet2DConditionModel`, *optional*): receives the `lora_unet_` modules.
+        text_encoder (`CLIPTextModel`, *optional*): receives the `lora_te_` modules.
+        kohya_dict (`dict[str, Tensor]`): from `load_lora`.
+        adapter_name (`str`): name of the new peft adapter; must not exist yet.
+        strict (`bool`): raise if any key matches no module, instead of returning them.
+    """
+    modules = group_kohya_modules(kohya_dict, "LoRA to apply")
+    plans, unmatched = _plan(unet, text_encoder, modules, adapter_name)
+    if unmatched and strict:
+        raise InvalidInputError(
+            f"{len(unmatched)} LoRA keys match no module of the given UNet / text encoder, first: "
+            f"{', '.join(unmatched[:3])}. The LoRA was made for another model, or it has text-encoder "
+            "weights and no text encoder was given."
+        )
+    for model, targets in plans:
+        if targets:
+            _inject(model, targets, adapter_name)
+    return unmatched
+
+
+def _plan(unet, text_encoder, modules, adapter_name):
+    """Pair every file module with a model module, checking shapes; returns the plans and unmatched keys."""
+    plans, found = [], set()
+    for model, to_prefix in _models(unet, text_encoder):
+        _check_adapter_free(model, adapter_name)
+        targets = {}
+        for name, module in model.named_modules():
+            prefix = to_prefix(name)
+            if prefix in modules and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, LoraLayer)):
+                _check_fits(prefix, modules[prefix], module)
+                targets[name] = modules[prefix]
+                found.add(prefix)
+        plans.append((model, targets))
+    unmatched = sorted(f"{prefix}.{part}" for prefix in modules if prefix not in found for part in modules[prefix])
+    return plans, unmatched
+
+
+def _check_adapter_free(model: torch.nn.Module, adapter_name: str) -> None:
+    if any(isinstance(m, LoraLayer) and adapter_name in m.lora_A for m in model.modules()):
+        raise InvalidInputError(
+            f"the model already has a LoRA adapter named {adapter_name!r}: pass another `adapter_name` "
+            "or apply the LoRA to a fresh copy of the model."
+        )
+
+
+def _check_fits(prefix: str, parts: dict[str, torch.Tensor], module: torch.nn.Module) -> None:
+    """Raise unless the file's down/up shapes fit the module's weight."""
+    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    out_dim, in_dim, *kernel = base.weight.shape
+    down, up = parts[DOWN], parts[UP]
+    if down.shape[1] != in_dim or up.shape[0] != out_dim or list(down.shape[2:]) != kernel:
+        raise InvalidInputError(
+            f"LoRA module {prefix} has down {list(down.shape)} / up {list(up.shape)}, which does not fit "
+            f"the model's weight {list(base.weight.shape)}: the LoRA was made for a model of another size."
+        )
+
+
+def _inject(model: torch.nn.Module, targets: dict[str, dict[str, torch.Tensor]], adapter_name: str) -> None:
+    """Add one peft adapter on exactly the named modules and copy the file's weights into it."""
+    ranks = {name: int(parts[DOWN].shape[0]) for name, parts in targets.items()}
+    alphas = {name: float(parts[ALPHA]) for name, parts in targets.items()}
+    # The most common rank/alpha are the config's defaults; the others go in peft's patterns,
+    # whose keys are regexes matched against the end of module names (hence re.escape).
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        # A string is matched in full against each module name: exactly these modules, no suffix matches.
+        target_modules="|".join(re.escape(name) for name in sorted(targets)),
+        rank_pattern={re.escape(n): r for n, r in ranks.items() if r != rank},
+        alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != alpha},
+    )
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    with torch.no_grad():
+        for name, parts in targets.items():
+            layer = model.get_submodule(name)
+            layer.lora_A[adapter_name].weight.copy_(parts[DOWN])
+            layer.lora_B[adapter_name].weight.copy_(parts[UP])
+
+
+# ---------------------------------------------------------------------------------------------
+# What ComfyUI accepts (re-derived from comfy/lora.py and comfy/utils.py, for tests and checks)
+# ---------------------------------------------------------------------------------------------
+
+# ComfyUI's `unet_to_diffusers` lists, per SD1.5 UNet part, the diffusers weights it knows; a LoRA
+# key is accepted for every one of them. Module-name suffixes of those weights:
+_RESNET_PARTS = r"(?:conv1|time_emb_proj|conv2|conv_shortcut|norm1|norm2)"
+_ATTENTION_PARTS = r"(?:proj_in|proj_out|norm)"
+_TRANSFORMER_PARTS = r"(?:norm[123]|attn[12]\.to_(?:q|k|v|out\.0)|ff\.net\.0\.proj|ff\.net\.2)"
+_UNET_MODULES = re.compile(
+    "|".join(
+        (
+            rf"(?:down_blocks|up_blocks)\.\d+\.resnets\.\d+\.{_RESNET_PARTS}",
+            rf"mid_block\.resnets\.[01]\.{_RESNET_PARTS}",
+            rf"(?:(?:down_blocks|up_blocks)\.\d+|mid_block)\.attentions\.\d+\.{_ATTENTION_PARTS}",
+            rf"(?:(?:down_blocks|up_blocks)\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.{_TRANSFORMER_PARTS}",
+            r"down_blocks\.\d+\.downsamplers\.0\.conv",
+            r"up_blocks\.\d+\.upsamplers\.0\.conv",
+            r"conv_in|conv_norm_out|conv_out|(?:time_embedding|class_embedding|add_embedding)\.linear_[12]",
+        )
+    )
+)
+# ComfyUI's LORA_CLIP_MAP, for layers 0..31 of the CLIP text model.
+_CLIP_MODULES = re.compile(r"encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])")
+_CLIP_MAX_LAYERS = 32
+
+
+def comfyui_lora_key_map(unet_module_names: Iterable[str], text_encoder_module_names: Iterable[str]) -> set[str]:
+    """The LoRA module prefixes stock ComfyUI maps for an SD1.5 model with these diffusers module names.
+
+    A re-derivation of `model_lora_keys_unet` / `model_lora_keys_clip` (comfy/lora.py) for the keys
+    spelled on diffusers names: kohya `lora_unet_…` / `lycoris_…`, diffusers' own (`unet.…processor.to_q`,
+    `to_out.0` → `to_out`), and CLIP `lora_te_` / `lora_te1_` / `text_encoder.text_model.…`. Keys spelled on
+    ComfyUI's internal LDM names, which we never write, are left out.
+
+    Args:
+        unet_module_names (`Iterable[str]`): `name for name, _ in unet.named_modules()`.
+        text_encoder_module_names (`Iterable[str]`): the same for the CLIP text encoder (4.x or 5.x names).
+    """
+    accepted = set()
+    for name in unet_module_names:
+        if _UNET_MODULES.fullmatch(name):
+            accepted.update((unet_lora_prefix(name), "lycoris_" + name.replace(".", "_")))
+            # diffusers' old attention-processor spelling, with and without the `unet.` prefix
+            diffusers_name = name.replace(".to_", ".processor.to_")
+            if diffusers_name.endswith(".to_out.0"):
+                diffusers_name = diffusers_name[: -len(".0")]
+            accepted.update((diffusers_name, "unet." + diffusers_name))
+    for name in text_encoder_module_names:
+        match = _CLIP_MODULES.fullmatch(name.removeprefix("text_model."))
+        if match and int(match.group(1)) < _CLIP_MAX_LAYERS:
+            flat = f"{match.group(1)}_{match.group(2).replace('.', '_')}"
+            accepted.update(
+                (
+                    f"lora_te_text_model_encoder_layers_{flat}",
+                    f"lora_te1_text_model_encoder_layers_{flat}",
+                    f"text_encoder.text_model.encoder.layers.{match.group(1)}.{match.group(2)}",
+                )
+            )
+    return accepted

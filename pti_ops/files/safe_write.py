@@ -1,0 +1,80 @@
+"""Safe output files: name checks, no silent overwrite, atomic writes (temp file + rename)."""
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from ..errors import InvalidInputError, OutputExistsError
+
+# ComfyUI's prompt parser splits `embedding:NAME` at spaces and treats ( ) : , as syntax,
+# so an output name is limited to characters that survive it unchanged.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+def check_output_name(name: str, what: str = "name") -> str:
+    """Return `name` if it is a plain file name usable in ComfyUI prompts, else raise.
+
+    Args:
+        name (`str`): the name the user typed, without folder (an extension is allowed).
+        what (`str`): the input's name as the user sees it, for the error message.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInputError(f"`{what}` is empty: give a file name such as `my_character`.")
+    if "/" in name or "\\" in name or ".." in name:
+        raise InvalidInputError(
+            f"`{what}` {name!r} contains a path separator or '..': give a plain file name "
+            "(the folder is chosen for you)."
+        )
+    if not _SAFE_NAME.match(name):
+        raise InvalidInputError(
+            f"`{what}` {name!r} may only use letters, digits, '_', '-' and '.', and must not start "
+            "with '.' or '-' (ComfyUI's `embedding:NAME` prompt syntax cannot read other characters)."
+        )
+    return name
+
+
+def output_path(folder: str | os.PathLike, name: str, extension: str, overwrite: bool, what: str = "name") -> Path:
+    """Path of a new output file `folder/name.extension`, refusing to replace a file unless `overwrite`."""
+    check_output_name(name, what)
+    if not name.endswith(extension):
+        name = name + extension
+    path = Path(folder) / name
+    if path.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{path} already exists. Choose another `{what}` or set `overwrite` to replace it."
+        )
+    return path
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> Path:
+    """Write a file through `write(tmp_path)` and move it into place in one rename.
+
+    A crash or an exception inside `write` leaves no partial file at `path` and removes the
+    temporary file. The existence check is repeated just before the rename.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; pass overwrite=True to replace it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp makes 0600 (and some writers re-create the file): give outputs the usual permissions.
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        if path.exists() and not overwrite:
+            raise OutputExistsError(f"{path} appeared while it was being written; nothing was replaced.")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

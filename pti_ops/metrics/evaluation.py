@@ -1,0 +1,226 @@
+"""One evaluation run: generate the fixed prompt × seed sets, then score them (see `metrics.py`).
+
+Three image sets are generated with the same seeds, so two runs (two learning rates, with and
+without the regulariser) compare image for image:
+- training prompts with the placeholder → reconstruction, diversity, position spread;
+- edit prompts with the placeholder → editability (scored with the class word in its place);
+- prompts without the placeholder, tuned and base (adapters off) → locality.
+"""
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..models.bundle import ModelBundle
+from ..errors import InvalidInputError
+from .scores import (
+    DEFAULT_SUBJECT_THRESHOLD,
+    LOCALITY_TIMESTEPS,
+    EvaluationReport,
+    Metric,
+    diversity_metrics,
+    editability_metric,
+    locality_eps_mse,
+    locality_lpips,
+    metric,
+    reconstruction_metrics,
+)
+from .clip import ClipScorer
+from .distance import distance_metrics, embedding_distance, nearest_tokens
+from ..placeholder import PlaceholderToken, initializer_ids, placeholder_vectors
+from .sampling import (
+    PLACEHOLDER_SLOT,
+    ProgressCallback,
+    SampleResult,
+    SamplingConfig,
+    adapters_disabled,
+    fill_placeholder,
+    image_grid,
+    lora_layers,
+    sample_images,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = ("an anime illustration of {}",)
+# Edit prompts in the TI paper's spirit (new setting, new medium, new attribute), in words the tiny model knows.
+DEFAULT_EDIT_PROMPTS = ("a photo of {} on the beach", "a painting of {} in the forest", "a drawing of {} with a red hat")
+
+
+@dataclass
+class EvaluationConfig:
+    """What to generate and how to score it.
+
+    Args:
+        prompts (`list[str]`): training prompts with `{}` for the placeholder (reconstruction, diversity).
+        edit_prompts (`list[str]`): prompts with `{}` that ask for changes (editability).
+        locality_prompts (`list[str]`, *optional*): prompts without the placeholder (locality); default
+            the prompts and edit prompts with the class word in place of `{}`.
+        placeholder (`str`): the word that fills `{}`, e.g. `tok1`.
+        class_word (`str`): the class word of the TI protocol and of the default locality prompts.
+        seeds (`list[int]`): one image per seed and prompt; the same seeds in every set.
+        sampling (`SamplingConfig` or `dict`): steps, guidance, sampler, batch size, clip skip.
+        locality_timesteps (`tuple[int, ...]`): noise levels of the ε-prediction locality check.
+        subject_threshold (`float`): colour distance from the background that counts as subject.
+    """
+
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    edit_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_EDIT_PROMPTS))
+    locality_prompts: list[str] | None = None
+    placeholder: str = "tok1"
+    class_word: str = "character"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    sampling: SamplingConfig | dict = field(default_factory=SamplingConfig)
+    locality_timesteps: tuple[int, ...] = LOCALITY_TIMESTEPS
+    subject_threshold: float = DEFAULT_SUBJECT_THRESHOLD
+
+    def __post_init__(self):
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingConfig(**self.sampling)
+        if not self.prompts:
+            raise InvalidInputError("`prompts` is empty: give at least one training prompt with {} for the placeholder.")
+        for p in list(self.prompts) + list(self.edit_prompts):
+            if PLACEHOLDER_SLOT not in p:
+                raise InvalidInputError(f"prompt {p!r} has no {{}}: write {{}} where the placeholder goes.")
+        if not self.seeds:
+            raise InvalidInputError("`seeds` is empty: give at least one seed.")
+        if self.locality_prompts is None:
+            self.locality_prompts = [fill_placeholder(p, self.class_word) for p in [*self.prompts, *self.edit_prompts]]
+        leaking = [p for p in self.locality_prompts if self.placeholder in p.split() or PLACEHOLDER_SLOT in p]
+        if leaking:
+            raise InvalidInputError(f"locality prompts must not contain the placeholder, got {leaking[0]!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Scorers:
+    """The networks that score images, each None with the reason when unavailable.
+
+    Args:
+        lpips (`lpips.LPIPS`, *optional*): from `metrics_lpips.load_lpips`.
+        clip (`ClipScorer`, *optional*): from `metrics_clip.try_load_clip`.
+        lpips_reason (`str`): why `lpips` is None.
+        clip_reason (`str`): why `clip` is None.
+    """
+
+    lpips: torch.nn.Module | None = None
+    clip: ClipScorer | None = None
+    lpips_reason: str = "no LPIPS model given"
+    clip_reason: str = "no CLIP model folder given"
+
+
+@dataclass
+class EvaluationResult:
+    """The report and the image sets it was computed from.
+
+    Args:
+        report (`EvaluationReport`): the metrics.
+        samples (`dict[str, SampleResult]`): `reconstruction`, `editability`, `locality_tuned`,
+            `locality_base` (those generated).
+    """
+
+    report: EvaluationReport
+    samples: dict[str, SampleResult]
+
+    def grid(self) -> np.ndarray:
+        """All generations in one image: a row per (set, prompt), a column per seed, labelled."""
+        seeds = list(self.report.settings["seeds"])
+        images, row_labels = [], []
+        for name, result in self.samples.items():
+            images.append(result.images)
+            # Items are prompt-major: every len(seeds)-th item starts a new prompt's row.
+            row_labels += [f"{name}: {prompt}" for prompt, _ in result.items[:: len(seeds)]]
+        return image_grid(torch.cat(images), rows=len(row_labels), cols=len(seeds), row_labels=row_labels,
+                          col_labels=[f"seed {s}" for s in seeds])
+
+
+def evaluate(
+    bundle: ModelBundle,
+    config: EvaluationConfig,
+    scorers: Scorers | None = None,
+    training_images: torch.Tensor | None = None,
+    token: PlaceholderToken | None = None,
+    on_step: ProgressCallback | None = None,
+) -> EvaluationResult:
+    """Generate the evaluation sets and compute every metric (missing inputs → "not computed", with why).
+
+    Args:
+        bundle (`ModelBundle`): the tuned model: embedding added, LoRA applied (or not).
+        config (`EvaluationConfig`): prompts, seeds, sampling.
+        scorers (`Scorers`, *optional*): LPIPS and CLIP networks.
+        training_images (`torch.Tensor`, *optional*): `[m, H, W, 3]` in [0, 1] at the generation size
+            (`metrics.dataset_images(dataset, size)`).
+        token (`PlaceholderToken`, *optional*): the placeholder in the bundle (expands multi-vector
+            prompts; its vectors give the distance metrics).
+        on_step (`callable`, *optional*): `on_step(done, total, {"stage": …})` per generated batch.
+    """
+    scorers = scorers or Scorers()
+    if token is None and config.placeholder not in bundle.tokenizer.get_vocab():
+        logger.warning("placeholder %r is not a token of this model (no embedding given): prompts use it as plain text.",
+                       config.placeholder)
+    sets = _generate_sets(bundle, config, token, on_step)
+    metrics: dict[str, Metric] = {}
+    recon = sets["reconstruction"].images
+    metrics.update(reconstruction_metrics(recon, training_images, scorers.lpips, scorers.clip, scorers.lpips_reason, scorers.clip_reason))
+    class_prompts = [fill_placeholder(p, config.class_word) for p, _ in sets["editability"].items] if "editability" in sets else []
+    edit_images = sets["editability"].images if "editability" in sets else recon[:0]
+    metrics["editability_clip"] = editability_metric(edit_images, class_prompts, scorers.clip, scorers.clip_reason)
+    metrics.update(_locality(bundle, config, sets, scorers))
+    groups = list(recon.split(len(config.seeds)))  # prompt-major: one group of seeds per prompt
+    metrics.update(diversity_metrics(groups, scorers.lpips, scorers.lpips_reason, config.subject_threshold))
+    metrics.update(distance_metrics(_distance(bundle, token), reason="no embedding given (--embedding)"))
+    settings = {**config.to_dict(), "model": bundle.name, "placeholder_vectors": token.num_vectors if token else 0}
+    return EvaluationResult(EvaluationReport(metrics, settings), sets)
+
+
+def _generate_sets(bundle, config: EvaluationConfig, token, on_step) -> dict[str, SampleResult]:
+    """The image sets, keyed by name; prompts keep `{}` in `items` so reports show the template."""
+    plan = [("reconstruction", config.prompts, True), ("editability", config.edit_prompts, True)]
+    if lora_layers(bundle):
+        plan += [("locality_tuned", config.locality_prompts, False), ("locality_base", config.locality_prompts, False)]
+    sets = {}
+    for name, prompts, fill in plan:
+        if not prompts:
+            continue
+        texts = [fill_placeholder(p, config.placeholder) for p in prompts] if fill else list(prompts)
+        progress = None if on_step is None else (lambda d, t, logs, name=name: on_step(d, t, {"stage": name}))
+        if name == "locality_base":
+            with adapters_disabled(bundle):
+                result = sample_images(bundle, texts, config.seeds, config.sampling, token, progress)
+        else:
+            result = sample_images(bundle, texts, config.seeds, config.sampling, token, progress)
+        # Keep the user's template in the items (with {}), the image order is the same.
+        result.items = [(p, s) for p in prompts for s in config.seeds]
+        sets[name] = result
+    return sets
+
+
+def _locality(bundle, config: EvaluationConfig, sets, scorers: Scorers) -> dict[str, Metric]:
+    if not lora_layers(bundle):
+        reason = "no LoRA applied: an embedding alone leaves prompts without the placeholder unchanged"
+        return {"locality_eps_mse": metric("locality_eps_mse", reason=reason), "locality_lpips": metric("locality_lpips", reason=reason)}
+    mse = locality_eps_mse(bundle, config.locality_prompts, config.locality_timesteps, clip_skip=config.sampling.clip_skip,
+                           batch_size=config.sampling.batch_size)
+    out = {"locality_eps_mse": metric("locality_eps_mse", mse, timesteps=list(config.locality_timesteps))}
+    if scorers.lpips is None:
+        out["locality_lpips"] = metric("locality_lpips", reason=scorers.lpips_reason)
+    else:
+        values = locality_lpips(scorers.lpips, sets["locality_base"].images, sets["locality_tuned"].images)
+        out["locality_lpips"] = metric("locality_lpips", values.mean(), per_image=values.tolist())
+    return out
+
+
+def _distance(bundle: ModelBundle, token: PlaceholderToken | None) -> dict[str, float] | None:
+    """The placeholder's distance from the rows of its initializer word in this (base) text encoder."""
+    if token is None:
+        return None
+    weight = bundle.text_encoder.get_input_embeddings().weight.detach().float()
+    initial = weight[initializer_ids(bundle.tokenizer, token.initializer, token.num_vectors)]
+    vectors = placeholder_vectors(bundle.text_encoder, token)
+    # Nearest among the original vocabulary: placeholder rows are appended after it.
+    nearest = nearest_tokens(bundle, vectors, vocabulary_size=min(token.token_ids))
+    return {**embedding_distance(vectors, initial), "nearest": nearest, "initializer": token.initializer}
