@@ -1,9 +1,4 @@
-"""What several nodes share: the `PIVOTAL_EMBEDDING` value, widget specs, input parsing."""
-
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import torch
+"""What several nodes share: widget specs and input parsing. (The `PIVOTAL_EMBEDDING` value is the core's `Pivot`.)"""
 
 from ..pti_ops.errors import InvalidInputError
 from ..pti_ops.files import check_output_name
@@ -57,34 +52,6 @@ MEMORY_OPTIONS = {
         },
     ),
 }
-
-
-@dataclass
-class PivotEmbedding:
-    """The `PIVOTAL_EMBEDDING` value: a trained placeholder and where its file is.
-
-    Args:
-        placeholder (`str`): the word the vectors were trained for, e.g. `tok1`.
-        initializer (`str`): the class word they started from, e.g. `character`.
-        vectors (`torch.Tensor`): float32 `[num_vectors, dim]` on the CPU.
-        name (`str`): file name without extension in ComfyUI's embeddings folder.
-        path (`Path`): the written file.
-        templates (`list[str]`): the prompt templates it was trained with (reused by the LoRA tuning).
-        history (`list[dict]`): the inversion's records (step, loss, distance, norm, cosine, nearest).
-    """
-
-    placeholder: str
-    initializer: str
-    vectors: torch.Tensor
-    name: str
-    path: Path
-    templates: list[str] = field(default_factory=list)
-    history: list[dict] = field(default_factory=list, repr=False)
-
-    @property
-    def trigger(self) -> str:
-        """The prompt text that loads this embedding in ComfyUI."""
-        return f"embedding:{self.name}"
 
 
 def split_lines(text: str) -> list[str]:

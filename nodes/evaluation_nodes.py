@@ -23,7 +23,8 @@ from ..pti_ops.sweeps import inversion_sweep, lora_sweep
 from ..pti_ops.sweeps import check_learning_rates
 from ..pti_ops.sweeps import SWEEP_KINDS
 from . import bridge
-from .common import MEMORY_OPTIONS, OVERWRITE, SEED, TEMPLATES, PivotEmbedding, history_every, split_lines
+from ..pti_ops.pivot import Pivot
+from .common import MEMORY_OPTIONS, OVERWRITE, SEED, TEMPLATES, history_every, split_lines
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ class PivotalEvaluate:
     )
 
     def evaluate(self, model, clip, vae, prompts, edit_prompts, class_word, seeds, steps, cfg, sampler, resolution,
-                 batch_size, lpips, clip_model_folder, embedding: PivotEmbedding | None = None, lora=None,
+                 batch_size, lpips, clip_model_folder, embedding: Pivot | None = None, lora=None,
                  lora_strength=1.0, dataset=None):  # fmt: skip
         class_word = class_word.strip() or (embedding.initializer if embedding is not None else DEFAULT_CLASS_WORD)
         if lora is not None and embedding is None:
@@ -470,7 +471,7 @@ class PivotalSweep:
     def sweep(self, model, clip, vae, dataset, kind, learning_rates, steps, eval_every, placeholder, initializer,
               templates, batch_size, seed, lora_rank, compare_without_regularizer, prompts, edit_prompts, sample_seeds,
               sample_steps, cfg, sampler, resolution, lpips, clip_model_folder, output_folder, overwrite,
-              embedding: PivotEmbedding | None = None, regularizer=None, mixed_precision="no",
+              embedding: Pivot | None = None, regularizer=None, mixed_precision="no",
               gradient_checkpointing=False):  # fmt: skip
         # 1. Every input is checked before any model is converted or trained.
         lrs = _check_lrs(learning_rates)

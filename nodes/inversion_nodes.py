@@ -2,9 +2,8 @@
 
 import torch
 
-from ..pti_ops.files import save_embedding
 from ..pti_ops.files import output_path
-from ..pti_ops.inversion import NORM_MODES, InversionConfig, run_inversion
+from ..pti_ops.inversion import NORM_MODES, InversionConfig, invert
 from ..pti_ops.placeholder import MAX_VECTORS
 from ..pti_ops.metrics import figure_to_array, history_figure
 from . import bridge
@@ -13,10 +12,8 @@ from .common import (
     OVERWRITE,
     SEED,
     TEMPLATES,
-    PivotEmbedding,
     history_every,
     split_lines,
-    stem,
     validate_name,
 )
 
@@ -144,18 +141,14 @@ class TokenInversion:
             with torch.inference_mode(False), torch.enable_grad():
                 bundle = bridge.bundle_from_comfy(model, clip, vae)
                 bridge.check_interrupted()
-                result = run_inversion(bundle, dataset, config, on_step=bridge.progress(steps))
-            base_model = bundle.name
+                result = invert(bundle, dataset, config, on_step=bridge.progress(steps))
         finally:
             bundle = None
             bridge.release()
-        save_embedding(path, result.vectors, family="sd15", metadata=result.metadata(base_model), overwrite=overwrite)
-        embedding = PivotEmbedding(
-            config.placeholder, config.initializer, result.vectors.clone(), stem(path.name), path,
-            list(config.templates), result.history,
-        )  # fmt: skip
-        plot = figure_to_array(history_figure(result.history, "loss", "distance", f"TokenInversion {embedding.trigger}"))
-        return (embedding, clip.clone(), embedding.trigger, bridge.loss_map(result.history), bridge.image_from_array(plot))
+        pivot = result.pivot
+        pivot.save(path, overwrite=overwrite)
+        plot = figure_to_array(history_figure(result.history, "loss", "distance", f"TokenInversion {pivot.trigger}"))
+        return (pivot, clip.clone(), pivot.trigger, bridge.loss_map(result.history), bridge.image_from_array(plot))
 
     @classmethod
     def VALIDATE_INPUTS(cls, embedding_name=None):

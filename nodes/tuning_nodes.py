@@ -4,13 +4,11 @@ import logging
 
 import torch
 
-from ..pti_ops.files import save_embedding
 from ..pti_ops.errors import InvalidInputError, MissingModelFileError
 from ..pti_ops.files import output_path
-from ..pti_ops.files import save_lora
-from ..pti_ops.lora_tune import SCHEDULES, UNET_TARGETS, TuneConfig, run_tuning
-from ..pti_ops.placeholder import add_placeholder
-from ..pti_ops.regularizer import INTERPOLATION_MODES, REGULARIZER_MODES, RegularizerConfig, check_centre_given
+from ..pti_ops.lora_tune import SCHEDULES, UNET_TARGETS, TuneConfig, tune_around
+from ..pti_ops.pivot import Pivot
+from ..pti_ops.regularizer import INTERPOLATION_MODES, REGULARIZER_MODES, RegularizerConfig
 from ..pti_ops.metrics import figure_to_array, history_figure
 from . import bridge
 from .common import (
@@ -18,10 +16,8 @@ from .common import (
     OVERWRITE,
     SEED,
     TEMPLATES,
-    PivotEmbedding,
     history_every,
     split_lines,
-    stem,
     validate_name,
 )
 
@@ -194,7 +190,6 @@ class SlerpRegularizer:
         else:
             settings["t"] = t
         config = RegularizerConfig(**settings)
-        check_centre_given(config, None)
         if image_space:
             _check_lpips_weights()
         return (config,)
@@ -344,7 +339,7 @@ class PivotalLoRATune:
         "applied, so one queued run trains and generates."
     )
 
-    def tune(self, model, clip, vae, dataset, embedding: PivotEmbedding, rank, alpha, targets, learning_rate,
+    def tune(self, model, clip, vae, dataset, embedding: Pivot, rank, alpha, targets, learning_rate,
              steps, batch_size, seed, schedule, train_text_encoder, lora_name, overwrite, regularizer=None,
              mixed_precision="no", gradient_checkpointing=False):  # fmt: skip
         settings = dict(
@@ -364,38 +359,24 @@ class PivotalLoRATune:
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 bundle = bridge.bundle_from_comfy(model, clip, vae)
-                token = add_placeholder(
-                    bundle.tokenizer, bundle.text_encoder, embedding.placeholder, embedding.initializer,
-                    vectors=embedding.vectors,
-                )  # fmt: skip
                 bridge.check_interrupted()
-                result = run_tuning(bundle, dataset, token, config, regularizer, on_step=bridge.progress(steps))
-            metadata = result.metadata(token, bundle.name)
+                result = tune_around(bundle, dataset, embedding, config, regularizer, on_step=bridge.progress(steps))
         finally:
             bundle = None
             bridge.release()
-        lora = {key: value.cpu() for key, value in result.lora.items()}
-        save_lora(lora_path, lora, metadata, overwrite=overwrite)
+        result.lora = {key: value.cpu() for key, value in result.lora.items()}
+        result.save(lora_path, overwrite=overwrite)
         trigger = embedding.trigger
         if joint_path is not None:  # the token was retrained with the LoRA: it gets its own file
-            trigger = _save_joint_embedding(joint_path, result.vectors, embedding, lora_path.name, metadata, overwrite)
-        model_out, clip_out = bridge.apply_lora(model, clip, lora)
+            result.pivot.save(joint_path, overwrite=overwrite)
+            trigger = result.pivot.trigger
+        model_out, clip_out = bridge.apply_lora(model, clip, result.lora)
         plot = figure_to_array(history_figure(result.history, "loss", "reg_loss", f"PivotalLoRATune {lora_path.name}"))
-        return (model_out, clip_out, lora, bridge.loss_map(result.history), bridge.image_from_array(plot), lora_path.name, trigger)
+        return (model_out, clip_out, result.lora, bridge.loss_map(result.history), bridge.image_from_array(plot), lora_path.name, trigger)
 
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name=None):
         return validate_name(lora_name, "lora_name")
-
-
-def _save_joint_embedding(path, vectors, embedding: PivotEmbedding, lora_file: str, metadata: dict, overwrite: bool) -> str:
-    """Write the joint schedule's retrained token next to the embeddings; return its trigger."""
-    save_embedding(path, vectors.cpu(), family="sd15", overwrite=overwrite, metadata={
-        "placeholder": embedding.placeholder, "initializer": embedding.initializer,
-        "num_vectors": str(vectors.shape[0]), "schedule": "joint", "lora": lora_file,
-        "base_model": metadata.get("pivotal.base_model", ""),
-    })  # fmt: skip
-    return f"embedding:{stem(path.name)}"
 
 
 NODE_CLASS_MAPPINGS = {"SlerpRegularizer": SlerpRegularizer, "PivotalLoRATune": PivotalLoRATune}

@@ -29,22 +29,19 @@ from .scores import (
 )
 from .clip import ClipScorer
 from .distance import distance_metrics, embedding_distance, nearest_tokens
-from ..placeholder import PlaceholderToken, initializer_ids, placeholder_vectors
+from ..placeholder import DEFAULT_TEMPLATES, PLACEHOLDER_SLOT, PlaceholderToken, fill_placeholder, initializer_ids, placeholder_vectors
+from ..training.adapters import adapters_disabled, lora_layers
+from ..training.recorder import StepCallback
 from .sampling import (
-    PLACEHOLDER_SLOT,
-    ProgressCallback,
     SampleResult,
     SamplingConfig,
-    adapters_disabled,
-    fill_placeholder,
     image_grid,
-    lora_layers,
     sample_images,
 )
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPTS = ("an anime illustration of {}",)
+DEFAULT_PROMPTS = DEFAULT_TEMPLATES  # the training templates: reconstruction asks for what was trained
 # Edit prompts in the TI paper's spirit (new setting, new medium, new attribute), in words the tiny model knows.
 DEFAULT_EDIT_PROMPTS = ("a photo of {} on the beach", "a painting of {} in the forest", "a drawing of {} with a red hat")
 
@@ -144,7 +141,7 @@ def evaluate(
     scorers: Scorers | None = None,
     training_images: torch.Tensor | None = None,
     token: PlaceholderToken | None = None,
-    on_step: ProgressCallback | None = None,
+    on_step: StepCallback | None = None,
 ) -> EvaluationResult:
     """Generate the evaluation sets and compute every metric (missing inputs → "not computed", with why).
 
