@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ..errors import InvalidInputError
-from .safe_write import atomic_write
+from ..safe_write import atomic_write
 
 # Text-encoder keys per family, in the order ComfyUI and diffusers' SDXL docs use.
 FAMILY_KEYS: dict[str, tuple[str, ...]] = {"sd15": ("clip_l",)}

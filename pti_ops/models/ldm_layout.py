@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from .bundle import ModelBundle
 from ..errors import InvalidInputError, OutputExistsError
-from ..files.safe_write import atomic_write
+from ..safe_write import atomic_write
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -41,7 +41,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .bundle import ModelBundle, detect_family
 from .clip_vocab import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, bytes_to_unicode
 from ..errors import MissingModelFileError, ModelLoadError
-from ..files.safe_write import atomic_write
+from ..safe_write import atomic_write
 from .ldm_layout import (
     CLIP_PREFIX,
     META_ADDED_TOKENS,
