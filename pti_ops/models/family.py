@@ -5,11 +5,13 @@ The method's modules never branch on a family name; they read what they need fro
 the registry `FAMILIES`, `get_family` and `detect_family`.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .conditioning import Conditioning
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,12 @@ class TextEncoderSpec:
         lora_prefix (`str`): kohya LoRA prefix of its modules (`lora_te_`).
         single_file_prefix (`str`): prefix of its weights in a single-file LDM checkpoint.
         comfy_tokenizer (`str`): folder of its BPE files beside ComfyUI's `comfy/sd1_clip.py`.
+        pad_token (`str`, *optional*): what its prompts are padded with; None: the end token (CLIP-L).
+            SDXL's bigG pads with `!` (id 0), as diffusers' `tokenizer_2` and ComfyUI do.
+        with_projection (`bool`): a `CLIPTextModelWithProjection`, whose projected EOS state is the
+            pooled embedding of the added conditioning (SDXL's bigG).
+        open_clip_layout (`bool`): its single-file weights have OpenCLIP names (`transformer.resblocks.N`,
+            fused `in_proj`), not transformers' (`text_model.encoder.layers.N`).
     """
 
     name: str
@@ -31,6 +39,9 @@ class TextEncoderSpec:
     lora_prefix: str
     single_file_prefix: str
     comfy_tokenizer: str
+    pad_token: str | None = None
+    with_projection: bool = False
+    open_clip_layout: bool = False
 
     @property
     def comfy_prefix(self) -> str:
@@ -68,7 +79,16 @@ class ModelFamily:
         lora_unet_prefix (`str`): kohya LoRA prefix of UNet modules (`lora_unet_`).
         unet_lora_module (`Callable[[str], str]`): diffusers UNet module name → the rest of its kohya name.
         encode_tokens (`Callable`): `(text_encoder, input_ids [b, tokens], clip_skip) -> [b, tokens, dim]`,
-            how a prompt's token ids become the UNet's cross-attention conditioning.
+            how one encoder's token ids become its block of the cross-attention conditioning.
+        encode_conditioning (`Callable`): `(text_encoders, input_ids, clip_skip) -> Conditioning`, the
+            encoders and one id tensor per encoder in family order: all the UNet is conditioned on.
+        default_clip_skip (`int`): the layer the family is sampled with when nothing says otherwise
+            (`clip_skip` counts as ComfyUI's `CLIPSetLastLayer` -n: 1 = last; SD1.5 1, SDXL 2).
+        num_time_ids (`int`): length of the UNet's `add_time_ids` (SDXL 6; 0 = none).
+        prediction_markers (`tuple[str, ...]`): top-level single-file keys that flag v-prediction and
+            zero terminal SNR (SDXL: `v_pred`, `ztsnr`, as ComfyUI reads them), in that order.
+        derive_unet_config (`Callable`, *optional*): `(ldm_state, shipped_config) -> config`, the UNet
+            config of a single file from its tensor shapes (SDXL variants); None: the shipped one.
     """
 
     name: str
@@ -82,6 +102,11 @@ class ModelFamily:
     lora_unet_prefix: str
     unet_lora_module: Callable[[str], str] = field(repr=False)
     encode_tokens: Callable[[torch.nn.Module, torch.Tensor, int], torch.Tensor] = field(repr=False)
+    encode_conditioning: Callable[[Sequence[torch.nn.Module], Sequence[torch.Tensor], int], Conditioning] = field(repr=False)
+    default_clip_skip: int = 1
+    num_time_ids: int = 0
+    prediction_markers: tuple[str, ...] = ()
+    derive_unet_config: Callable[[dict, dict], dict] | None = field(default=None, repr=False)
 
     def __eq__(self, other) -> bool:
         if isinstance(other, ModelFamily):
@@ -102,12 +127,22 @@ class ModelFamily:
         return tuple(encoder.name for encoder in self.text_encoders)
 
     @property
+    def text_encoder_parts(self) -> tuple[str, ...]:
+        """diffusers names of the text encoders, in family order (`text_encoder`, `text_encoder_2`)."""
+        return tuple("text_encoder" if i == 0 else f"text_encoder_{i + 1}" for i in range(len(self.text_encoders)))
+
+    @property
+    def config_parts(self) -> tuple[str, ...]:
+        """The parts with a shipped config (`unet`, `vae`, the text encoders, `scheduler`)."""
+        return ("unet", "vae", *self.text_encoder_parts, "scheduler")
+
+    @property
     def single_file_prefixes(self) -> dict[str, str]:
         """diffusers part name (`unet`, `vae`, `text_encoder`, `text_encoder_2`…) → prefix of its weights in
         a single-file LDM checkpoint."""
         prefixes = {"unet": self.unet_prefix, "vae": self.vae_prefix}
-        for index, encoder in enumerate(self.text_encoders):
-            prefixes["text_encoder" if index == 0 else f"text_encoder_{index + 1}"] = encoder.single_file_prefix
+        for part, encoder in zip(self.text_encoder_parts, self.text_encoders):
+            prefixes[part] = encoder.single_file_prefix
         return prefixes
 
     @property

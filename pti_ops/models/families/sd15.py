@@ -4,12 +4,14 @@
 2 the penultimate; the final LayerNorm is applied in every case, as A1111 and ComfyUI do for SD1.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import CLIPTextModel
 
 from ...errors import InvalidInputError
+from ..conditioning import Conditioning
 from ..family import ModelFamily, TextEncoderSpec
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sd15"
@@ -30,6 +32,15 @@ def encode_clip_tokens(text_encoder: CLIPTextModel, input_ids: torch.Tensor, cli
     out = text_encoder(input_ids, output_hidden_states=True)
     # hidden_states[-1] is the last layer before the final LayerNorm.
     return text_transformer(text_encoder).final_layer_norm(out.hidden_states[-clip_skip])
+
+
+def encode_clip_conditioning(
+    text_encoders: Sequence[CLIPTextModel], input_ids: Sequence[torch.Tensor], clip_skip: int = 1
+) -> Conditioning:
+    """SD1.5's conditioning: CLIP-L's per-token states (`encode_clip_tokens`), no pooled embedding."""
+    (text_encoder,), (ids,) = text_encoders, input_ids
+    hidden = encode_clip_tokens(text_encoder, ids, clip_skip)
+    return Conditioning(hidden, None, (hidden.shape[-1],))
 
 
 def diffusers_module_lora_name(module_name: str) -> str:
@@ -57,4 +68,5 @@ SD15 = ModelFamily(
     lora_unet_prefix="lora_unet_",
     unet_lora_module=diffusers_module_lora_name,
     encode_tokens=encode_clip_tokens,
+    encode_conditioning=encode_clip_conditioning,
 )
