@@ -33,9 +33,15 @@ def test_detect_family_picks_sd15_for_the_tiny_model(tiny):
     assert tiny.family is SD15 and DEFAULT_FAMILY is SD15
 
 
-def test_detect_family_refuses_an_sdxl_like_unet(tiny):
+def test_detect_family_refuses_an_sdxl_unet_with_one_text_encoder(tiny):
     unet = unet_with(addition_embed_type="text_time", cross_attention_dim=2048)
-    with pytest.raises(ModelLoadError, match=r"added conditioning \('text_time', as SDXL does\): only SD1\.5-family models"):
+    with pytest.raises(ModelLoadError, match=r"SDXL's added conditioning \('text_time'\) but 1 text encoder\(s\) were given; SDXL needs 2 \(clip_l and clip_g\)"):
+        detect_family(tiny.text_encoder, unet)
+
+
+def test_detect_family_refuses_an_unknown_added_conditioning(tiny):
+    unet = unet_with(addition_embed_type="image", cross_attention_dim=32)
+    with pytest.raises(ModelLoadError, match=r"added conditioning 'image', which no supported family has: only SD1\.5 and SDXL-family"):
         detect_family(tiny.text_encoder, unet)
 
 
@@ -47,9 +53,9 @@ def test_detect_family_refuses_mismatched_widths(tiny):
 
 def test_get_family_by_name_or_object():
     assert get_family("sd15") is SD15 and get_family(SD15) is SD15
-    assert set(FAMILIES) == {"sd15"}
-    with pytest.raises(InvalidInputError, match=r"unknown model family 'sdxl'; known: \['sd15'\]"):
-        get_family("sdxl")
+    assert set(FAMILIES) == {"sd15", "sdxl"} and get_family("sdxl").display_name == "SDXL"
+    with pytest.raises(InvalidInputError, match=r"unknown model family 'flux'; known: \['sd15', 'sdxl'\]"):
+        get_family("flux")
 
 
 def test_a_family_compares_equal_to_its_name():

@@ -1,4 +1,4 @@
-"""The model bundle: tokenizer, text encoder, UNet, VAE and noise scheduler of one model family.
+"""The model bundle: tokenizer(s), text encoder(s), UNet, VAE and noise scheduler of one model family.
 
 `loaders.load_bundle(source)` builds one; this module holds only the object itself.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import InvalidInputError
 from .families import DEFAULT_FAMILY, get_family
@@ -32,6 +32,13 @@ class ModelBundle:
         family (`ModelFamily`): what differs per model family; a family name is looked up; SD1.5
             (`DEFAULT_FAMILY`) when not given.
         name (`str`): base model name, recorded in the metadata of the files we write.
+        source (`str`): where the weights came from (`tiny`, a path, `comfyui`).
+        tokenizer_2 (`CLIPTokenizer`, *optional*): SDXL's second tokenizer (bigG's; pads with `!`).
+        text_encoder_2 (`CLIPTextModelWithProjection`, *optional*): SDXL's OpenCLIP bigG encoder, whose
+            projected EOS state is the pooled embedding. Both None for SD1.5.
+
+    Family-agnostic code reads the encoders through `tokenizers`, `text_encoders` and
+    `embedding_dims`, in the family's order (that of `family.embedding_keys`).
     """
 
     tokenizer: CLIPTokenizer
@@ -42,9 +49,35 @@ class ModelBundle:
     family: ModelFamily = DEFAULT_FAMILY
     name: str = "unknown"
     source: str = field(default="", repr=False)
+    tokenizer_2: CLIPTokenizer | None = field(default=None, kw_only=True, repr=False)
+    text_encoder_2: CLIPTextModelWithProjection | None = field(default=None, kw_only=True, repr=False)
 
     def __post_init__(self):
         self.family = get_family(self.family)
+        given = 1 + (self.text_encoder_2 is not None)
+        if given != len(self.family.text_encoders) or (self.tokenizer_2 is None) != (self.text_encoder_2 is None):
+            raise InvalidInputError(
+                f"{self.family.display_name} models have {len(self.family.text_encoders)} tokenizer/text-encoder "
+                f"pair(s); got text_encoder_2={type(self.text_encoder_2).__name__}, tokenizer_2={type(self.tokenizer_2).__name__}."
+            )
+        for spec, tokenizer, encoder in zip(self.family.text_encoders, self.tokenizers, self.text_encoders):
+            if spec.with_projection:
+                _pool_at_first_end_token(tokenizer, encoder)
+
+    @property
+    def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
+        """The tokenizers in family order (SD1.5: `(tokenizer,)`; SDXL: `(tokenizer, tokenizer_2)`)."""
+        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
+
+    @property
+    def text_encoders(self) -> tuple[torch.nn.Module, ...]:
+        """The text encoders in family order (SD1.5: `(text_encoder,)`; SDXL: `(text_encoder, text_encoder_2)`)."""
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def modules(self) -> tuple[torch.nn.Module, ...]:
+        """Every torch module of the bundle: the text encoders, the UNet, the VAE."""
+        return (*self.text_encoders, self.unet, self.vae)
 
     @property
     def device(self) -> torch.device:
@@ -54,8 +87,13 @@ class ModelBundle:
 
     @property
     def embedding_dim(self) -> int:
-        """Width of a token embedding row (768 for SD1.5)."""
+        """Width of a token embedding row of the first text encoder (768 for SD1.5 and SDXL's CLIP-L)."""
         return self.text_encoder.get_input_embeddings().weight.shape[1]
+
+    @property
+    def embedding_dims(self) -> dict[str, int]:
+        """Token-embedding width per embedding-file key, in family order (SDXL: `{"clip_l": 768, "clip_g": 1280}`)."""
+        return {key: encoder.get_input_embeddings().weight.shape[1] for key, encoder in zip(self.family.embedding_keys, self.text_encoders)}
 
     @property
     def vae_scale_factor(self) -> int:
@@ -79,20 +117,32 @@ class ModelBundle:
 
     def to(self, device: str | torch.device) -> "ModelBundle":
         """Move every module to `device` (in place) and return the bundle."""
-        for module in (self.text_encoder, self.unet, self.vae):
+        for module in self.modules:
             module.to(device)
         return self
 
     def freeze(self) -> None:
         """Turn gradients off for every weight; trainers then enable only what they train."""
-        for module in (self.text_encoder, self.unet, self.vae):
+        for module in self.modules:
             module.requires_grad_(False)
             module.eval()
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Save as a diffusers Stable Diffusion folder (loadable by `load_bundle` and diffusers)."""
-        from diffusers import StableDiffusionPipeline
+        """Save as a diffusers Stable Diffusion (XL) folder (loadable by `load_bundle` and diffusers)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        if self.text_encoder_2 is not None:
+            pipe = StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=self.unet,
+                scheduler=self.noise_scheduler,
+            )
+            pipe.save_pretrained(folder, safe_serialization=True)
+            return Path(folder)
         pipe = StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
@@ -105,3 +155,20 @@ class ModelBundle:
         )
         pipe.save_pretrained(folder, safe_serialization=True)
         return Path(folder)
+
+
+def _pool_at_first_end_token(tokenizer: CLIPTokenizer, text_encoder: torch.nn.Module) -> None:
+    """Make the pooled embedding come from the first end token, as ComfyUI pools, whatever ids were added.
+
+    Released CLIP configs keep transformers' legacy `eos_token_id` 2, with which transformers pools at
+    the highest token id: a placeholder added to the tokenizer (id > 49407) would become the pooled
+    token. With the tokenizer's real end-token id it pools at the first end token instead; prompts
+    without added tokens pool at the same position either way.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None or text_encoder.config.eos_token_id == eos:
+        return
+    text_encoder.config.eos_token_id = eos
+    for module in text_encoder.modules():
+        if hasattr(module, "eos_token_id"):
+            module.eos_token_id = eos

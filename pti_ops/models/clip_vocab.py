@@ -104,10 +104,11 @@ def write_clip_vocab(folder: str | Path, words: list[str]) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def make_clip_tokenizer(words: list[str], model_max_length: int = 77) -> CLIPTokenizer:
+def make_clip_tokenizer(words: list[str], model_max_length: int = 77, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
     """A `CLIPTokenizer` whose vocabulary is generated from `words` (see `build_bpe`).
 
     Built through `from_pretrained` on the written files: the one path transformers 4.x and 5.x share.
+    `pad_token` is the end token, as CLIP-L pads; SDXL's second tokenizer pads with `!` (id 0).
     """
     with tempfile.TemporaryDirectory() as folder:
         write_clip_vocab(folder, words)
@@ -116,6 +117,6 @@ def make_clip_tokenizer(words: list[str], model_max_length: int = 77) -> CLIPTok
             unk_token=EOS_TOKEN,
             bos_token=BOS_TOKEN,
             eos_token=EOS_TOKEN,
-            pad_token=EOS_TOKEN,
+            pad_token=pad_token,
             model_max_length=model_max_length,
         )

@@ -18,7 +18,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..errors import ModelLoadError
 from .bundle import ModelBundle
-from .families import DEFAULT_FAMILY, FAMILIES, supported_families
+from .families import DEFAULT_FAMILY
+from .families.sd15 import SD15
 from .family import ModelFamily
 from .single_file import bundle_from_ldm_state, check_layout, load_configs, text_encoder_from_ldm_state, tokenizer_from_folder
 
@@ -30,6 +31,8 @@ CONNECTED = Path("the connected MODEL, CLIP and VAE")
 CONNECTED_CLIP = Path("the connected CLIP")
 # CLIP's attention heads are 64 wide (CLIP-L: 768 / 12); used when ComfyUI's module does not say.
 CLIP_HEAD_WIDTH = 64
+# The families whose ComfyUI MODEL/CLIP conversion exists here (SDXL's is still to come).
+COMFY_FAMILIES: tuple[ModelFamily, ...] = (SD15,)
 # ComfyUI's `model.model.model_type` names → diffusers' `prediction_type`.
 PREDICTION_TYPES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
 
@@ -70,13 +73,18 @@ def comfy_family(text_encoder_names: Iterable[str]) -> ModelFamily:
         text_encoder_names (`Iterable[str]`): the `COMFY_TEXT_ENCODER_NAMES` that `clip.cond_stage_model` has.
     """
     present = set(text_encoder_names)
-    for family in FAMILIES.values():
+    for family in COMFY_FAMILIES:
         if present == {encoder.name for encoder in family.text_encoders}:
             return family
     raise ModelLoadError(
         "the connected CLIP is not an SD1.x text encoder (CLIP-L alone): only "
-        f"{supported_families()}-family models are supported for now."
+        f"{comfy_families()}-family models are supported for now."
     )
+
+
+def comfy_families() -> str:
+    """The display names of `COMFY_FAMILIES`, for messages (`SD1.5`)."""
+    return " and ".join(family.display_name for family in COMFY_FAMILIES)
 
 
 def bundle_from_comfy_models(models: ComfyModels) -> ModelBundle:
@@ -157,7 +165,7 @@ def diffusers_unet_config(unet_config: dict, family: ModelFamily = DEFAULT_FAMIL
     if c.get("adm_in_channels") or c.get("use_temporal_attention") or c.get("use_temporal_resblock"):
         raise ModelLoadError(
             "the connected MODEL is not an SD1.x model (it has added conditioning or temporal layers, "
-            f"as SDXL and video models do): only {supported_families()}-family models are supported for now."
+            f"as SDXL and video models do): only {comfy_families()}-family models are supported for now."
         )
     levels = len(c["channel_mult"])
     res_blocks = _per_level(c["num_res_blocks"], levels, "num_res_blocks")

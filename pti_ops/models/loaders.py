@@ -1,9 +1,10 @@
 """Where a `ModelBundle` comes from. `load_bundle(source)` builds one from
-- `"tiny"`: a tiny random SD1.5-shaped model built from configs in code (tests, smoke runs);
+- `"tiny"` / `"tiny-sdxl"`: tiny random SD1.5- / SDXL-shaped models built from configs in code (tests, smoke runs);
 - `"toy"`: the small trained model of the toy world shipped in `pti_ops/toyworld/model/`;
-- a diffusers folder (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`);
-- a single-file SD1.5 LDM checkpoint (`.safetensors`), converted with diffusers' own functions
-  and the configs shipped in this package (see `single_file.py`).
+- a diffusers folder (`tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`; SDXL adds
+  `tokenizer_2/` and `text_encoder_2/`, a `CLIPTextModelWithProjection`);
+- a single-file SD1.5 or SDXL-family checkpoint (`.safetensors`, original layout), converted with
+  diffusers' own functions and the configs shipped in this package (see `single_file.py`).
 Nothing is ever downloaded: a missing file is an error that names it.
 """
 
@@ -13,35 +14,37 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from ..errors import InvalidInputError, MissingModelFileError, ModelLoadError
 from .bundle import ModelBundle
 from .families import detect_family
 
-# Sub-folders of a diffusers Stable Diffusion folder that training needs.
+# Sub-folders of a diffusers Stable Diffusion folder that training needs; SDXL's second encoder's.
 DIFFUSERS_SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+SDXL_SUBFOLDERS = ("tokenizer_2", "text_encoder_2")
+TINY_SOURCES = ("tiny", "tiny-sdxl")
 
 TOY_MODEL_FOLDER = Path(__file__).parent.parent / "toyworld" / "model"
 
 
 def load_bundle(source: str | os.PathLike, device: str | torch.device = "cpu", tokenizer_dir: str | None = None) -> ModelBundle:
-    """Build a `ModelBundle` from `"tiny"`, `"toy"`, a diffusers folder or a single-file checkpoint.
+    """Build a `ModelBundle` from `"tiny"`, `"tiny-sdxl"`, `"toy"`, a diffusers folder or a single-file checkpoint.
 
     Args:
-        source (`str`): `"tiny"`, `"toy"` (the shipped toy-world model), a diffusers folder, or an
-            SD1.5 `.safetensors` checkpoint.
+        source (`str`): `"tiny"` (SD1.5-shaped), `"tiny-sdxl"`, `"toy"` (the shipped toy-world model),
+            a diffusers folder, or an SD1.5 / SDXL-family `.safetensors` checkpoint.
         device (`str`): where to put the modules.
         tokenizer_dir (`str`, *optional*): folder with CLIP's `vocab.json` and `merges.txt`,
-            for single-file checkpoints (see `single_file.py` for where it is looked for otherwise).
+            for single-file checkpoints (see `tokenizer_files.py` for where they are looked for otherwise).
     """
     device = check_device(device)
     source_str = str(source)
-    if source_str == "tiny":
-        from .tiny_model import build_tiny_bundle
+    if source_str in TINY_SOURCES:
+        from .tiny_model import build_tiny_bundle, build_tiny_sdxl_bundle
 
-        bundle = build_tiny_bundle()
+        bundle = build_tiny_bundle() if source_str == "tiny" else build_tiny_sdxl_bundle()
     elif source_str == "toy":
         bundle = load_diffusers_folder(TOY_MODEL_FOLDER)
         bundle.name, bundle.source = "toyworld", "toy"
@@ -49,8 +52,8 @@ def load_bundle(source: str | os.PathLike, device: str | torch.device = "cpu", t
         path = Path(source_str).expanduser()
         if not path.exists():
             raise MissingModelFileError(
-                f"model {source_str!r} not found: give `tiny`, a diffusers model folder or an SD1.5 "
-                ".safetensors checkpoint that exists on this machine (nothing is downloaded)."
+                f"model {source_str!r} not found: give `tiny`, `tiny-sdxl`, a diffusers model folder or an SD1.5 / "
+                "SDXL .safetensors checkpoint that exists on this machine (nothing is downloaded)."
             )
         if path.is_dir():
             bundle = load_diffusers_folder(path)
@@ -85,24 +88,36 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 def load_diffusers_folder(folder: Path) -> ModelBundle:
-    """Load a diffusers Stable Diffusion folder from disk only (`local_files_only`)."""
-    missing = [sub for sub in DIFFUSERS_SUBFOLDERS if not (folder / sub).is_dir()]
+    """Load a diffusers Stable Diffusion (XL) folder from disk only (`local_files_only`).
+
+    A folder with `tokenizer_2/` or `text_encoder_2/` is read as SDXL (both are then needed).
+    """
+    is_sdxl = any((folder / sub).is_dir() for sub in SDXL_SUBFOLDERS)
+    needed = DIFFUSERS_SUBFOLDERS + (SDXL_SUBFOLDERS if is_sdxl else ())
+    missing = [sub for sub in needed if not (folder / sub).is_dir()]
     if missing:
+        kind = "an SDXL folder (it has tokenizer_2/ or text_encoder_2/)" if is_sdxl else "a diffusers Stable Diffusion folder"
         raise MissingModelFileError(
-            f"model folder {folder} lacks the sub-folder(s) {', '.join(missing)}: a diffusers Stable "
-            f"Diffusion folder needs {', '.join(DIFFUSERS_SUBFOLDERS)}."
+            f"model folder {folder} lacks the sub-folder(s) {', '.join(missing)}: {kind} needs {', '.join(needed)}."
         )
+    tokenizer_2 = text_encoder_2 = None
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
         with no_weight_loading_bar():
             text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+            if is_sdxl:
+                tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
+                text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", local_files_only=True)
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
         noise_scheduler = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load the diffusers model folder {folder}: {err}") from err
-    family = detect_family(text_encoder, unet)
-    return ModelBundle(tokenizer, text_encoder, unet, vae, noise_scheduler, family=family, name=folder.name, source=str(folder))
+    family = detect_family(text_encoder, unet, text_encoder_2)
+    return ModelBundle(
+        tokenizer, text_encoder, unet, vae, noise_scheduler, family=family, name=folder.name, source=str(folder),
+        tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager

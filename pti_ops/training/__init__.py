@@ -8,11 +8,11 @@ from .diffusion_loss import NoisedBatch, add_noise, check_timestep_range, denois
 from .latent_cache import LatentCache, encode_latents
 from .precision import MIXED_PRECISION_MODES, MixedPrecision, check_mixed_precision
 from .recorder import LossRecorder, StepCallback, check_losses_finite, diverged, offset_steps
-from .text_conditioning import encode_prompts, encode_tokens, tokenize
+from .text_conditioning import encode_conditioning, encode_ids, encode_prompts, encode_tokens, tokenize, tokenize_per_encoder
 
 __all__ = [
     "MIXED_PRECISION_MODES", "BatchSampler", "LatentCache", "LossRecorder", "MixedPrecision", "NoisedBatch", "StepCallback",
     "adapters_disabled", "add_noise", "build_caption_table", "check_losses_finite", "check_mixed_precision",
-    "check_timestep_range", "denoising_loss", "diverged", "encode_latents", "encode_prompts", "encode_tokens",
-    "lora_layers", "offset_steps", "tokenize",
+    "check_timestep_range", "denoising_loss", "diverged", "encode_conditioning", "encode_ids", "encode_latents",
+    "encode_prompts", "encode_tokens", "lora_layers", "offset_steps", "tokenize", "tokenize_per_encoder",
 ]
