@@ -11,12 +11,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from pti_ops.models import ldm_layout, single_file
+from pti_ops.models import ldm_layout, single_file, tokenizer_files
 from pti_ops.models import load_bundle
 from pti_ops.models.clip_vocab import BOS_TOKEN, EOS_TOKEN, write_clip_vocab
 from pti_ops.errors import MissingModelFileError, ModelLoadError, OutputExistsError
 from pti_ops.models.ldm_layout import clip_to_ldm, save_ldm_checkpoint, unet_to_ldm, vae_to_ldm
-from pti_ops.models.single_file import build_openai_clip_vocab, load_single_file
+from pti_ops.models.single_file import load_single_file
+from pti_ops.models.tokenizer_files import build_openai_clip_vocab
 from pti_ops.models.tiny_model import TINY_WORDS, build_tiny_bundle
 
 PROMPTS = ["a photo of a cat", "an anime girl holding a sword, beach", "zebra xylophone!"]
@@ -36,7 +37,7 @@ def tiny_file(tiny, tmp_path_factory):
 @pytest.fixture
 def no_clip_package(monkeypatch):
     """Hide an installed `clip`/`open_clip` package so the tokenizer search cannot fall back to it."""
-    monkeypatch.setattr(single_file, "find_openai_bpe_file", lambda: None)
+    monkeypatch.setattr(tokenizer_files, "find_openai_bpe_file", lambda: None)
 
 
 def _assert_same_weights(a, b, atol=0.0):
@@ -155,8 +156,11 @@ def test_placeholder_tokens_survive(tmp_path, no_clip_package):
 
 
 UNSUPPORTED = {
-    "sdxl": ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(4),
-              "model.diffusion_model.out.2.weight": torch.ones(4)}, "an SDXL checkpoint"),
+    "sdxl_partial": ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(4),
+                      "model.diffusion_model.out.2.weight": torch.ones(4)},
+                     r"a file without vae `first_stage_model\.\*`, text_encoder_2 `conditioner\.embedders\.1\.model\.\*`"),
+    "sdxl_refiner": ({"conditioner.embedders.0.model.ln_final.weight": torch.ones(4),
+                      "model.diffusion_model.out.2.weight": torch.ones(4)}, "an SDXL-style checkpoint with other text encoders"),
     "sd2": ({"cond_stage_model.model.ln_final.weight": torch.ones(4),
              "model.diffusion_model.out.2.weight": torch.ones(4)}, "an SD2.x checkpoint"),
     "embedding": ({"clip_l": torch.ones(2, 768)}, "a textual-inversion embedding"),
@@ -172,7 +176,7 @@ def test_unsupported_files_are_named(case, tmp_path):
     state, found = UNSUPPORTED[case]
     path = tmp_path / f"{case}.safetensors"
     save_file(state, str(path))
-    with pytest.raises(ModelLoadError, match=rf"unsupported model: {case}\.safetensors looks like {found}.*only SD1\.5"):
+    with pytest.raises(ModelLoadError, match=rf"unsupported model: {case}\.safetensors looks like {found}.*SD1\.5 and SDXL single-file checkpoints are supported"):
         load_bundle(path)
 
 
@@ -273,7 +277,7 @@ def test_openai_vocab_files_load_as_clip_tokenizer(tmp_path):
     with gzip.open(bpe, "wt", encoding="utf-8") as file:
         file.write("\n".join(["header", *merges]))
     vocab, kept = build_openai_clip_vocab(bpe, num_merges=2)
-    single_file.write_vocab_files(tmp_path / "tok", vocab, kept)
+    tokenizer_files.write_vocab_files(tmp_path / "tok", vocab, kept)
     assert json.loads((tmp_path / "tok" / "vocab.json").read_text(encoding="utf-8")) == vocab
-    tokenizer = single_file.tokenizer_from_folder(tmp_path / "tok", 77)
+    tokenizer = tokenizer_files.tokenizer_from_folder(tmp_path / "tok", 77)
     assert tokenizer("cat").input_ids == [vocab[BOS_TOKEN], vocab["cat</w>"], vocab[EOS_TOKEN]]

@@ -21,7 +21,8 @@ from .bundle import ModelBundle
 from .families import DEFAULT_FAMILY
 from .families.sd15 import SD15
 from .family import ModelFamily
-from .single_file import bundle_from_ldm_state, check_layout, load_configs, text_encoder_from_ldm_state, tokenizer_from_folder
+from .single_file import bundle_from_ldm_state, check_layout, load_configs, text_encoder_from_ldm_state
+from .tokenizer_files import tokenizer_from_folder
 
 # ComfyUI's attribute names of the text encoders in `clip.cond_stage_model`, for the families it knows:
 # SD1.x `clip_l`; SDXL `clip_l` + `clip_g`; SD3 and Flux add `t5xxl`.

@@ -1,17 +1,24 @@
-"""diffusers → original LDM single-file layout for SD1.5-family models, and the checkpoint writer.
+"""diffusers → original single-file layout (SD1.5's LDM, SDXL's SGM), and the checkpoint writer.
 
-The LDM layout (that of `v1-5-pruned-emaonly.safetensors`, which ComfyUI and A1111 load; the
+The SD1.5 layout (that of `v1-5-pruned-emaonly.safetensors`, which ComfyUI and A1111 load; the
 prefixes are the family's `single_file_prefixes`) is
   model.diffusion_model.*                       UNet (`input_blocks`, `middle_block`, `output_blocks`)
   first_stage_model.*                           VAE (`encoder.down.N`, `decoder.up.N`, `mid.attn_1`)
   cond_stage_model.transformer.text_model.*     CLIP text encoder (transformers names)
   betas, alphas_cumprod, ...                    DDPM schedule buffers
-The renames work for any number of UNet/VAE levels and any (integer) `layers_per_block`, so the tiny
-test model round-trips as well as SD1.5. The reverse direction is diffusers' own converters
-(`single_file.py`), so a file written here is checked against an independent implementation.
+SDXL's (that of `sd_xl_base_1.0.safetensors`) has the same UNet (plus `label_emb`) and VAE, and
+  conditioner.embedders.0.transformer.text_model.*  CLIP-L (transformers names)
+  conditioner.embedders.1.model.*                   OpenCLIP bigG (`transformer.resblocks.N`, fused
+                                                    `attn.in_proj_*`, `text_projection` as `x @ P`)
+  v_pred, ztsnr                                     empty marker tensors, only for v-prediction / zero SNR
+The renames work for any number of UNet/VAE levels, any (integer) `layers_per_block` and any number
+of transformer blocks per res block, so the tiny test models and SDXL's variants round-trip. The
+reverse direction is diffusers' own converters (`single_file.py`), so a file written here is checked
+against an independent implementation.
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -31,6 +38,7 @@ META_CONFIG_KEYS = {
     "unet": META_PREFIX + "unet_config",
     "vae": META_PREFIX + "vae_config",
     "text_encoder": META_PREFIX + "text_encoder_config",
+    "text_encoder_2": META_PREFIX + "text_encoder_2_config",
     "scheduler": META_PREFIX + "scheduler_config",
 }
 META_VOCAB = META_PREFIX + "tokenizer_vocab"
@@ -54,6 +62,8 @@ _UNET_RESNET_RENAMES = (
 _UNET_TOP_LEVEL = {
     "time_embedding.linear_1.": "time_embed.0.",
     "time_embedding.linear_2.": "time_embed.2.",
+    "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's added conditioning
+    "add_embedding.linear_2.": "label_emb.0.2.",
     "conv_in.": "input_blocks.0.0.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
@@ -116,7 +126,7 @@ def _unet_key_to_ldm(key: str, prefixes: dict[str, tuple[str, bool]]) -> str:
             if is_resnet:
                 rest = next((b + rest[len(a):] for a, b in _UNET_RESNET_RENAMES if rest.startswith(a)), rest)
             return new + rest
-    raise ValueError(f"UNet weight {key!r} has no place in the SD1.5 LDM layout (class or added embeddings?).")
+    raise ValueError(f"UNet weight {key!r} has no place in the LDM layout (class embeddings?).")
 
 
 def unet_to_ldm(state: dict[str, torch.Tensor], config: dict, family: ModelFamily = DEFAULT_FAMILY) -> dict[str, torch.Tensor]:
@@ -185,8 +195,10 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict, family: ModelFamily
     return out
 
 
-def clip_to_ldm(state: dict[str, torch.Tensor], max_positions: int, family: ModelFamily = DEFAULT_FAMILY) -> dict[str, torch.Tensor]:
-    """Prefix a `CLIPTextModel` state dict as `cond_stage_model.transformer.text_model.*`.
+def clip_to_ldm(
+    state: dict[str, torch.Tensor], max_positions: int, family: ModelFamily = DEFAULT_FAMILY, prefix: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Prefix a `CLIPTextModel` state dict as `cond_stage_model.transformer.text_model.*` (SD1.5).
 
     Args:
         state (`dict`): the text encoder's `state_dict()`; transformers 5 drops the `text_model.`
@@ -194,14 +206,92 @@ def clip_to_ldm(state: dict[str, torch.Tensor], max_positions: int, family: Mode
         max_positions (`int`): prompt length; LDM files carry the `position_ids` buffer that
             transformers no longer saves.
         family (`ModelFamily`): gives the single-file prefix (of its first text encoder).
+        prefix (`str`, *optional*): another prefix (SDXL's CLIP-L: `conditioner.embedders.0.transformer.`).
     """
-    prefix = family.text_encoders[0].single_file_prefix
+    prefix = family.text_encoders[0].single_file_prefix if prefix is None else prefix
     out = {}
     for key, value in state.items():
         key = key if key.startswith("text_model.") else "text_model." + key
         out[prefix + key] = value
     out[prefix + "text_model.embeddings.position_ids"] = torch.arange(max_positions, dtype=torch.int64)[None]
     return out
+
+
+# transformers CLIP names -> OpenCLIP's, for SDXL's bigG (`conditioner.embedders.1.model.*`).
+_OPEN_CLIP_TOP_LEVEL = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER_RENAMES = (
+    ("layer_norm1.", "ln_1."),
+    ("layer_norm2.", "ln_2."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+    ("self_attn.out_proj.", "attn.out_proj."),
+)
+# OpenCLIP's trained temperature, ln(100): released SDXL files carry it (unused for generation).
+OPEN_CLIP_LOGIT_SCALE = math.log(100.0)
+
+
+def clip_to_open_clip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A `CLIPTextModelWithProjection` state dict in OpenCLIP's text-tower names (SDXL's bigG).
+
+    q, k and v are fused into `attn.in_proj_weight` / `in_proj_bias` (in that order), and the
+    projection is stored transposed, as OpenCLIP computes `x @ text_projection`.
+
+    Args:
+        state (`dict`): the encoder's `state_dict()` (`text_model.` level optional, as in `clip_to_ldm`).
+        prefix (`str`): the single-file prefix (`conditioner.embedders.1.model.`).
+    """
+    out, fused = {}, {}
+    for key, value in state.items():
+        name = key.removeprefix("text_model.")
+        if name == "text_projection.weight":
+            out[prefix + "text_projection"] = value.t().contiguous()
+        elif name in _OPEN_CLIP_TOP_LEVEL:
+            out[prefix + _OPEN_CLIP_TOP_LEVEL[name]] = value
+        elif name.startswith("encoder.layers."):
+            layer, rest = name.removeprefix("encoder.layers.").split(".", 1)
+            block = f"{prefix}transformer.resblocks.{layer}."
+            projection, _, kind = rest.removeprefix("self_attn.").partition(".")
+            if rest.startswith("self_attn.") and projection in ("q_proj", "k_proj", "v_proj"):
+                fused.setdefault(block + f"attn.in_proj_{kind}", {})[projection[0]] = value
+                continue
+            renamed = next((new + rest[len(old):] for old, new in _OPEN_CLIP_LAYER_RENAMES if rest.startswith(old)), None)
+            if renamed is None:
+                raise ValueError(f"text encoder weight {key!r} has no place in the OpenCLIP layout.")
+            out[block + renamed] = value
+        elif not name.endswith("position_ids"):
+            raise ValueError(f"text encoder weight {key!r} has no place in the OpenCLIP layout.")
+    for name, parts in fused.items():
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    out[prefix + "logit_scale"] = torch.tensor(OPEN_CLIP_LOGIT_SCALE)
+    return out
+
+
+def text_encoders_to_ldm(bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    """Every text encoder of `bundle` under its family's single-file prefix and naming."""
+    out = {}
+    for spec, encoder in zip(bundle.family.text_encoders, bundle.text_encoders):
+        if spec.open_clip_layout:
+            out.update(clip_to_open_clip(encoder.state_dict(), spec.single_file_prefix))
+        else:
+            out.update(clip_to_ldm(encoder.state_dict(), encoder.config.max_position_embeddings, prefix=spec.single_file_prefix))
+    return out
+
+
+def prediction_markers(scheduler_config: dict, family: ModelFamily) -> dict[str, torch.Tensor]:
+    """The empty marker tensors that flag v-prediction and zero terminal SNR in `family`'s files (SDXL:
+    `v_pred`, `ztsnr`, as ComfyUI's checkpoint saver writes and its loader reads them)."""
+    if not family.prediction_markers or scheduler_config.get("prediction_type") != "v_prediction":
+        return {}
+    v_pred, ztsnr = family.prediction_markers
+    markers = {v_pred: torch.tensor([])}
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        markers[ztsnr] = torch.tensor([])
+    return markers
 
 
 def ddpm_buffers(betas: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -234,16 +324,20 @@ def ddpm_buffers(betas: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def bundle_to_ldm(bundle: ModelBundle) -> dict[str, torch.Tensor]:
-    """The whole bundle (UNet, VAE, text encoder, schedule) as one LDM-layout state dict, unconverted dtypes.
+    """The whole bundle (UNet, VAE, text encoders, schedule) as one single-file state dict, unconverted dtypes.
 
     Args:
-        bundle (`ModelBundle`): an SD1.5-family bundle; it is read, never modified.
+        bundle (`ModelBundle`): an SD1.5- or SDXL-family bundle; it is read, never modified.
     """
     state, family = {}, bundle.family
     state.update(unet_to_ldm(bundle.unet.state_dict(), dict(bundle.unet.config), family))
     state.update(vae_to_ldm(bundle.vae.state_dict(), dict(bundle.vae.config), family))
-    state.update(clip_to_ldm(bundle.text_encoder.state_dict(), bundle.text_encoder.config.max_position_embeddings, family))
-    state.update(ddpm_buffers(bundle.noise_scheduler.betas))
+    state.update(text_encoders_to_ldm(bundle))
+    if family.prediction_markers:
+        # SDXL files carry no schedule buffers (the SGM code computes its schedule); only markers.
+        state.update(prediction_markers(dict(bundle.noise_scheduler.config), family))
+    else:
+        state.update(ddpm_buffers(bundle.noise_scheduler.betas))
     return state
 
 
@@ -272,16 +366,25 @@ def tokenizer_vocab_and_merges(tokenizer) -> tuple[dict[str, int], list[str]]:
     return dict(tokenizer.encoder), [" ".join(pair) for pair, _ in ranked]
 
 
-def _tokenizer_metadata(tokenizer) -> dict[str, str]:
+def tokenizer_meta_keys(index: int) -> tuple[str, str, str]:
+    """Metadata keys (vocab, merges, added tokens) of the `index`-th tokenizer (0: SD1.5's names; 1: `tokenizer_2_*`)."""
+    if index == 0:
+        return META_VOCAB, META_MERGES, META_ADDED_TOKENS
+    stem = f"{META_PREFIX}tokenizer_{index + 1}_"
+    return stem + "vocab", stem + "merges", stem + "added_tokens"
+
+
+def _tokenizer_metadata(tokenizer, index: int = 0) -> dict[str, str]:
+    vocab_key, merges_key, added_key = tokenizer_meta_keys(index)
     vocab, merges = tokenizer_vocab_and_merges(tokenizer)
     meta = {}
     # Tokens added after the BPE vocabulary (placeholders) own rows of the embedding matrix: keep them.
     added = sorted((i, t.content) for i, t in tokenizer.added_tokens_decoder.items() if t.content not in vocab)
     if added:
-        meta[META_ADDED_TOKENS] = json.dumps(added, ensure_ascii=False)
+        meta[added_key] = json.dumps(added, ensure_ascii=False)
     if len(vocab) <= MAX_EMBEDDED_VOCAB:
-        meta[META_VOCAB] = json.dumps(vocab, ensure_ascii=False)
-        meta[META_MERGES] = json.dumps(merges, ensure_ascii=False)
+        meta[vocab_key] = json.dumps(vocab, ensure_ascii=False)
+        meta[merges_key] = json.dumps(merges, ensure_ascii=False)
     return meta
 
 
@@ -292,31 +395,30 @@ def checkpoint_metadata(bundle: ModelBundle) -> dict[str, str]:
         bundle (`ModelBundle`): the bundle being written.
     """
     meta = {"format": "pt", META_PREFIX + "family": bundle.family.name, META_PREFIX + "name": bundle.name}
-    configs = {
-        "unet": dict(bundle.unet.config),
-        "vae": dict(bundle.vae.config),
-        "text_encoder": bundle.text_encoder.config.to_dict(),
-        "scheduler": dict(bundle.noise_scheduler.config),
-    }
+    configs = {"unet": dict(bundle.unet.config), "vae": dict(bundle.vae.config)}
+    for part, encoder in zip(bundle.family.text_encoder_parts, bundle.text_encoders):
+        configs[part] = encoder.config.to_dict()
+    configs["scheduler"] = dict(bundle.noise_scheduler.config)
     for part, config in configs.items():
         meta[META_CONFIG_KEYS[part]] = _config_json(config)
-    meta.update(_tokenizer_metadata(bundle.tokenizer))
+    for index, tokenizer in enumerate(bundle.tokenizers):
+        meta.update(_tokenizer_metadata(tokenizer, index))
     return meta
 
 
 def save_ldm_checkpoint(
     bundle: ModelBundle, path: str | os.PathLike, dtype: torch.dtype = torch.float16, overwrite: bool = False
 ) -> Path:
-    """Write `bundle` as a single-file SD1.5 LDM checkpoint (`.safetensors`), atomically.
+    """Write `bundle` as a single-file checkpoint in its family's original layout (`.safetensors`), atomically.
 
-    The file loads in ComfyUI's checkpoint loader (for SD1.5-sized models) and in `load_bundle`
+    The file loads in ComfyUI's checkpoint loader (for models of the real widths) and in `load_bundle`
     (any size: the diffusers configs are in the metadata).
 
     Args:
         bundle (`ModelBundle`): the model to write; it is not modified.
         path (`str`): output file, ending in `.safetensors`.
         dtype (`torch.dtype`): `torch.float16` (the usual distribution size) or `torch.float32` (lossless).
-            The schedule buffers stay float32 and `position_ids` int64.
+            The schedule buffers and markers stay float32 and `position_ids` int64.
         overwrite (`bool`): replace an existing file; otherwise an existing file raises `OutputExistsError`.
     """
     path = Path(path)

@@ -1,32 +1,23 @@
-"""Load a single-file SD1.5 checkpoint (original LDM layout, `.safetensors`) as a `ModelBundle`.
+"""Load a single-file checkpoint (original layout, `.safetensors`) of SD1.5 or the SDXL family as a `ModelBundle`.
 
 The tensors are read with `safetensors.safe_open` (no pickle), upcast to float32 and converted
 with diffusers' own LDM → diffusers functions (`convert_ldm_unet_checkpoint`,
-`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`), none of which touches the network.
-The key prefixes and the shipped configs are the model family's (`single_file_prefixes`, and
-`config_dir`: `models/configs/sd15/` for SD1.5); files written by `ldm_layout.save_ldm_checkpoint`
-(e.g. the tiny model) carry their own configs in their metadata.
+`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, and `convert_open_clip_checkpoint` for
+SDXL's bigG), none of which touches the network. The family is recognised from the key prefixes
+(`single_file_prefixes`); its shipped configs (`config_dir`: `models/configs/sd15/`, `…/sdxl/`) fill
+in what a file does not say, except SDXL's UNet config, which is derived from the tensor shapes so
+that SSD-1B, Segmind Vega and KOALA load too (`ldm_shapes.py`). Files written by
+`ldm_layout.save_ldm_checkpoint` (e.g. the tiny models) carry their own configs in their metadata.
+SDXL's `v_pred` / `ztsnr` marker keys make the schedule v-prediction / zero terminal SNR.
 Every tensor is accounted for: a file key the conversion did not use, or a model weight the file
 lacks, is an error that names it.
 
-The tokenizer is not in a checkpoint: SD1.5 needs CLIP's BPE vocabulary (`vocab.json` +
-`merges.txt`, 49,408 tokens). It is looked for, in this order:
-  (a) the `tokenizer_dir` argument: a folder with `vocab.json` + `merges.txt` (a diffusers
-      `tokenizer/` folder, ComfyUI's `comfy/sd1_tokenizer/`), or a transformers `tokenizer.json`;
-  (b) a `tokenizer/` folder next to the checkpoint;
-  (c) the checkpoint's own metadata (small vocabularies written by `save_ldm_checkpoint`);
-  (d) the BPE file of the optional pip packages `clip-anytorch` (module `clip`) or `open_clip_torch`
-      (module `open_clip`), turned into `vocab.json` + `merges.txt` as OpenAI's `simple_tokenizer.py`
-      does and cached in the temp folder;
-otherwise `MissingModelFileError` names the missing files and these ways to supply them.
+The tokenizers are not in a checkpoint: `tokenizer_files.py` says where they are looked for.
 """
 
-import gzip
-import hashlib
-import importlib.util
 import json
 import os
-import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -35,17 +26,17 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
 )
 from safetensors import SafetensorError, safe_open
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .bundle import ModelBundle
-from .clip_vocab import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, bytes_to_unicode
-from ..errors import MissingModelFileError, ModelLoadError
-from ..safe_write import atomic_write
-from .families import DEFAULT_FAMILY, FAMILIES, detect_family
-from .family import ModelFamily
-from .ldm_layout import META_ADDED_TOKENS, META_CONFIG_KEYS, META_MERGES, META_PREFIX, META_VOCAB
+from ..errors import ModelLoadError
+from .families import DEFAULT_FAMILY, FAMILIES, detect_family, supported_families
+from .family import ModelFamily, TextEncoderSpec
+from .ldm_layout import META_CONFIG_KEYS, META_PREFIX
+from .tokenizer_files import check_tokenizer_fits, resolve_tokenizers
 
 # File keys that are not weights of the three models: LDM's DDPM schedule buffers, EMA copies
 # (full checkpoints keep both; the non-EMA weights are used, as ComfyUI does) and LDM's `logvar`.
@@ -61,22 +52,19 @@ EMBEDDING_KEYS = {"clip_l", "clip_g", "emb_params"}
 # Text-encoder keys that CLIPTextModel does not have: the position ids buffer (rebuilt by the model),
 # and the projection / logit scale that ComfyUI-saved checkpoints may carry (unused by SD1.5).
 IGNORED_CLIP_SUFFIXES = ("position_ids", "text_projection.weight", "logit_scale")
-
-# OpenAI CLIP's BPE: 49,152 vocabulary entries minus the 256 + 256 byte symbols (with and without
-# `</w>`) leaves 48,894 merges; the two special tokens bring the vocabulary to 49,408.
-NUM_CLIP_MERGES = 49152 - 256 - 2
-CLIP_VOCAB_SIZE = 49408
-OPENAI_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-TOKENIZER_KWARGS = dict(unk_token=EOS_TOKEN, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+# OpenCLIP keys that diffusers' converter copies (split q/k/v, transposed projection) rather than
+# renames, so they are accounted for by the converted model's completeness; and its unused temperature.
+COPIED_OPEN_CLIP_SUFFIXES = ("attn.in_proj_weight", "attn.in_proj_bias", "text_projection")
+IGNORED_OPEN_CLIP_SUFFIXES = ("logit_scale",)
 
 
 def load_single_file(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> ModelBundle:
-    """Build a `ModelBundle` from an SD1.5 single-file `.safetensors` checkpoint.
+    """Build a `ModelBundle` from an SD1.5 or SDXL-family single-file `.safetensors` checkpoint.
 
     Args:
         path (`str`): the checkpoint file.
-        tokenizer_dir (`str`, *optional*): folder with CLIP's `vocab.json` + `merges.txt`; see the
-            module docstring for where the tokenizer is looked for without it.
+        tokenizer_dir (`str`, *optional*): folder with CLIP's `vocab.json` + `merges.txt` (or with
+            `tokenizer/` and `tokenizer_2/`); see `tokenizer_files.py` for where they are looked for without it.
     """
     path = Path(path)
     if path.suffix.lower() not in (".safetensors", ".sft"):
@@ -87,12 +75,15 @@ def load_single_file(path: str | os.PathLike, tokenizer_dir: str | os.PathLike |
     state, metadata = read_safetensors(path)
     family = family_of_state(state)
     check_layout(state, path, family)
-    configs = load_configs(metadata, family)
+    configs = load_configs(metadata, family, state)
     text_config = CLIPTextConfig.from_dict(configs["text_encoder"])
-    # The tokenizer is the part most likely to be missing: look for it before the costly conversion.
-    tokenizer = resolve_tokenizer(path, metadata, tokenizer_dir, text_config.max_position_embeddings)
+    # The tokenizers are the part most likely to be missing: look for them before the costly conversion.
+    tokenizers = resolve_tokenizers(path, metadata, tokenizer_dir, text_config.max_position_embeddings, family)
     name = metadata.get(META_PREFIX + "name", path.stem)
-    return bundle_from_ldm_state(state, configs, tokenizer, name=name, source=str(path), where=path, family=family)
+    return bundle_from_ldm_state(
+        state, configs, tokenizers[0], name=name, source=str(path), where=path, family=family,
+        tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
+    )  # fmt: skip
 
 
 def bundle_from_ldm_state(
@@ -103,31 +94,47 @@ def bundle_from_ldm_state(
     source: str,
     where: Path,
     family: ModelFamily = DEFAULT_FAMILY,
+    tokenizer_2: CLIPTokenizer | None = None,
 ) -> ModelBundle:
-    """Build a `ModelBundle` from an LDM-layout state dict, the parts' configs and a tokenizer.
+    """Build a `ModelBundle` from a single-file-layout state dict, the parts' configs and the tokenizer(s).
 
     Used for checkpoint files and for the weights of models already loaded elsewhere (ComfyUI's
     MODEL/CLIP/VAE, renamed to the LDM layout by `comfy_layout.py`).
 
     Args:
-        state (`dict`): float32 tensors under `model.diffusion_model.*`, `first_stage_model.*` and
-            `cond_stage_model.transformer.*` for SD1.5 (checked by `check_layout`).
-        configs (`dict`): diffusers/transformers configs of `unet`, `vae`, `text_encoder`, `scheduler`.
-        tokenizer (`CLIPTokenizer`): the text encoder's tokenizer.
+        state (`dict`): float32 tensors under the family's `single_file_prefixes` (SD1.5:
+            `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`; checked
+            by `check_layout`).
+        configs (`dict`): diffusers/transformers configs of `family.config_parts` (`unet`, `vae`,
+            `text_encoder` [, `text_encoder_2`], `scheduler`).
+        tokenizer (`CLIPTokenizer`): the (first) text encoder's tokenizer.
         name (`str`): base model name recorded in the files written from the bundle.
         source (`str`): where the weights came from.
         where (`Path`): what error messages name (`where.name`): the file, or the connected models.
         family (`ModelFamily`): the family whose layout `state` has.
+        tokenizer_2 (`CLIPTokenizer`, *optional*): SDXL's second tokenizer.
     """
-    text_config = CLIPTextConfig.from_dict(configs["text_encoder"])
-    _check_tokenizer_fits(tokenizer, text_config.vocab_size, where)
+    tokenizers = (tokenizer,) if tokenizer_2 is None else (tokenizer, tokenizer_2)
+    parts = family.text_encoder_parts
+    if len(tokenizers) != len(parts):
+        raise ModelLoadError(f"{where.name}: a {family.display_name} model needs {len(parts)} tokenizer(s), got {len(tokenizers)}.")
+    for part, tok in zip(parts, tokenizers):
+        check_tokenizer_fits(tok, configs[part]["vocab_size"], where)
     converted = convert_to_diffusers(state, configs, where, family)
     unet = _build_model(lambda: UNet2DConditionModel.from_config(configs["unet"]), converted["unet"], "UNet", where)
     vae = _build_model(lambda: AutoencoderKL.from_config(configs["vae"]), converted["vae"], "VAE", where)
-    text_encoder = _build_model(lambda: CLIPTextModel(text_config), converted["text_encoder"], "text encoder", where)
+    encoders = []
+    for index, (part, spec) in enumerate(zip(parts, family.text_encoders)):
+        model_class = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+        config = CLIPTextConfig.from_dict(configs[part])
+        what = "text encoder" if index == 0 else f"text encoder {index + 1}"
+        encoders.append(_build_model(lambda: model_class(config), converted[part], what, where))
     scheduler = DDPMScheduler.from_config(configs["scheduler"])
-    family = detect_family(text_encoder, unet)
-    return ModelBundle(tokenizer, text_encoder, unet, vae, scheduler, family=family, name=name, source=source)
+    family = detect_family(encoders[0], unet, encoders[1] if len(encoders) > 1 else None)
+    return ModelBundle(
+        tokenizer, encoders[0], unet, vae, scheduler, family=family, name=name, source=source,
+        tokenizer_2=tokenizer_2, text_encoder_2=encoders[1] if len(encoders) > 1 else None,
+    )  # fmt: skip
 
 
 def text_encoder_from_ldm_state(state: dict[str, torch.Tensor], text_config: dict, where: Path) -> CLIPTextModel:
@@ -158,20 +165,27 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def family_of_state(state: dict[str, torch.Tensor]) -> ModelFamily:
-    """The family whose single-file prefixes all occur among the keys; the default family when none does
-    (its `check_layout` then says what the file looks like)."""
+    """The family whose single-file prefixes all occur among the keys; otherwise the one with the most of
+    its text-encoder prefixes present (its `check_layout` then says what is missing); the default family
+    when none is present."""
+    def present(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in state)
+
     for family in FAMILIES.values():
-        if all(any(key.startswith(prefix) for key in state) for prefix in family.single_file_prefixes.values()):
+        if all(present(prefix) for prefix in family.single_file_prefixes.values()):
             return family
-    return DEFAULT_FAMILY
+    counts = {family: sum(present(spec.single_file_prefix) for spec in family.text_encoders) for family in FAMILIES.values()}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else DEFAULT_FAMILY
 
 
 def _describe_unsupported(keys: list[str], family: ModelFamily) -> str | None:
     """What a file outside the family's layout looks like, from its keys (None when it has that layout)."""
     if not keys:
         return "an empty file (no tensors)"
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "an SDXL checkpoint (`conditioner.embedders.*` text encoders)"
+    own_text = any(k.startswith(spec.single_file_prefix) for spec in family.text_encoders for k in keys)
+    if not own_text and any(k.startswith("conditioner.embedders.") for k in keys):
+        return "an SDXL-style checkpoint with other text encoders than SDXL base's CLIP-L + bigG (`conditioner.embedders.*`; the SDXL refiner?)"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "an SD2.x checkpoint (OpenCLIP text encoder `cond_stage_model.model.*`)"
     if any("lora_" in k or ".lora." in k for k in keys):
@@ -186,24 +200,30 @@ def _describe_unsupported(keys: list[str], family: ModelFamily) -> str | None:
     return None
 
 
+def _layout_summary(family: ModelFamily) -> str:
+    """`UNet `model.diffusion_model.*`, text encoder `…*` and VAE `first_stage_model.*`` for messages."""
+    texts = " and ".join(f"`{spec.single_file_prefix}*`" for spec in family.text_encoders)
+    noun = "text encoder" if len(family.text_encoders) == 1 else "text encoders"
+    return f"UNet `{family.unet_prefix}*`, {noun} {texts} and VAE `{family.vae_prefix}*`"
+
+
 def check_layout(state: dict[str, torch.Tensor], path: Path, family: ModelFamily = DEFAULT_FAMILY) -> None:
-    """Raise `ModelLoadError` unless the keys are those of a single-file LDM checkpoint of `family`.
+    """Raise `ModelLoadError` unless the keys are those of a single-file checkpoint of `family`.
 
     Args:
         state (`dict`): the file's tensors by key.
         path (`Path`): the file, for the message.
         family (`ModelFamily`): the family whose layout is expected.
     """
-    prefixes = family.single_file_prefixes
     what = _describe_unsupported(list(state), family)
     if what is not None:
         raise ModelLoadError(
-            f"unsupported model: {path.name} looks like {what}; only {family.display_name} single-file checkpoints "
-            f"are supported (with UNet `{prefixes['unet']}*`, text encoder `{prefixes['text_encoder']}*` and VAE "
-            f"`{prefixes['vae']}*`)."
+            f"unsupported model: {path.name} looks like {what}; {supported_families()} single-file checkpoints are "
+            f"supported ({family.display_name} ones have {_layout_summary(family)})."
         )
-    parts = tuple(prefixes.values())
-    unknown = [k for k in state if not k.startswith(parts + IGNORED_PREFIXES) and k not in IGNORED_KEYS]
+    parts = tuple(family.single_file_prefixes.values())
+    allowed = IGNORED_KEYS | set(family.prediction_markers)
+    unknown = [k for k in state if not k.startswith(parts + IGNORED_PREFIXES) and k not in allowed]
     if unknown:
         raise ModelLoadError(
             f"{path.name} has {len(unknown)} tensor(s) outside the {family.display_name} layout, e.g. "
@@ -216,20 +236,48 @@ def _read_config(name: str, family: ModelFamily = DEFAULT_FAMILY) -> dict:
     return json.loads((family.config_dir / name).read_text(encoding="utf-8"))
 
 
-def load_configs(metadata: dict[str, str], family: ModelFamily = DEFAULT_FAMILY) -> dict[str, dict]:
-    """diffusers/transformers configs of the four parts: the file's own (our files) or the family's shipped ones.
+def load_configs(
+    metadata: dict[str, str], family: ModelFamily = DEFAULT_FAMILY, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, dict]:
+    """diffusers/transformers configs of the family's parts: the file's own (our files) or the family's shipped ones.
 
     Args:
         metadata (`dict`): the checkpoint's safetensors metadata.
         family (`ModelFamily`): whose shipped configs fill in what the metadata lacks.
+        state (`dict`, *optional*): the file's tensors: a UNet config the metadata lacks is derived from
+            their shapes (`family.derive_unet_config`, SDXL), and the family's prediction markers set
+            the schedule's prediction type.
     """
     configs = {}
-    for part, key in META_CONFIG_KEYS.items():
+    for part in family.config_parts:
+        key = META_CONFIG_KEYS[part]
         try:
             configs[part] = json.loads(metadata[key]) if key in metadata else _read_config(f"{part}_config.json", family)
         except json.JSONDecodeError as err:
             raise ModelLoadError(f"the checkpoint's metadata entry {key} is not valid JSON: {err}") from err
+    if state is not None:
+        if family.derive_unet_config is not None and META_CONFIG_KEYS["unet"] not in metadata:
+            configs["unet"] = family.derive_unet_config(state, configs["unet"])
+        configs["scheduler"] = scheduler_config_with_markers(configs["scheduler"], state, family)
     return configs
+
+
+def scheduler_config_with_markers(config: dict, state: dict[str, torch.Tensor], family: ModelFamily) -> dict:
+    """`config` with v-prediction (and zero terminal SNR) where the file carries the family's marker keys.
+
+    ComfyUI reads `v_pred` as v-prediction and, with it, `ztsnr` as zero terminal SNR (NoobAI-XL
+    v-pred and ComfyUI-saved files carry them); diffusers' counterparts are `prediction_type`,
+    `rescale_betas_zero_snr` and the `trailing` timestep spacing diffusers recommends with it.
+    """
+    if not family.prediction_markers:
+        return config
+    v_pred, ztsnr = family.prediction_markers
+    config = dict(config)
+    if v_pred in state:
+        config["prediction_type"] = "v_prediction"
+        if ztsnr in state:
+            config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return config
 
 
 def _unused_keys(state: dict[str, torch.Tensor], prefix: str, converted: dict[str, torch.Tensor]) -> list[str]:
@@ -239,31 +287,46 @@ def _unused_keys(state: dict[str, torch.Tensor], prefix: str, converted: dict[st
     return [k for k, t in state.items() if k.startswith(prefix) and t.data_ptr() not in used]
 
 
+def _convert_text_encoder(state: dict[str, torch.Tensor], spec: TextEncoderSpec, config: dict) -> dict[str, torch.Tensor]:
+    """One text encoder's diffusers state dict, by diffusers' converter for its naming."""
+    if not spec.open_clip_layout:
+        return convert_ldm_clip_checkpoint(state)
+    # diffusers' OpenCLIP converter reads only `config.hidden_size` of the model it is given.
+    holder = types.SimpleNamespace(config=CLIPTextConfig.from_dict(config))
+    return convert_open_clip_checkpoint(holder, state, prefix=spec.single_file_prefix)
+
+
 def convert_to_diffusers(
     state: dict[str, torch.Tensor], configs: dict[str, dict], path: Path, family: ModelFamily = DEFAULT_FAMILY
 ) -> dict[str, dict]:
-    """LDM state dict -> diffusers state dicts of `unet`, `vae`, `text_encoder`, with diffusers' converters.
+    """Single-file state dict -> diffusers state dicts of `unet`, `vae` and the text encoders, with diffusers' converters.
 
     Args:
         state (`dict`): the checkpoint's tensors (checked by `check_layout`).
         configs (`dict`): the parts' configs (`load_configs`).
         path (`Path`): the file, for messages.
-        family (`ModelFamily`): gives the parts' prefixes.
+        family (`ModelFamily`): gives the parts' prefixes and namings.
     """
     converted = {
         "unet": convert_ldm_unet_checkpoint(state, configs["unet"]),
         "vae": convert_ldm_vae_checkpoint(state, configs["vae"]),
-        "text_encoder": convert_ldm_clip_checkpoint(state),
     }
+    specs = dict(zip(family.text_encoder_parts, family.text_encoders))
+    for part, spec in specs.items():
+        converted[part] = _convert_text_encoder(state, spec, configs[part])
     for part, prefix in family.single_file_prefixes.items():
         unused = _unused_keys(state, prefix, converted[part])
+        if part in specs and specs[part].open_clip_layout:
+            unused = [k for k in unused if not k.endswith(COPIED_OPEN_CLIP_SUFFIXES + IGNORED_OPEN_CLIP_SUFFIXES)]
         if unused:
             raise ModelLoadError(
                 f"{path.name}: {len(unused)} {part} tensor(s) were not converted, e.g. {', '.join(unused[:5])}: "
                 f"the file does not match the {family.display_name} architecture."
             )
-    clip = {k: v for k, v in converted["text_encoder"].items() if not k.endswith(IGNORED_CLIP_SUFFIXES)}
-    converted["text_encoder"] = clip
+    for part, spec in specs.items():
+        # An encoder with projection keeps its `text_projection.weight`.
+        ignored = tuple(x for x in IGNORED_CLIP_SUFFIXES if x != "text_projection.weight") if spec.with_projection else IGNORED_CLIP_SUFFIXES
+        converted[part] = {k: v for k, v in converted[part].items() if not k.endswith(ignored)}
     return converted
 
 
@@ -288,7 +351,7 @@ def _check_state_dict(converted: dict[str, torch.Tensor], expected: dict[str, to
         key, got, want = wrong[0]
         raise ModelLoadError(
             f"{path.name}: {len(wrong)} {what} tensor(s) do not have the shape its configuration expects, e.g. {key} "
-            f"is {list(got)}, expected {list(want)} (an inpainting or other variant of SD1.5?)."
+            f"is {list(got)}, expected {list(want)} (an inpainting or other variant?)."
         )
 
 
@@ -317,137 +380,3 @@ def _fill_position_ids(model: torch.nn.Module) -> None:
         owner = model.get_submodule(name.rpartition(".")[0])
         positions = torch.arange(buffer.shape[-1], dtype=torch.int64).expand(buffer.shape)
         owner.register_buffer("position_ids", positions, persistent=False)
-
-
-# ---------------------------------------------------------------- tokenizer
-
-
-def resolve_tokenizer(
-    path: Path, metadata: dict[str, str], tokenizer_dir: str | os.PathLike | None, model_max_length: int
-) -> CLIPTokenizer:
-    """The checkpoint's CLIP tokenizer, found as the module docstring describes.
-
-    Args:
-        path (`Path`): the checkpoint (a `tokenizer/` folder beside it is used).
-        metadata (`dict`): its metadata (small vocabularies and added tokens of our own files).
-        tokenizer_dir (`str`, *optional*): folder given by the user; it must hold the files.
-        model_max_length (`int`): prompt length in tokens (77).
-    """
-    if tokenizer_dir is not None:
-        tokenizer = tokenizer_from_folder(Path(tokenizer_dir), model_max_length)
-    elif (path.parent / "tokenizer").is_dir():
-        tokenizer = tokenizer_from_folder(path.parent / "tokenizer", model_max_length)
-    elif META_VOCAB in metadata and META_MERGES in metadata:
-        tokenizer = _tokenizer_from_metadata(metadata, model_max_length)
-    elif (bpe_file := find_openai_bpe_file()) is not None:
-        tokenizer = tokenizer_from_folder(openai_tokenizer_folder(bpe_file), model_max_length)
-    else:
-        raise MissingModelFileError(
-            f"the CLIP tokenizer files vocab.json and merges.txt for {path.name} were not found (a checkpoint "
-            "does not contain them). Supply them in one of three ways: give `tokenizer_dir` (a folder with "
-            "vocab.json + merges.txt, e.g. a diffusers model's tokenizer/ folder or ComfyUI's comfy/sd1_tokenizer/); "
-            f"put a tokenizer/ folder with them next to the checkpoint ({path.parent / 'tokenizer'}); or "
-            "`pip install clip-anytorch` (or open_clip_torch), whose BPE file is converted automatically."
-        )
-    _add_stored_tokens(tokenizer, metadata, path)
-    return tokenizer
-
-
-def tokenizer_from_folder(folder: Path, model_max_length: int) -> CLIPTokenizer:
-    has_bpe = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
-    if not has_bpe and not (folder / "tokenizer.json").is_file():
-        missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
-        raise MissingModelFileError(
-            f"tokenizer folder {folder} lacks {' and '.join(missing)}: it needs CLIP's vocab.json and merges.txt "
-            "(as in a diffusers model's tokenizer/ folder or ComfyUI's comfy/sd1_tokenizer/)."
-        )
-    try:
-        return CLIPTokenizer.from_pretrained(
-            folder, local_files_only=True, model_max_length=model_max_length, **TOKENIZER_KWARGS
-        )
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"could not load the CLIP tokenizer in {folder}: {err}") from err
-
-
-def _tokenizer_from_metadata(metadata: dict[str, str], model_max_length: int) -> CLIPTokenizer:
-    vocab, merges = json.loads(metadata[META_VOCAB]), json.loads(metadata[META_MERGES])
-    # `from_pretrained` on written files is the one construction path transformers 4.x and 5.x share.
-    with tempfile.TemporaryDirectory() as folder:
-        write_vocab_files(Path(folder), vocab, merges)
-        return tokenizer_from_folder(Path(folder), model_max_length)
-
-
-def _add_stored_tokens(tokenizer: CLIPTokenizer, metadata: dict[str, str], path: Path) -> None:
-    """Re-add the placeholder tokens our writer recorded, checking they get their original ids."""
-    if META_ADDED_TOKENS not in metadata:
-        return
-    added = json.loads(metadata[META_ADDED_TOKENS])
-    tokenizer.add_tokens([content for _, content in added])
-    wrong = [(content, i) for i, content in added if tokenizer.convert_tokens_to_ids(content) != i]
-    if wrong:
-        raise ModelLoadError(
-            f"{path.name}: the added token(s) {wrong[:3]} do not get their original ids with this tokenizer: "
-            "the tokenizer files do not belong to this checkpoint."
-        )
-
-
-def _check_tokenizer_fits(tokenizer: CLIPTokenizer, vocab_size: int, path: Path) -> None:
-    if len(tokenizer) != vocab_size:
-        raise ModelLoadError(
-            f"{path.name}: the tokenizer has {len(tokenizer)} tokens but the text encoder has {vocab_size} "
-            "embedding rows: the tokenizer files belong to another model."
-        )
-
-
-def write_vocab_files(folder: Path, vocab: dict[str, int], merges: list[str]) -> None:
-    """Write `vocab.json` and `merges.txt` (with the `#version` header transformers expects) into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab_text = json.dumps(vocab, ensure_ascii=False)
-    merges_text = "#version: 0.2\n" + "\n".join(merges) + "\n"
-    # Replacing is safe: the files are a pure function of the inputs; atomic so concurrent readers never see half.
-    atomic_write(folder / "vocab.json", lambda tmp: Path(tmp).write_text(vocab_text, encoding="utf-8"), overwrite=True)
-    atomic_write(folder / "merges.txt", lambda tmp: Path(tmp).write_text(merges_text, encoding="utf-8"), overwrite=True)
-
-
-def find_openai_bpe_file() -> Path | None:
-    """OpenAI's `bpe_simple_vocab_16e6.txt.gz` from the `clip` or `open_clip` package, if installed."""
-    for module in ("clip", "open_clip"):
-        # find_spec locates the package without importing it (and its torchvision dependency).
-        spec = importlib.util.find_spec(module)
-        for location in (spec.submodule_search_locations or []) if spec else []:
-            candidate = Path(location) / OPENAI_BPE_FILE
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def build_openai_clip_vocab(bpe_file: str | os.PathLike, num_merges: int = NUM_CLIP_MERGES) -> tuple[dict[str, int], list[str]]:
-    """CLIP's `vocab.json` / `merges.txt` content from OpenAI's gzipped BPE file, as `simple_tokenizer.py` builds it.
-
-    Args:
-        bpe_file (`str`): path of `bpe_simple_vocab_16e6.txt.gz` (a header line, then one merge per line).
-        num_merges (`int`): merges to keep after the header (48,894 for CLIP).
-
-    Returns:
-        `(vocab, merges)`: token -> id, and the `"left right"` merges in priority order.
-    """
-    with gzip.open(bpe_file, "rt", encoding="utf-8") as file:
-        lines = file.read().split("\n")
-    merges = lines[1 : num_merges + 1]
-    if len(merges) < num_merges or any(len(m.split()) != 2 for m in merges):
-        raise ModelLoadError(f"{bpe_file} does not hold {num_merges} BPE merges after its header line.")
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m.split()) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
-    return {token: i for i, token in enumerate(tokens)}, merges
-
-
-def openai_tokenizer_folder(bpe_file: Path) -> Path:
-    """A cached folder with CLIP's `vocab.json` + `merges.txt` built from `bpe_file` (built on first use)."""
-    digest = hashlib.sha256(bpe_file.read_bytes()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / f"pti_ops_clip_tokenizer_{digest}"
-    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
-        vocab, merges = build_openai_clip_vocab(bpe_file)
-        if len(vocab) != CLIP_VOCAB_SIZE:
-            raise ModelLoadError(f"{bpe_file} gives {len(vocab)} tokens, not CLIP's {CLIP_VOCAB_SIZE}.")
-        write_vocab_files(folder, vocab, merges)
-    return folder
