@@ -93,7 +93,8 @@ class ModelBundle:
     @property
     def embedding_dims(self) -> dict[str, int]:
         """Token-embedding width per embedding-file key, in family order (SDXL: `{"clip_l": 768, "clip_g": 1280}`)."""
-        return {key: encoder.get_input_embeddings().weight.shape[1] for key, encoder in zip(self.family.embedding_keys, self.text_encoders)}
+        keys = self.family.embedding_keys
+        return {key: encoder.get_input_embeddings().weight.shape[1] for key, encoder in zip(keys, self.text_encoders)}
 
     @property
     def vae_scale_factor(self) -> int:

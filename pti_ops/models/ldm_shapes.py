@@ -62,7 +62,8 @@ def unet_config_from_shapes(unet: dict[str, torch.Tensor], base: dict, pooled_di
     levels = _levels(unet)
     res_blocks = {len(level) for level in levels}
     if len(res_blocks) != 1 or 0 in res_blocks:
-        raise ModelLoadError(f"the UNet has {[len(lv) for lv in levels]} res blocks per level; diffusers needs the same number (≥ 1) in each.")
+        counts = [len(level) for level in levels]
+        raise ModelLoadError(f"the UNet has {counts} res blocks per level; diffusers needs the same number (≥ 1) in each.")
     r = res_blocks.pop()
     channels = [unet[f"input_blocks.{level[0]}.0.out_layers.3.weight"].shape[0] for level in levels]
     down = [[_depth(unet, f"input_blocks.{i}") for i in level] for level in levels]

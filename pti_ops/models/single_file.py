@@ -185,7 +185,10 @@ def _describe_unsupported(keys: list[str], family: ModelFamily) -> str | None:
         return "an empty file (no tensors)"
     own_text = any(k.startswith(spec.single_file_prefix) for spec in family.text_encoders for k in keys)
     if not own_text and any(k.startswith("conditioner.embedders.") for k in keys):
-        return "an SDXL-style checkpoint with other text encoders than SDXL base's CLIP-L + bigG (`conditioner.embedders.*`; the SDXL refiner?)"
+        return (
+            "an SDXL-style checkpoint with other text encoders than SDXL base's CLIP-L + bigG "
+            "(`conditioner.embedders.*`; the SDXL refiner?)"
+        )
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "an SD2.x checkpoint (OpenCLIP text encoder `cond_stage_model.model.*`)"
     if any("lora_" in k or ".lora." in k for k in keys):
@@ -325,7 +328,9 @@ def convert_to_diffusers(
             )
     for part, spec in specs.items():
         # An encoder with projection keeps its `text_projection.weight`.
-        ignored = tuple(x for x in IGNORED_CLIP_SUFFIXES if x != "text_projection.weight") if spec.with_projection else IGNORED_CLIP_SUFFIXES
+        ignored = IGNORED_CLIP_SUFFIXES
+        if spec.with_projection:
+            ignored = tuple(suffix for suffix in IGNORED_CLIP_SUFFIXES if suffix != "text_projection.weight")
         converted[part] = {k: v for k, v in converted[part].items() if not k.endswith(ignored)}
     return converted
 

@@ -55,7 +55,10 @@ def detect_family(text_encoder, unet, text_encoder_2=None) -> ModelFamily:
         )
     widths = [encoder.config.hidden_size for encoder in encoders]
     if unet.config.cross_attention_dim != sum(widths):
-        gives = f"the text encoder gives {widths[0]}" if len(widths) == 1 else f"the text encoders give {' + '.join(map(str, widths))} = {sum(widths)}"
+        if len(widths) == 1:
+            gives = f"the text encoder gives {widths[0]}"
+        else:
+            gives = f"the text encoders give {' + '.join(map(str, widths))} = {sum(widths)}"
         raise ModelLoadError(
             f"the UNet expects {unet.config.cross_attention_dim}-wide text conditioning but {gives}: "
             "the folder mixes parts of different models."
