@@ -12,13 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pti_ops.errors import MissingModelFileError, ModelLoadError
-from pti_ops.models import ldm_layout, load_bundle, single_file, tokenizer_files
+from pti_ops.models import add_time_ids, ldm_layout, load_bundle, single_file, tokenizer_files
 from pti_ops.models.clip_vocab import write_clip_vocab
 from pti_ops.models.families.sdxl import SDXL
 from pti_ops.models.ldm_layout import META_CONFIG_KEYS, save_ldm_checkpoint, unet_to_ldm
 from pti_ops.models.tiny_model import TINY_WORDS, build_tiny_sdxl_bundle
 from pti_ops.training.text_conditioning import encode_conditioning
-from pti_ops.models import add_time_ids
 
 PROMPTS = ["a photo of a cat", "an anime girl holding a sword, beach", "zebra xylophone!"]
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
