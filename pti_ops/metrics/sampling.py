@@ -259,7 +259,7 @@ def apply_lora(bundle: ModelBundle, kohya_dict: dict[str, torch.Tensor], strengt
         strength (`float`): multiplier of the LoRA update (1 = as trained, 0 = base model).
         adapter_name (`str`): peft adapter name; must not exist yet.
     """
-    apply_kohya_lora(bundle.unet, bundle.text_encoder, kohya_dict, adapter_name=adapter_name, strict=True)
+    apply_kohya_lora(bundle.unet, bundle.text_encoder, kohya_dict, adapter_name=adapter_name, strict=True, family=bundle.family)
     for layer in lora_layers(bundle):
         layer.requires_grad_(False)
     set_lora_strength(bundle, strength, adapter_name)
