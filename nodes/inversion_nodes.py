@@ -1,24 +1,16 @@
 """TokenInversion: step 1 of pivotal tuning, the placeholder's embedding learned from the images."""
 
-import torch
-
-from ..pti_ops.files import save_embedding
-from ..pti_ops.files import output_path
+from ..pti_ops.files import output_path, save_embedding
 from ..pti_ops.inversion import NORM_MODES, InversionConfig, run_inversion
 from ..pti_ops.placeholder import MAX_VECTORS
-from ..pti_ops.metrics import figure_to_array, history_figure
 from . import bridge
-from .common import (
-    MEMORY_OPTIONS,
-    OVERWRITE,
-    SEED,
-    TEMPLATES,
-    PivotEmbedding,
-    history_every,
-    split_lines,
-    stem,
-    validate_name,
-)
+from .common import PivotEmbedding, converted, core_run, history_every, history_plot, split_lines, stem, validate_name
+from .inputs import MEMORY_OPTIONS, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, combo, default_of
+from .inputs import float_input, int_input, lines_input, string_input
+
+
+def _default(name: str):
+    return default_of(InversionConfig, name)
 
 
 class TokenInversion:
@@ -28,89 +20,30 @@ class TokenInversion:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The SD1.5 model (from Load Checkpoint). It is only read."}),
-                "clip": ("CLIP", {"tooltip": "The model's CLIP text encoder. It is only read; CLIPSetLastLayer is honoured."}),
-                "vae": ("VAE", {"tooltip": "The model's VAE: encodes the training images once per run."}),
-                "dataset": ("PIVOTAL_DATASET", {"tooltip": "The character's training images."}),
-                "placeholder": (
-                    "STRING",
-                    {
-                        "default": "tok1",
-                        "tooltip": "The new word being learned (lowercase letters, digits, _), used inside the "
-                        "training prompts. Must not be a word the tokenizer already knows.",
-                    },
-                ),
-                "initializer": (
-                    "STRING",
-                    {
-                        "default": "character",
-                        "tooltip": "Class word the token starts from (one token, e.g. character, girl, robot). "
-                        "Distances are measured from it.",
-                    },
-                ),
-                "num_vectors": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 1,
-                        "max": MAX_VECTORS,
-                        "tooltip": "Embedding vectors behind the token: more capture more detail but edit worse "
-                        "and use more of the 75-token prompt.",
-                    },
-                ),
-                "templates": TEMPLATES,
-                "steps": (
-                    "INT",
-                    {
-                        "default": 1000,
-                        "min": 1,
-                        "max": 100000,
-                        "tooltip": "Optimiser steps. Keep it fixed and sweep the learning rate: lr × steps sets "
-                        "how far the token travels from its initializer.",
-                    },
-                ),
-                "learning_rate": (
-                    "FLOAT",
-                    {
-                        "default": 5e-4,
-                        "min": 1e-7,
-                        "max": 1.0,
-                        "step": 1e-5,
-                        "round": False,
-                        "tooltip": "AdamW learning rate of the token. Higher moves it further: better likeness, "
-                        "worse editability.",
-                    },
-                ),
-                "batch_size": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 1,
-                        "max": 64,
-                        "tooltip": "Images per step. Larger is smoother but slower and needs more memory.",
-                    },
-                ),
+                **TRAINING_INPUTS,
+                "placeholder": string_input(_default("placeholder"), "The new word being learned (lowercase letters, "
+                    "digits, _), used inside the training prompts. Must not be a word the tokenizer already knows."),
+                "initializer": string_input(_default("initializer"), "Class word the token starts from (one token, e.g. "
+                    "character, girl, robot). Distances are measured from it."),
+                "num_vectors": int_input(_default("num_vectors"), 1, MAX_VECTORS, "Embedding vectors behind the token: "
+                    "more capture more detail but edit worse and use more of the 75-token prompt."),
+                "templates": lines_input(_default("templates"), TEMPLATES_TOOLTIP),
+                "steps": int_input(_default("steps"), 1, 100000, "Optimiser steps. Keep it fixed and sweep the learning "
+                    "rate: lr × steps sets how far the token travels from its initializer."),
+                "learning_rate": float_input(_default("learning_rate"), 1e-7, 1.0, 1e-5, "AdamW learning rate of the "
+                    "token. Higher moves it further: better likeness, worse editability.", round=False),
+                "batch_size": int_input(_default("batch_size"), 1, 64, "Images per step. Larger is smoother but slower "
+                    "and needs more memory."),
                 "seed": SEED,
-                "norm_mode": (
-                    list(NORM_MODES),
-                    {
-                        "default": "none",
-                        "tooltip": "none: free. pull: penalise the token's norm straying from the vocabulary's "
-                        "mean norm (keeps it editable). fixed: learn the direction only, norm held at that mean.",
-                    },
-                ),
-                "embedding_name": (
-                    "STRING",
-                    {
-                        "default": "tok1",
-                        "tooltip": "File name in ComfyUI's embeddings folder (letters, digits, _ - .); prompts use "
-                        "it as embedding:NAME (the trigger output).",
-                    },
-                ),
+                "norm_mode": combo(NORM_MODES, _default("norm_mode"), "none: free. pull: penalise the token's norm "
+                    "straying from the vocabulary's mean norm (keeps it editable). fixed: learn the direction only, "
+                    "norm held at that mean."),
+                "embedding_name": string_input("tok1", "File name in ComfyUI's embeddings folder (letters, digits, _ - .); "
+                    "prompts use it as embedding:NAME (the trigger output)."),
                 "overwrite": OVERWRITE,
             },
             "optional": dict(MEMORY_OPTIONS),
-        }
+        }  # fmt: skip
 
     RETURN_TYPES = ("PIVOTAL_EMBEDDING", "CLIP", "STRING", "LOSS_MAP", "IMAGE")
     RETURN_NAMES = ("embedding", "clip", "trigger", "loss", "plot")
@@ -139,27 +72,26 @@ class TokenInversion:
             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
         path = output_path(bridge.embeddings_folder(), embedding_name, ".safetensors", overwrite, "embedding_name")
-        bundle = None
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                bundle = bridge.bundle_from_comfy(model, clip, vae)
-                bridge.check_interrupted()
-                result = run_inversion(bundle, dataset, config, on_step=bridge.progress(steps))
-            base_model = bundle.name
-        finally:
-            bundle = None
-            bridge.release()
-        save_embedding(path, result.vectors, family="sd15", metadata=result.metadata(base_model), overwrite=overwrite)
-        embedding = PivotEmbedding(
-            config.placeholder, config.initializer, result.vectors.clone(), stem(path.name), path,
-            list(config.templates), result.history,
-        )  # fmt: skip
-        plot = figure_to_array(history_figure(result.history, "loss", "distance", f"TokenInversion {embedding.trigger}"))
-        return (embedding, clip.clone(), embedding.trigger, bridge.loss_map(result.history), bridge.image_from_array(plot))
+        with core_run():
+            result, metadata = _invert(converted(model, clip, vae), dataset, config, on_step=bridge.progress(steps))
+        save_embedding(path, result.vectors, family="sd15", metadata=metadata, overwrite=overwrite)
+        embedding = PivotEmbedding(config.placeholder, config.initializer, result.vectors.clone(), stem(path.name), path,
+                                   list(config.templates), result.history)  # fmt: skip
+        plot = history_plot(result.history, "loss", "distance", f"TokenInversion {embedding.trigger}")
+        return (embedding, clip.clone(), embedding.trigger, bridge.loss_map(result.history), plot)
 
     @classmethod
     def VALIDATE_INPUTS(cls, embedding_name=None):
         return validate_name(embedding_name, "embedding_name")
+
+
+def _invert(bundle, dataset, config: InversionConfig, on_step):
+    """`(InversionResult, embedding file metadata)` of the inversion in `bundle`.
+
+    Stands in for the core's one-call phase until the pivot object lands in `pti_ops`.
+    """
+    result = run_inversion(bundle, dataset, config, on_step=on_step)
+    return result, result.metadata(bundle.name)
 
 
 NODE_CLASS_MAPPINGS = {"TokenInversion": TokenInversion}

@@ -235,12 +235,13 @@ def _plan(config: EvaluationConfig, with_lora: bool) -> list[tuple[str, list[str
 
 def _generate_sets(bundle, config: EvaluationConfig, token, on_step) -> dict[str, SampleResult]:
     """The image sets, keyed by name; prompts keep `{}` in `items` so reports show the template."""
-    plan = _plan(config, bool(lora_layers(bundle)))
-    total, done = evaluation_batches(config, bool(lora_layers(bundle))), 0
-    sets = {}
-    for name, prompts, fill in plan:
+    with_lora = bool(lora_layers(bundle))
+    total, done, sets = evaluation_batches(config, with_lora), 0, {}
+    for name, prompts, fill in _plan(config, with_lora):
         texts = [fill_placeholder(p, config.placeholder) for p in prompts] if fill else list(prompts)
-        progress = None if on_step is None else (lambda d, t, logs, name=name, start=done: on_step(start + d, total, {"stage": name}))
+        progress = None
+        if on_step is not None:  # this set's batches as batches of the whole evaluation
+            progress = lambda d, t, logs, name=name, start=done: on_step(start + d, total, {"stage": name})  # noqa: E731
         if name == "locality_base":
             with adapters_disabled(bundle):
                 result = sample_images(bundle, texts, config.seeds, config.sampling, token, progress)
