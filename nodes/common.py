@@ -1,9 +1,11 @@
-"""What several nodes share: the `PIVOTAL_EMBEDDING` value, input parsing, and running the core on ComfyUI's models."""
+"""What several nodes share: input parsing, and running the core on ComfyUI's models.
+
+The `PIVOTAL_EMBEDDING` value is the core's `Pivot` (`pti_ops.pivot`): placeholder, initializer, vectors,
+templates, history, and the file it was saved to (`pivot.trigger` is its `embedding:NAME`).
+"""
 
 import contextlib
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -11,39 +13,6 @@ from ..pti_ops.errors import InvalidInputError
 from ..pti_ops.files import check_output_name
 from ..pti_ops.metrics import figure_to_array, history_figure
 from . import bridge
-
-
-@dataclass
-class PivotEmbedding:
-    """The `PIVOTAL_EMBEDDING` value: a trained placeholder and where its file is.
-
-    Args:
-        placeholder (`str`): the word the vectors were trained for, e.g. `tok1`.
-        initializer (`str`): the class word they started from, e.g. `character`.
-        vectors (`torch.Tensor`): float32 `[num_vectors, dim]` on the CPU.
-        name (`str`): file name without extension in ComfyUI's embeddings folder.
-        path (`Path`): the written file.
-        templates (`list[str]`): the prompt templates it was trained with (reused by the LoRA tuning).
-        history (`list[dict]`): the inversion's records (step, loss, distance, norm, cosine, nearest).
-    """
-
-    placeholder: str
-    initializer: str
-    vectors: torch.Tensor
-    name: str
-    path: Path
-    templates: list[str] = field(default_factory=list)
-    history: list[dict] = field(default_factory=list, repr=False)
-
-    @property
-    def trigger(self) -> str:
-        """The prompt text that loads this embedding in ComfyUI."""
-        return f"embedding:{self.name}"
-
-
-def trigger_of(path: Path) -> str:
-    """`embedding:NAME`, the prompt text that loads the embedding file `path` in ComfyUI."""
-    return f"embedding:{stem(Path(path).name)}"
 
 
 # --- input parsing --------------------------------------------------------------------------------
@@ -71,11 +40,6 @@ def parse_floats(text: str, what: str) -> list[float]:
         return [float(item) for item in (text or "").replace(";", ",").split(",") if item.strip()]
     except ValueError as err:
         raise InvalidInputError(f"`{what}` {text!r} must be comma-separated numbers, e.g. 1e-4,5e-4,2e-3.") from err
-
-
-def stem(name: str) -> str:
-    """A file name without the `.safetensors` extension (the name `embedding:NAME` uses)."""
-    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
 
 
 def validation_message(*checks) -> bool | str:

@@ -11,9 +11,10 @@ from ..pti_ops.errors import InvalidInputError, ModelLoadError
 from ..pti_ops.files import check_output_folder, check_output_name
 from ..pti_ops.metrics import LPIPS_NETS, SAMPLERS, EvaluationConfig, SamplingConfig, Scorers, evaluate_tuned
 from ..pti_ops.metrics import evaluation_batches, load_lpips, try_load_clip
+from ..pti_ops.pivot import Pivot
 from ..pti_ops.sweeps import SWEEP_KINDS, SweepConfig, check_learning_rates, run_sweep
 from . import bridge
-from .common import PivotEmbedding, converted, core_run, history_every, parse_floats, parse_ints, split_lines
+from .common import converted, core_run, history_every, parse_floats, parse_ints, split_lines
 from .common import validation_message
 from .inputs import MEMORY_OPTIONS, MODEL_INPUTS, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, bool_input, combo
 from .inputs import default_of, float_input, format_numbers, int_input, lines_input, link, retooltip, string_input
@@ -150,16 +151,14 @@ class PivotalEvaluate:
     )
 
     def evaluate(self, model, clip, vae, prompts, edit_prompts, class_word, seeds, steps, cfg, sampler, resolution,
-                 batch_size, lpips, clip_model_folder, embedding: PivotEmbedding | None = None, lora=None,
+                 batch_size, lpips, clip_model_folder, embedding: Pivot | None = None, lora=None,
                  lora_strength=1.0, dataset=None):  # fmt: skip
         config = _evaluation_config(class_word, embedding, lora, prompts=split_lines(prompts),
                                     edit_prompts=split_lines(edit_prompts), seeds=parse_ints(seeds, "seeds"),
                                     sampling=sampling_config(clip, steps, cfg, sampler, resolution, batch_size))  # fmt: skip
         with core_run(train=False):
             result = evaluate_tuned(
-                converted(model, clip, vae), config, load_scorers(lpips, clip_model_folder),
-                vectors=None if embedding is None else embedding.vectors.clone(),
-                initializer=DEFAULT_CLASS_WORD if embedding is None else embedding.initializer,
+                converted(model, clip, vae), config, load_scorers(lpips, clip_model_folder), pivot=embedding,
                 lora=None if lora is None else {key: value.clone() for key, value in lora.items()},
                 lora_strength=lora_strength, dataset=dataset,
                 on_step=bridge.progress(evaluation_batches(config, with_lora=lora is not None)),
@@ -276,7 +275,7 @@ class PivotalSweep:
     def sweep(self, model, clip, vae, dataset, kind, learning_rates, steps, eval_every, placeholder, initializer,
               templates, batch_size, seed, lora_rank, compare_without_regularizer, prompts, edit_prompts, sample_seeds,
               sample_steps, cfg, sampler, resolution, lpips, clip_model_folder, output_folder, overwrite,
-              embedding: PivotEmbedding | None = None, regularizer=None, mixed_precision="no",
+              embedding: Pivot | None = None, regularizer=None, mixed_precision="no",
               gradient_checkpointing=False):  # fmt: skip
         placeholder, initializer, templates, vectors = _sweep_token(kind, embedding, placeholder, initializer, templates)
         config = SweepConfig(
@@ -321,8 +320,7 @@ def _sweep_token(kind: str, embedding, placeholder: str, initializer: str, templ
     if embedding is None:
         raise InvalidInputError("kind `lora` needs `embedding`: connect the trained token (TokenInversion) the LoRAs "
                                 "are tuned around.")  # fmt: skip
-    templates = list(embedding.templates) or split_lines(templates)
-    return embedding.placeholder, embedding.initializer, templates, embedding.vectors.clone()
+    return embedding.placeholder, embedding.initializer, list(embedding.templates), embedding.vectors.clone()
 
 
 def _regularizers(regularizer, compare_without: bool) -> list:

@@ -6,25 +6,14 @@ the CLI and the core cannot disagree. Input names, types and order are what work
 position): never rename or reorder them.
 """
 
-import dataclasses
-
+from ..pti_ops.checks import default_of
 from ..pti_ops.inversion import InversionConfig
 from ..pti_ops.training import MIXED_PRECISION_MODES
 
+__all__ = ["default_of"]  # re-exported: the node modules read their widgets' defaults through it
+
 # ComfyUI's widest INT (seeds).
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
-
-def default_of(config_class, name: str):
-    """The default of the dataclass field `config_class.name` (a fresh copy for list/dict fields)."""
-    for field in dataclasses.fields(config_class):
-        if field.name == name:
-            if field.default is not dataclasses.MISSING:
-                return field.default
-            if field.default_factory is not dataclasses.MISSING:
-                return field.default_factory()
-            raise ValueError(f"{config_class.__name__}.{name} has no default")
-    raise AttributeError(f"{config_class.__name__} has no field {name!r}")
 
 
 def link(kind: str, tooltip: str, **options) -> tuple:

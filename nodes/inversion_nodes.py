@@ -1,10 +1,10 @@
 """TokenInversion: step 1 of pivotal tuning, the placeholder's embedding learned from the images."""
 
-from ..pti_ops.files import output_path, save_embedding
-from ..pti_ops.inversion import NORM_MODES, InversionConfig, run_inversion
+from ..pti_ops.files import output_path
+from ..pti_ops.inversion import NORM_MODES, InversionConfig, invert
 from ..pti_ops.placeholder import MAX_VECTORS
 from . import bridge
-from .common import PivotEmbedding, converted, core_run, history_every, history_plot, split_lines, stem, validate_name
+from .common import converted, core_run, history_every, history_plot, split_lines, validate_name
 from .inputs import MEMORY_OPTIONS, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, combo, default_of
 from .inputs import float_input, int_input, lines_input, string_input
 
@@ -48,7 +48,7 @@ class TokenInversion:
     RETURN_TYPES = ("PIVOTAL_EMBEDDING", "CLIP", "STRING", "LOSS_MAP", "IMAGE")
     RETURN_NAMES = ("embedding", "clip", "trigger", "loss", "plot")
     OUTPUT_TOOLTIPS = (
-        "The trained token (vectors, placeholder, file) for PivotalLoRATune and EmbeddingNormStats.",
+        "The trained token (a Pivot: vectors, placeholder, templates, file) for PivotalLoRATune, PivotalEvaluate and EmbeddingNormStats.",
         "The CLIP, for prompts that use the trigger in this same run.",
         "embedding:NAME: put it in prompt text (PivotalPrompt) to use the trained token.",
         "Denoising loss per record ({'loss': [...]}, as stock LossGraph reads it).",
@@ -73,25 +73,15 @@ class TokenInversion:
         )  # fmt: skip
         path = output_path(bridge.embeddings_folder(), embedding_name, ".safetensors", overwrite, "embedding_name")
         with core_run():
-            result, metadata = _invert(converted(model, clip, vae), dataset, config, on_step=bridge.progress(steps))
-        save_embedding(path, result.vectors, family="sd15", metadata=metadata, overwrite=overwrite)
-        embedding = PivotEmbedding(config.placeholder, config.initializer, result.vectors.clone(), stem(path.name), path,
-                                   list(config.templates), result.history)  # fmt: skip
-        plot = history_plot(result.history, "loss", "distance", f"TokenInversion {embedding.trigger}")
-        return (embedding, clip.clone(), embedding.trigger, bridge.loss_map(result.history), plot)
+            result = invert(converted(model, clip, vae), dataset, config, on_step=bridge.progress(steps))
+        result.save(path, overwrite=overwrite)
+        pivot = result.pivot
+        plot = history_plot(result.history, "loss", "distance", f"TokenInversion {pivot.trigger}")
+        return (pivot, clip.clone(), pivot.trigger, bridge.loss_map(result.history), plot)
 
     @classmethod
     def VALIDATE_INPUTS(cls, embedding_name=None):
         return validate_name(embedding_name, "embedding_name")
-
-
-def _invert(bundle, dataset, config: InversionConfig, on_step):
-    """`(InversionResult, embedding file metadata)` of the inversion in `bundle`.
-
-    Stands in for the core's one-call phase until the pivot object lands in `pti_ops`.
-    """
-    result = run_inversion(bundle, dataset, config, on_step=on_step)
-    return result, result.metadata(bundle.name)
 
 
 NODE_CLASS_MAPPINGS = {"TokenInversion": TokenInversion}

@@ -3,8 +3,7 @@
 from ..pti_ops.errors import InvalidInputError
 from ..pti_ops.inversion import InversionConfig
 from ..pti_ops.norm_stats import EOS, PER_TOKEN_SPACES, SPACES, NormStats, NormStatsConfig, compute_norm_stats
-from ..pti_ops.placeholder import add_placeholder
-from ..pti_ops.training import DEFAULT_TEMPLATES
+from ..pti_ops.placeholder import DEFAULT_TEMPLATES, add_placeholder
 from . import bridge
 from .common import core_run, split_lines
 from .inputs import combo, default_of, link, string_input

@@ -1,13 +1,13 @@
 """SlerpRegularizer and PivotalLoRATune: steps 2 and 3 of pivotal tuning (LoRA around the frozen pivot)."""
 
 from ..pti_ops.errors import InvalidInputError, MissingModelFileError
-from ..pti_ops.files import output_path, save_embedding, save_lora
-from ..pti_ops.lora_tune import SCHEDULES, UNET_TARGETS, TuneConfig, run_tuning
+from ..pti_ops.files import output_path
+from ..pti_ops.lora_tune import SCHEDULES, UNET_TARGETS, TuneConfig, tune_around
 from ..pti_ops.metrics import BACKBONE_URLS, backbone_path
-from ..pti_ops.placeholder import add_placeholder
-from ..pti_ops.regularizer import INTERPOLATION_MODES, REGULARIZER_MODES, RegularizerConfig, check_centre_given
+from ..pti_ops.pivot import Pivot
+from ..pti_ops.regularizer import INTERPOLATION_MODES, REGULARIZER_MODES, RegularizerConfig
 from . import bridge
-from .common import PivotEmbedding, converted, core_run, history_every, history_plot, split_lines, trigger_of, validate_name
+from .common import converted, core_run, history_every, history_plot, split_lines, validate_name
 from .inputs import MEMORY_OPTIONS, OVERWRITE, SEED, TRAINING_INPUTS, bool_input, combo, default_of, float_input
 from .inputs import int_input, lines_input, link, string_input
 
@@ -85,7 +85,6 @@ class SlerpRegularizer:
             t_range=_jittered(t, t_jitter), weight=weight, every=every, samples=samples, image_space=image_space,
             image_l2_weight=image_l2_weight, timestep_range=_timestep_range(timestep_min, timestep_max),
         )  # fmt: skip
-        check_centre_given(config, None)
         if image_space:
             _check_lpips_weights()
         return (config,)
@@ -185,7 +184,7 @@ class PivotalLoRATune:
         "applied, so one queued run trains and generates."
     )
 
-    def tune(self, model, clip, vae, dataset, embedding: PivotEmbedding, rank, alpha, targets, learning_rate,
+    def tune(self, model, clip, vae, dataset, embedding: Pivot, rank, alpha, targets, learning_rate,
              steps, batch_size, seed, schedule, train_text_encoder, lora_name, overwrite, regularizer=None,
              mixed_precision="no", gradient_checkpointing=False):  # fmt: skip
         config = TuneConfig(
@@ -197,16 +196,16 @@ class PivotalLoRATune:
         )  # fmt: skip
         lora_path, joint_path = _output_paths(lora_name, schedule, overwrite)
         with core_run():
-            result, metadata = _tune_around(converted(model, clip, vae), dataset, embedding, config, regularizer,
-                                            on_step=bridge.progress(steps))  # fmt: skip
-        lora = {key: value.cpu() for key, value in result.lora.items()}
-        save_lora(lora_path, lora, metadata, overwrite=overwrite)
+            result = tune_around(converted(model, clip, vae), dataset, embedding, config, regularizer,
+                                 on_step=bridge.progress(steps))  # fmt: skip
+        result.lora = {key: value.cpu() for key, value in result.lora.items()}
+        result.save(lora_path, overwrite=overwrite)
         if joint_path is not None:  # the token was retrained with the LoRA: it gets its own file
-            _save_joint_embedding(joint_path, result.vectors, embedding, lora_path.name, metadata, overwrite)
-        model_out, clip_out = bridge.apply_lora(model, clip, lora)
+            result.pivot.save(joint_path, overwrite=overwrite)
+        model_out, clip_out = bridge.apply_lora(model, clip, result.lora)
         plot = history_plot(result.history, "loss", "reg_loss", f"PivotalLoRATune {lora_path.name}")
-        trigger = trigger_of(joint_path) if joint_path is not None else embedding.trigger
-        return (model_out, clip_out, lora, bridge.loss_map(result.history), plot, lora_path.name, trigger)
+        return (model_out, clip_out, result.lora, bridge.loss_map(result.history), plot, lora_path.name,
+                result.pivot.trigger)  # fmt: skip
 
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name=None):
@@ -219,26 +218,6 @@ def _output_paths(lora_name: str, schedule: str, overwrite: bool):
     if schedule != "joint":
         return lora_path, None
     return lora_path, output_path(bridge.embeddings_folder(), lora_name, ".safetensors", overwrite, "lora_name")
-
-
-def _tune_around(bundle, dataset, embedding: PivotEmbedding, config: TuneConfig, regularizer, on_step):
-    """`(TuneResult, LoRA file metadata)`: the pivot placed in `bundle`, then the LoRA tuned around it.
-
-    Stands in for the core's one-call phase until the pivot object lands in `pti_ops`.
-    """
-    token = add_placeholder(bundle.tokenizer, bundle.text_encoder, embedding.placeholder, embedding.initializer,
-                            vectors=embedding.vectors)  # fmt: skip
-    result = run_tuning(bundle, dataset, token, config, regularizer, on_step=on_step)
-    return result, result.metadata(token, bundle.name)
-
-
-def _save_joint_embedding(path, vectors, embedding: PivotEmbedding, lora_file: str, metadata: dict, overwrite: bool) -> None:
-    """Write the joint schedule's retrained token next to the embeddings."""
-    save_embedding(path, vectors.cpu(), family="sd15", overwrite=overwrite, metadata={
-        "placeholder": embedding.placeholder, "initializer": embedding.initializer,
-        "num_vectors": str(vectors.shape[0]), "schedule": "joint", "lora": lora_file,
-        "base_model": metadata.get("pivotal.base_model", ""),
-    })  # fmt: skip
 
 
 NODE_CLASS_MAPPINGS = {"SlerpRegularizer": SlerpRegularizer, "PivotalLoRATune": PivotalLoRATune}

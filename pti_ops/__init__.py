@@ -7,15 +7,16 @@ what the tuning did. See README.md for the command line and the ComfyUI nodes.
 
 from .models import ModelBundle, load_bundle
 from .dataset import DatasetConfig, ImageDataset, dataset_from_tensor, load_image_folder
-from .files.embedding_file import load_embedding, save_embedding
+from .files import apply_kohya_lora, load_embedding, load_lora, save_embedding, save_lora
 from .interpolation import slerp, vslerp
-from .inversion import InversionConfig, InversionResult, run_inversion
-from .files.lora_file import apply_kohya_lora, load_lora, save_lora
-from .lora_tune import TuneConfig, TuneResult, run_tuning
-from .norm_stats.compute import NormStats, NormStatsConfig, compute_norm_stats
-from .pivotal import run_pivotal_tuning
-from .placeholder import PlaceholderToken, add_placeholder
-from .regularizer import LocalityRegularizer, RegularizerConfig
+from .inversion import InversionConfig, InversionResult, invert, run_inversion
+from .lora_tune import TuneConfig, TuneResult, run_tuning, tune_around
+from .norm_stats import NormStats, NormStatsConfig, compute_norm_stats
+from .pivot import Pivot
+from .pivotal import PivotalResult, pivotal_tune, run_pivotal_tuning
+from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, add_placeholder, fill_placeholder
+from .regularizer import MODES, REGULARIZER_MODES, LocalityRegularizer, RegularizerConfig
+from .training import StepCallback
 from .errors import (
     DatasetError,
     InvalidInputError,
@@ -36,13 +37,23 @@ __all__ = [
     "dataset_from_tensor",
     "PlaceholderToken",
     "add_placeholder",
+    "DEFAULT_TEMPLATES",
+    "fill_placeholder",
+    "Pivot",
+    "StepCallback",
     "InversionConfig",
     "InversionResult",
+    "invert",
     "run_inversion",
     "TuneConfig",
     "TuneResult",
+    "tune_around",
     "run_tuning",
+    "PivotalResult",
+    "pivotal_tune",
     "run_pivotal_tuning",
+    "MODES",
+    "REGULARIZER_MODES",
     "RegularizerConfig",
     "LocalityRegularizer",
     "slerp",

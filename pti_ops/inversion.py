@@ -9,26 +9,28 @@ inversion learning rate by that distance (METHOD.md, step 1).
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
-from .training.batches import DEFAULT_TEMPLATES, BatchSampler, build_caption_table, check_templates
+from .checks import check_choice, check_positive_int, check_positive_number
+from .training.batches import BatchSampler, build_caption_table
 from .models.bundle import ModelBundle
 from .dataset import ImageDataset
 from .training.diffusion_loss import add_noise, check_timestep_range, denoising_loss
 from .errors import InvalidInputError, TrainingStopped
+from .pivot import Pivot, family_name
 from .training.latent_cache import encode_latents
 from .metrics.distance import embedding_distance, nearest_tokens
 from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
-from .placeholder import PlaceholderToken, TrainableVectors, add_placeholder, placeholder_vectors, spliced_placeholder
+from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, TrainableVectors, add_placeholder, check_templates, placeholder_vectors, spliced_placeholder
+from .training.recorder import LossRecorder, StepCallback, diverged
 from .training.text_conditioning import encode_tokens
 
 logger = logging.getLogger(__name__)
 
 NormMode = Literal["none", "pull", "fixed"]
 NORM_MODES: tuple[str, ...] = ("none", "pull", "fixed")
-StepCallback = Callable[[int, int, dict], None]
 
 
 @dataclass
@@ -85,24 +87,26 @@ class InversionConfig:
 
     def __post_init__(self):
         self.templates = check_templates(self.templates)
-        _check_positive_int("steps", self.steps)
-        _check_positive_int("batch_size", self.batch_size)
-        _check_positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
-        _check_positive_int("history_every", self.history_every)
-        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise InvalidInputError(f"`learning_rate` must be a positive finite number, got {self.learning_rate!r}.")
-        if self.norm_mode not in NORM_MODES:
-            raise InvalidInputError(f"`norm_mode` must be one of {NORM_MODES}, got {self.norm_mode!r}.")
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "history_every"):
+            check_positive_int(name, getattr(self, name))
+        check_positive_number("learning_rate", self.learning_rate)
+        check_choice("norm_mode", self.norm_mode, NORM_MODES)
         check_mixed_precision(self.mixed_precision)
         if self.max_norm_ratio is not None and not self.max_norm_ratio > 1:
             raise InvalidInputError(f"`max_norm_ratio` must be above 1 or None, got {self.max_norm_ratio!r}.")
         if self.norm_strength < 0 or self.weight_decay < 0:
             raise InvalidInputError("`norm_strength` and `weight_decay` must not be negative.")
 
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of the settings."""
+        data = asdict(self)
+        data["timestep_range"] = list(self.timestep_range) if self.timestep_range else None
+        return data
 
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidInputError(f"`{name}` must be a positive integer, got {value!r}.")
+    def made_by(self) -> dict[str, str]:
+        """The settings an embedding file records about the run that trained it."""
+        return {"steps": str(self.steps), "lr": repr(self.learning_rate), "batch_size": str(self.batch_size),
+                "seed": str(self.seed), "norm_mode": self.norm_mode}
 
 
 @dataclass
@@ -111,39 +115,34 @@ class InversionResult:
 
     Args:
         token (`PlaceholderToken`): the placeholder as added to the bundle's tokenizer.
-        vectors (`torch.Tensor`): trained vectors `[num_vectors, dim]`, float32 on the CPU.
+        pivot (`Pivot`): the trained token, its templates, history and settings (`save` writes it).
         initial_vectors (`torch.Tensor`): the vectors before training.
         vocabulary_norm (`float`): measured mean norm of the original vocabulary rows.
-        history (`list[dict]`): records of step, loss, distance, norm, cosine, nearest tokens.
         config (`InversionConfig`): the settings used.
         snapshots (`dict[int, torch.Tensor]`): the vectors at each recorded step (so one run also
             gives the embeddings at intermediate distances, for sweeps).
     """
 
     token: PlaceholderToken
-    vectors: torch.Tensor
+    pivot: Pivot
     initial_vectors: torch.Tensor
     vocabulary_norm: float
-    history: list[dict]
     config: InversionConfig
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def metadata(self, base_model: str) -> dict[str, str]:
-        """String metadata for the embedding file: the inputs that produced it."""
-        c = self.config
-        return {
-            "placeholder": c.placeholder,
-            "initializer": c.initializer,
-            "num_vectors": str(c.num_vectors),
-            "steps": str(c.steps),
-            "lr": repr(c.learning_rate),
-            "batch_size": str(c.batch_size),
-            "seed": str(c.seed),
-            "norm_mode": c.norm_mode,
-            "templates": " | ".join(c.templates),
-            "base_model": base_model,
-            "distance_from_init": f"{self.history[-1]['distance']:.6g}" if self.history else "",
-        }
+    @property
+    def vectors(self) -> torch.Tensor:
+        """The trained vectors `[num_vectors, dim]`, float32 on the CPU."""
+        return self.pivot.vectors
+
+    @property
+    def history(self) -> list[dict]:
+        """Records of step, loss, distance, norm, cosine, nearest tokens."""
+        return self.pivot.history
+
+    def save(self, path, overwrite: bool = False):
+        """Write the embedding file (see `Pivot.save`)."""
+        return self.pivot.save(path, overwrite=overwrite)
 
 
 def vocabulary_mean_norm(bundle: ModelBundle, exclude_ids: tuple[int, ...] = ()) -> float:
@@ -154,13 +153,13 @@ def vocabulary_mean_norm(bundle: ModelBundle, exclude_ids: tuple[int, ...] = ())
     return weight[keep].float().norm(dim=-1).mean().item()
 
 
-def run_inversion(
+def invert(
     bundle: ModelBundle,
     dataset: ImageDataset,
     config: InversionConfig,
     on_step: StepCallback | None = None,
 ) -> InversionResult:
-    """Train the placeholder's embedding on `dataset`; add the trained token to `bundle`.
+    """Invert: train the placeholder's embedding on `dataset`; add the trained token to `bundle`.
 
     The bundle's tokenizer and text encoder gain the placeholder (its rows hold the trained
     vectors at the end, or the last vectors if `on_step` raised to stop). Everything else in the
@@ -200,13 +199,23 @@ def run_inversion(
                 except TrainingStopped as err:
                     with torch.no_grad():  # back to the last good vectors, written to the matrix on exit
                         vectors.raw.copy_(tracker.last_good_raw if tracker.last_good_raw is not None else initial)
-                    err.partial = InversionResult(token, vectors().detach().cpu(), initial.cpu(), vocab_norm, tracker.history, config, tracker.snapshots)
+                    err.partial = _result(bundle, token, vectors().detach(), initial, vocab_norm, tracker, config)
                     raise
                 if on_step is not None:
                     on_step(step, config.steps, logs)
     finally:
         del optimizer
-    return InversionResult(token, placeholder_vectors(bundle.text_encoder, token), initial.cpu(), vocab_norm, tracker.history, config, tracker.snapshots)
+    return _result(bundle, token, placeholder_vectors(bundle.text_encoder, token), initial, vocab_norm, tracker, config)
+
+
+# The name of earlier releases.
+run_inversion = invert
+
+
+def _result(bundle, token, vectors, initial, vocab_norm, tracker, config) -> InversionResult:
+    pivot = Pivot(token.placeholder, token.initializer, vectors, family_name(bundle), config.templates,
+                  history=tracker.history, made_by=config.made_by(), base_model=bundle.name)
+    return InversionResult(token, pivot, initial.cpu(), vocab_norm, config, tracker.snapshots)
 
 
 def _inversion_step(bundle, sampler, latents, vectors, gradient_step, config, t_range, vocab_norm) -> torch.Tensor:
@@ -237,40 +246,36 @@ class _HistoryTracker:
         # Nearest tokens are searched among the vocabulary before the placeholder rows.
         self.vocabulary_size = min(token.token_ids)
         self.vocab_norm = vocab_norm
-        self.history: list[dict] = []
+        self.losses = LossRecorder(("loss",), initial.device, config.history_every, config.steps)
         self.snapshots: dict[int, torch.Tensor] = {}
-        self.loss_sum = torch.zeros((), device=initial.device)
-        self.loss_count = 0
         self.last_good_raw: torch.Tensor | None = None
 
+    @property
+    def history(self) -> list[dict]:
+        return self.losses.history
+
     def update(self, step: int, loss: torch.Tensor, vectors: TrainableVectors) -> dict:
-        self.loss_sum += loss
-        self.loss_count += 1
-        if step % self.config.history_every and step != self.config.steps:
+        if not self.losses.add({"loss": loss}):
             return {}
-        mean_loss = (self.loss_sum / self.loss_count).item()  # the only host sync, once per record
-        self.loss_sum.zero_()
-        self.loss_count = 0
+        record = self.losses.record()
         current = vectors().detach().float()
-        self._check_divergence(step, mean_loss, current)
-        record = {"step": step, "loss": mean_loss, **self.measure(current)}
+        self._check_divergence(step, record["loss"], current)
+        record.update(self.measure(current))
         self.history.append(record)
         self.snapshots[step] = current.cpu().clone()
         self.last_good_raw = vectors.raw.detach().clone()
         return record
 
     def _check_divergence(self, step: int, loss: float, current: torch.Tensor) -> None:
-        kept = f" The token was reset to its state at step {self.history[-1]['step']}." if self.history else ""
-        advice = f"Lower the learning rate (now {self.config.learning_rate:g}).{kept}"
+        last_good = self.history[-1]["step"] if self.history else None
+        lr = self.config.learning_rate
         if not math.isfinite(loss) or not torch.isfinite(current).all():
-            raise TrainingStopped(f"the loss became {loss} at step {step}: training diverged. {advice}")
+            raise diverged(f"the loss became {loss} at step {step}", lr, "token", last_good)
         ratio = self.config.max_norm_ratio
         norm = current.norm(dim=-1).max().item()
         if ratio is not None and norm > ratio * self.vocab_norm:
-            raise TrainingStopped(
-                f"the token's norm reached {norm:.4g} at step {step}, over {ratio:g} times the vocabulary's mean norm "
-                f"{self.vocab_norm:.4g}: training diverged. {advice}"
-            )
+            raise diverged(f"the token's norm reached {norm:.4g} at step {step}, over {ratio:g} times the vocabulary's "
+                           f"mean norm {self.vocab_norm:.4g}", lr, "token", last_good)
 
     def measure(self, current: torch.Tensor) -> dict:
         """‖e − e0‖ (over all vectors), mean ‖e‖, mean cos(e, e0), nearest vocabulary tokens per vector."""
@@ -280,6 +285,4 @@ class _HistoryTracker:
 
 def config_to_dict(config: InversionConfig) -> dict:
     """A JSON-ready dict of the settings."""
-    data = asdict(config)
-    data["timestep_range"] = list(config.timestep_range) if config.timestep_range else None
-    return data
+    return config.to_dict()

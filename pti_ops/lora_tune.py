@@ -22,20 +22,22 @@ import torch
 from peft import LoraConfig
 
 from .training.adapters import adapters_disabled, lora_layers
-from .training.batches import DEFAULT_TEMPLATES, BatchSampler, build_caption_table, check_templates
+from .checks import check_choice, check_positive_int, check_positive_number
+from .training.batches import BatchSampler, build_caption_table
 from .models.bundle import ModelBundle
 from .dataset import ImageDataset
 from .training.diffusion_loss import NoisedBatch, add_noise, check_timestep_range
 from .errors import InvalidInputError, TokenizerError, TrainingStopped
 from .training.image_locality import image_locality_loss
-from .inversion import StepCallback
 from .training.latent_cache import encode_latents
-from .files.lora_file import lora_state_dict_to_kohya
+from .files.lora_file import lora_state_dict_to_kohya, save_lora
 from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
-from .placeholder import PlaceholderToken, TrainableVectors, placeholder_vectors, spliced_placeholder
+from .pivot import Pivot
+from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, TrainableVectors, check_templates, placeholder_vectors, spliced_placeholder
 from .regularizer import LocalityRegularizer, RegularizerConfig, locality_loss
 from .training.text_conditioning import encode_tokens
 from .training.checkpoints import load_checkpoint, save_checkpoint
+from .training.recorder import LossRecorder, StepCallback, check_losses_finite
 
 logger = logging.getLogger(__name__)
 
@@ -107,25 +109,31 @@ class TuneConfig:
     def __post_init__(self):
         check_mixed_precision(self.mixed_precision)
         for name in ("rank", "steps", "batch_size", "gradient_accumulation_steps", "history_every", "clip_skip"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InvalidInputError(f"`{name}` must be a positive integer, got {value!r}.")
-        for name in ("learning_rate", "ti_learning_rate", "text_encoder_lr", "alpha"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise InvalidInputError(f"`{name}` must be a positive finite number, got {value!r}.")
+            check_positive_int(name, getattr(self, name))
+        check_positive_number("learning_rate", self.learning_rate)
+        check_positive_number("ti_learning_rate", self.ti_learning_rate)
+        check_positive_number("text_encoder_lr", self.text_encoder_lr, optional=True)
+        check_positive_number("alpha", self.alpha, optional=True)
         if not 0.0 <= self.dropout < 1.0:
             raise InvalidInputError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
-        if self.targets not in UNET_TARGETS:
-            raise InvalidInputError(f"`targets` must be one of {tuple(UNET_TARGETS)}, got {self.targets!r}.")
-        if self.schedule not in SCHEDULES:
-            raise InvalidInputError(f"`schedule` must be one of {SCHEDULES}, got {self.schedule!r}.")
+        check_choice("targets", self.targets, tuple(UNET_TARGETS))
+        check_choice("schedule", self.schedule, SCHEDULES)
         if not 0.0 < self.ti_frac <= 1.0:
             raise InvalidInputError(f"`ti_frac` must be in (0, 1], got {self.ti_frac!r}.")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise InvalidInputError(f"`max_grad_norm` must be positive or None, got {self.max_grad_norm!r}.")
         self.templates = check_templates(self.templates)
         self.alpha = float(self.alpha if self.alpha is not None else self.rank)
+
+    @property
+    def token_steps(self) -> int:
+        """Steps during which the token trains (`joint`); 0 for `sequential`."""
+        return math.ceil(self.ti_frac * self.steps) if self.schedule == "joint" else 0
+
+    def made_by(self) -> dict[str, str]:
+        """What an embedding file records about the `joint` run that trained its token."""
+        return {"steps": str(self.token_steps), "lr": repr(self.ti_learning_rate), "batch_size": str(self.batch_size),
+                "seed": str(self.seed), "schedule": self.schedule}
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -138,25 +146,30 @@ class TuneResult:
     """What a tuning run produced.
 
     Args:
-        lora (`dict[str, torch.Tensor]`): the adapters in kohya format (see `lora_file.py`).
-        vectors (`torch.Tensor`): the placeholder vectors at the end (changed only by `joint`).
+        lora (`dict[str, torch.Tensor]`): the adapters in kohya format (see `files/lora_file.py`).
+        pivot (`Pivot`): the token the LoRA was tuned around (moved on by the `joint` schedule).
         history (`list[dict]`): step, loss (denoising), reg_loss (locality, when active), lr.
         config (`TuneConfig`): the settings used.
         regularizer (`dict`, *optional*): the regulariser settings, if one was used.
     """
 
     lora: dict[str, torch.Tensor]
-    vectors: torch.Tensor
+    pivot: Pivot
     history: list[dict]
     config: TuneConfig
     regularizer: dict | None = None
 
-    def metadata(self, token: PlaceholderToken, base_model: str) -> dict[str, str]:
+    @property
+    def vectors(self) -> torch.Tensor:
+        """The placeholder vectors at the end (changed only by `joint`)."""
+        return self.pivot.vectors
+
+    def metadata(self, token: PlaceholderToken | None = None, base_model: str | None = None) -> dict[str, str]:
         """String metadata for the LoRA file: the inputs that produced it."""
         c = self.config
         return {
-            "pivotal.placeholder": token.placeholder,
-            "pivotal.base_model": base_model,
+            "pivotal.placeholder": token.placeholder if token is not None else self.pivot.placeholder,
+            "pivotal.base_model": base_model if base_model is not None else self.pivot.base_model,
             "pivotal.rank": str(c.rank),
             "pivotal.alpha": f"{c.alpha:g}",
             "pivotal.steps": str(c.steps),
@@ -167,6 +180,10 @@ class TuneResult:
             "pivotal.train_text_encoder": str(c.train_text_encoder).lower(),
             "pivotal.regularizer": json.dumps(self.regularizer) if self.regularizer else "none",
         }
+
+    def save(self, path, overwrite: bool = False):
+        """Write the LoRA file (kohya keys, atomically; an existing file only with `overwrite`)."""
+        return save_lora(path, self.lora, self.metadata(), overwrite=overwrite)
 
 
 def lora_config(rank: int, alpha: float, dropout: float, targets: tuple[str, ...]) -> LoraConfig:
@@ -190,11 +207,11 @@ def run_tuning(
     token: PlaceholderToken,
     config: TuneConfig,
     regularizer: RegularizerConfig | None = None,
-    centres: torch.Tensor | None = None,
     on_step: StepCallback | None = None,
     checkpoint: str | None = None,
     resume_from: str | None = None,
     lpips_model: torch.nn.Module | None = None,
+    pivot: Pivot | None = None,
 ) -> TuneResult:
     """Train LoRA adapters around the pivot `token`; leave them active on the bundle's models.
 
@@ -209,12 +226,13 @@ def run_tuning(
         token (`PlaceholderToken`): the pivot, from `run_inversion` or `add_placeholder(vectors=...)`.
         config (`TuneConfig`): the settings.
         regularizer (`RegularizerConfig`, *optional*): the locality regulariser (None or mode `none`: off).
-        centres (`torch.Tensor`, *optional*): per-position vSLERP centres from the norm statistics.
         on_step (`callable`, *optional*): `on_step(step, total, logs)` after every step; may raise to stop.
         checkpoint (`str`, *optional*): when the run is stopped, write a resumable checkpoint here.
         resume_from (`str`, *optional*): continue the run saved in this checkpoint (same settings).
         lpips_model (`lpips.LPIPS`, *optional*): for the regulariser's `image_space` term; loaded from
-            local files (`metrics_lpips.load_lpips`) when needed and not given.
+            local files (`metrics.load_lpips`) when needed and not given.
+        pivot (`Pivot`, *optional*): what `token` stands for (templates, history, how it was made);
+            recorded in the result. Default: a pivot of the token's current rows.
     """
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
@@ -222,7 +240,7 @@ def run_tuning(
     check_token_in_bundle(bundle, token)
     t_range = check_timestep_range(config.timestep_range, bundle.noise_scheduler)
     captions = build_caption_table(dataset, config.templates, token, bundle.tokenizer)
-    locality = _build_regularizer(bundle, token, regularizer, centres, config)
+    locality = _build_regularizer(bundle, token, regularizer, config)
     latents = encode_latents(bundle.vae, dataset, batch_size=max(config.batch_size, 4))
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # LoRA A matrices are initialised from torch's global generator
@@ -241,7 +259,8 @@ def run_tuning(
     except TrainingStopped as err:
         if err.partial is None and trainer.last_good is not None:
             trainer.load_trained(trainer.last_good["trained"])
-            err.partial = TuneResult(trainer.export(), trainer.vectors().detach().cpu(), trainer.last_good["history"], config, reg_settings)
+            partial = _pivot_after(bundle, token, trainer.vectors().detach(), config, pivot, trainer.last_good["history"])
+            err.partial = TuneResult(trainer.export(), partial, trainer.last_good["history"], config, reg_settings)
         trainer.remove_adapters()
         raise
     except BaseException:
@@ -250,13 +269,43 @@ def run_tuning(
             logger.info("run stopped at step %d; resumable checkpoint written to %s", trainer.progress.step, checkpoint)
         trainer.remove_adapters()
         raise
-    return TuneResult(lora, placeholder_vectors(bundle.text_encoder, token), history, config, reg_settings)
+    final = _pivot_after(bundle, token, placeholder_vectors(bundle.text_encoder, token), config, pivot, history)
+    return TuneResult(lora, final, history, config, reg_settings)
 
 
-def _build_regularizer(bundle, token, regularizer, centres, config) -> LocalityRegularizer | None:
-    if regularizer is None or regularizer.mode == "none" or regularizer.weight == 0:
+def tune_around(
+    bundle: ModelBundle,
+    dataset: ImageDataset,
+    pivot: Pivot,
+    config: TuneConfig,
+    regularizer: RegularizerConfig | None = None,
+    on_step: StepCallback | None = None,
+    checkpoint: str | None = None,
+    resume_from: str | None = None,
+    lpips_model: torch.nn.Module | None = None,
+) -> TuneResult:
+    """Tune: train LoRA adapters around `pivot` (put into `bundle` first); the phase call of step 2.
+
+    Arguments as `run_tuning`, with the pivot instead of a placeholder already in the bundle.
+    """
+    token = pivot.apply(bundle)
+    return run_tuning(bundle, dataset, token, config, regularizer, on_step=on_step, checkpoint=checkpoint,
+                      resume_from=resume_from, lpips_model=lpips_model, pivot=pivot)
+
+
+def _pivot_after(bundle, token, vectors, config: TuneConfig, pivot: Pivot | None, history) -> Pivot:
+    """The pivot at the end of a tuning run: unchanged, or moved on by the `joint` schedule."""
+    if pivot is None:
+        pivot = Pivot.from_token(bundle, token, config.templates)
+    if config.schedule != "joint":
+        return pivot
+    return pivot.with_vectors(vectors, history, config.made_by())
+
+
+def _build_regularizer(bundle, token, regularizer, config) -> LocalityRegularizer | None:
+    if regularizer is None or not regularizer.is_active:
         return None
-    locality = LocalityRegularizer(bundle, token, regularizer, centres=centres, clip_skip=config.clip_skip)
+    locality = LocalityRegularizer(bundle, token, regularizer, clip_skip=config.clip_skip)
     # Encode now, before any adapter exists: c_r comes from the original text encoder.
     locality.conditionings(0, torch.Generator().manual_seed(config.seed))
     return locality
@@ -284,7 +333,7 @@ class _Trainer:
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, foreach=True)
         self.trained = [p for group in groups for p in group["params"]]
         self.gradient_step = GradientStep(self.optimizer, self.trained, config.max_grad_norm, bundle.device, config.mixed_precision)
-        self.progress = _Progress(bundle.device)
+        self.progress = LossRecorder(("loss", "reg_loss"), bundle.device, config.history_every, config.steps)
         self.last_good: dict | None = None
         # With the text encoder frozen the training prompts' encodings never change: encode them once.
         self.cached_conditioning = None
@@ -313,7 +362,7 @@ class _Trainer:
 
     def train(self, on_step: StepCallback | None) -> list[dict]:
         config, progress = self.config, self.progress
-        freeze_at = math.ceil(config.ti_frac * config.steps) if self.joint else None
+        freeze_at = config.token_steps if self.joint else None
         splice = spliced_placeholder(self.bundle.text_encoder, self.token, self.vectors) if self.joint else contextlib.nullcontext()
         with splice, gradient_checkpointing(self.bundle.unet, config.gradient_checkpointing):
             if freeze_at is not None and progress.step >= freeze_at:
@@ -321,10 +370,7 @@ class _Trainer:
             while progress.step < config.steps:
                 if progress.step == freeze_at:
                     self._freeze_token()
-                progress.add(self._step(progress.step))
-                logs = {}
-                if progress.step % config.history_every == 0 or progress.step == config.steps:
-                    logs = self._record()
+                logs = self._record() if progress.add(self._step(progress.step)) else {}
                 if on_step is not None:
                     on_step(progress.step, config.steps, logs)
         return progress.history
@@ -339,12 +385,7 @@ class _Trainer:
     def _record(self) -> dict:
         """Append a history record; keep a copy of the trained tensors while the losses are finite."""
         record = self.progress.record()
-        if not math.isfinite(record["loss"]) or not math.isfinite(record.get("reg_loss", 0.0)):
-            good = f" The LoRA was reset to its state at step {self.last_good['step']}." if self.last_good else ""
-            raise TrainingStopped(
-                f"the loss became {record['loss']} at step {record['step']}: training diverged. Lower the learning "
-                f"rate (now {self.config.learning_rate:g}).{good}"
-            )
+        check_losses_finite(record, self.config.learning_rate, "LoRA", self.last_good["step"] if self.last_good else None)
         for group in self.optimizer.param_groups:
             record[f"lr_{group['name']}"] = group["lr"]
         self.progress.history.append(record)
@@ -367,16 +408,13 @@ class _Trainer:
     def state(self) -> dict:
         """Everything the rest of the run depends on, for a resumable checkpoint."""
         return {
-            "step": self.progress.step,
             "config": self.config.to_dict(),
             "trained": [p.detach().cpu().clone() for p in self.trained],
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "global_rng": torch.get_rng_state(),
             "sampler_order": list(self.sampler._order),
-            "sums": {k: v.detach().cpu() for k, v in self.progress.sums.items()},
-            "counts": dict(self.progress.counts),
-            "history": list(self.progress.history),
+            **self.progress.state(),
         }
 
     def restore(self, state: dict) -> None:
@@ -450,39 +488,3 @@ class _Trainer:
         if span is None:
             return NoisedBatch(noised.noisy_latents[picks], noised.timesteps[picks], noised.target[picks])
         return add_noise(self.bundle.noise_scheduler, latents[picks], self.generator, (span[0], span[1] + 1))
-
-
-class _Progress:
-    """Steps done, running loss sums (on the device: read once per record) and the history."""
-
-    KEYS = ("loss", "reg_loss")
-
-    def __init__(self, device: torch.device):
-        self.step = 0
-        self.sums = {key: torch.zeros((), device=device) for key in self.KEYS}
-        self.counts = {key: 0 for key in self.KEYS}
-        self.history: list[dict] = []
-
-    def add(self, losses: dict[str, torch.Tensor]) -> None:
-        """Count one finished optimiser step and its losses."""
-        for key, value in losses.items():
-            self.sums[key] += value
-            self.counts[key] += 1
-        self.step += 1
-
-    def record(self) -> dict:
-        """Mean losses since the last record (one host sync), then reset the sums."""
-        record = {"step": self.step}
-        for key in self.KEYS:
-            if self.counts[key]:
-                record[key] = (self.sums[key] / self.counts[key]).item()
-                self.sums[key].zero_()
-                self.counts[key] = 0
-        return record
-
-    def restore(self, state: dict) -> None:
-        self.step = state["step"]
-        for key in self.KEYS:
-            self.sums[key].copy_(state["sums"][key])
-            self.counts[key] = state["counts"][key]
-        self.history = list(state["history"])

@@ -1,43 +1,56 @@
-"""Both phases in one call: textual inversion of the pivot, then LoRA tuning around it."""
+"""Both phases in one call: textual inversion of the pivot, then LoRA tuning around it.
 
+The phase calls every face uses (CLI, nodes, demo, sweeps):
+- `invert(bundle, dataset, config, on_step) -> InversionResult` (inversion.py);
+- `tune_around(bundle, dataset, pivot, config, regularizer, on_step) -> TuneResult` (lora_tune.py);
+- `pivotal_tune(bundle, dataset, inversion, tuning, regularizer, on_step) -> PivotalResult` (here).
+Each result saves itself (`result.save(path, overwrite=…)`), its file's metadata built in one place.
+"""
+
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
-
-from .models.bundle import ModelBundle
 from .dataset import ImageDataset
-from .inversion import InversionConfig, InversionResult, StepCallback, run_inversion
-from .lora_tune import TuneConfig, TuneResult, run_tuning
-from .placeholder import PlaceholderToken, add_placeholder
-from .regularizer import RegularizerConfig, check_centre_given
+from .inversion import InversionConfig, InversionResult, invert
+from .lora_tune import TuneConfig, TuneResult, tune_around
+from .models.bundle import ModelBundle
+from .pivot import Pivot
+from .regularizer import RegularizerConfig
+from .training.recorder import StepCallback, offset_steps
 
 
 @dataclass
 class PivotalResult:
-    """The pivot (inversion result, None for the `joint` schedule) and the LoRA tuning result."""
+    """The inversion result (None for the `joint` schedule) and the LoRA tuning result."""
 
-    token: PlaceholderToken
     inversion: InversionResult | None
     tuning: TuneResult
 
+    @property
+    def pivot(self) -> Pivot:
+        """The final token (as tuned by `joint`, else as inverted)."""
+        return self.tuning.pivot
 
-def _offset(on_step: StepCallback | None, offset: int, total: int) -> StepCallback | None:
-    """A callback that reports the steps of one phase as steps of the whole run."""
-    if on_step is None:
-        return None
-    return lambda step, _, logs: on_step(offset + step, total, logs)
+    @property
+    def token(self):
+        """The placeholder as it is in the bundle's tokenizer."""
+        return self.inversion.token if self.inversion is not None else None
+
+    def save(self, embedding_path: str | os.PathLike, lora_path: str | os.PathLike, overwrite: bool = False) -> tuple[Path, Path]:
+        """Write the embedding and the LoRA file."""
+        return self.pivot.save(embedding_path, overwrite=overwrite), self.tuning.save(lora_path, overwrite=overwrite)
 
 
-def run_pivotal_tuning(
+def pivotal_tune(
     bundle: ModelBundle,
     dataset: ImageDataset,
     inversion: InversionConfig,
     tuning: TuneConfig,
     regularizer: RegularizerConfig | None = None,
-    centres: torch.Tensor | None = None,
     on_step: StepCallback | None = None,
 ) -> PivotalResult:
-    """Invert the placeholder (`sequential`) or add it at its initializer (`joint`), then tune the LoRA.
+    """Invert the placeholder (`sequential`) or start it at its initializer (`joint`), then tune the LoRA.
 
     Progress is reported as one run of `inversion.steps + tuning.steps` steps (`tuning.steps` for `joint`).
 
@@ -47,16 +60,16 @@ def run_pivotal_tuning(
         inversion (`InversionConfig`): placeholder, initializer, and the inversion's settings.
         tuning (`TuneConfig`): the LoRA's settings (and the schedule).
         regularizer (`RegularizerConfig`, *optional*): the locality regulariser.
-        centres (`torch.Tensor`, *optional*): vSLERP centres from the norm statistics.
         on_step (`callable`, *optional*): progress callback, may raise to stop.
     """
-    if regularizer is not None:
-        check_centre_given(regularizer, centres)  # before the inversion, not after it
     if tuning.schedule == "joint":
-        token = add_placeholder(bundle.tokenizer, bundle.text_encoder, inversion.placeholder, inversion.initializer, inversion.num_vectors)
-        tuned = run_tuning(bundle, dataset, token, tuning, regularizer, centres, on_step)
-        return PivotalResult(token, None, tuned)
+        pivot = Pivot.at_initializer(bundle, inversion.placeholder, inversion.initializer, inversion.num_vectors, inversion.templates)
+        return PivotalResult(None, tune_around(bundle, dataset, pivot, tuning, regularizer, on_step=on_step))
     total = inversion.steps + tuning.steps
-    inverted = run_inversion(bundle, dataset, inversion, _offset(on_step, 0, total))
-    tuned = run_tuning(bundle, dataset, inverted.token, tuning, regularizer, centres, _offset(on_step, inversion.steps, total))
-    return PivotalResult(inverted.token, inverted, tuned)
+    inverted = invert(bundle, dataset, inversion, offset_steps(on_step, 0, total))
+    tuned = tune_around(bundle, dataset, inverted.pivot, tuning, regularizer, on_step=offset_steps(on_step, inversion.steps, total))
+    return PivotalResult(inverted, tuned)
+
+
+# The name of earlier releases.
+run_pivotal_tuning = pivotal_tune

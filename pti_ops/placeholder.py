@@ -22,6 +22,32 @@ from .errors import InvalidInputError, TokenizerError
 MAX_VECTORS = 16
 _PLACEHOLDER_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 
+# Where a prompt template puts the placeholder, and the templates every face defaults to.
+PLACEHOLDER_SLOT = "{}"
+DEFAULT_TEMPLATES: tuple[str, ...] = ("an anime illustration of {}",)
+
+
+def fill_placeholder(template: str, word: str) -> str:
+    """`template` with every `{}` replaced by `word` (plain replace, so other braces are left alone)."""
+    return template.replace(PLACEHOLDER_SLOT, word)
+
+
+def check_templates(templates, what: str = "templates") -> list[str]:
+    """The templates as a list of stripped prompts, each with `{}` where the placeholder goes."""
+    if isinstance(templates, str):  # one template given as text (JSON, a node's text box)
+        templates = [templates]
+    if not isinstance(templates, (list, tuple)):
+        raise InvalidInputError(f"`{what}` must be a non-empty list of prompt templates, got {templates!r}.")
+    checked = [t.strip() for t in templates if isinstance(t, str) and t.strip()]
+    if len(checked) != len(templates) or not checked:
+        raise InvalidInputError(
+            f"`{what}` must be a non-empty list of prompt templates such as '{DEFAULT_TEMPLATES[0]}', got {list(templates)!r}."
+        )
+    for template in checked:
+        if PLACEHOLDER_SLOT not in template:
+            raise InvalidInputError(f"`{what}`: template {template!r} has no '{{}}': it must contain {{}} where the placeholder goes.")
+    return checked
+
 
 @dataclass(frozen=True)
 class PlaceholderToken:
@@ -42,6 +68,10 @@ class PlaceholderToken:
     @property
     def num_vectors(self) -> int:
         return len(self.token_ids)
+
+    def fill(self, template: str) -> str:
+        """The prompt the tokenizer sees for `template`: `{}` replaced by the placeholder, then expanded."""
+        return self.expand(fill_placeholder(template, self.placeholder))
 
     def expand(self, text: str) -> str:
         """`text` with each whole-word occurrence of the placeholder replaced by its token strings."""

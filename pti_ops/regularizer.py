@@ -20,54 +20,74 @@ they are computed once, by one text-encoder call; only the cheap interpolation i
 when t is sampled or the mode is random.
 """
 
-import math
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Callable, Literal, Mapping, get_args
 
 import torch
 
 from .models.bundle import ModelBundle
 from .errors import InvalidInputError, TokenizerError
 from .interpolation import rotate_towards_random, slerp, vslerp
-from .placeholder import PlaceholderToken
+from .checks import check_choice, check_number, check_positive_int, check_range
+from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, check_templates, fill_placeholder
 from .training.text_conditioning import encode_prompts, tokenize
 
-RegularizerMode = Literal["none", "empty", "class", "path", "sphere"]
-REGULARIZER_MODES: tuple[str, ...] = get_args(RegularizerMode)
 InterpolationMode = Literal["slerp", "vslerp"]
 INTERPOLATION_MODES: tuple[str, ...] = get_args(InterpolationMode)
-# Modes that interpolate between the placeholder prompt and the class prompt, position by position.
-POSITIONAL_MODES = ("path", "sphere")
-
-DEFAULT_TEMPLATES = ("an anime illustration of {}",)
 DEFAULT_T = 0.5
 
 
-def _check_number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidInputError(f"`{name}` must be a finite number, got {value!r}.")
-    if low is not None and value < low or high is not None and value > high:
-        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise InvalidInputError(f"`{name}` must be {bounds}, got {value}.")
-    return float(value)
+def _path_point(start, end, t, centre, generator):
+    """SLERP from the placeholder's encoding towards the class word's (vSLERP around `centre`)."""
+    return slerp(start, end, t) if centre is None else vslerp(start, end, t, centre)
 
 
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"`{name}` must be a whole number of at least 1, got {value!r}.")
-    return value
+def _sphere_point(start, end, t, centre, generator):
+    """A random point at the path point's angle from the placeholder's encoding, at its norm (note 003)."""
+    origin = torch.zeros((), device=start.device) if centre is None else centre
+    return origin + rotate_towards_random(start - origin, end - origin, t, generator)
 
 
-def _check_pair(name: str, value: Any, low: float, high: float | None, kind: type) -> tuple:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise InvalidInputError(f"`{name}` must be a pair (min, max), got {value!r}.")
-    lo, hi = (_check_number(name, v, low, high) for v in value)
-    if kind is int and not all(float(v).is_integer() for v in value):
-        raise InvalidInputError(f"`{name}` must hold whole numbers, got {value!r}.")
-    if lo > hi:
-        raise InvalidInputError(f"`{name}` must be (min, max) with min <= max, got {value!r}.")
-    return kind(lo), kind(hi)
+@dataclass(frozen=True)
+class RegularizerModeSpec:
+    """What one mode encodes and how it makes a conditioning from it.
+
+    Args:
+        name (`str`): the mode's name in configs, the CLI and nodes.
+        summary (`str`): one line for help texts.
+        encodes (`str`, *optional*): `empty` (the empty prompt), `anchor` (the class-word prompts) or
+            `both` (placeholder and class-word prompts, for a point between them); None: nothing.
+        point (`callable`, *optional*): `point(start, end, t, centre, generator)` per token position
+            (modes that encode `both`); without it the encoding itself is the conditioning.
+        always_random (`bool`): a new conditioning at each application even with a fixed t.
+    """
+
+    name: str
+    summary: str
+    encodes: Literal["empty", "anchor", "both"] | None = None
+    point: Callable | None = None
+    always_random: bool = False
+
+    @property
+    def positional(self) -> bool:
+        """Compares the placeholder prompt and the class prompt position by position."""
+        return self.point is not None
+
+
+# The registry: adding a mode is one entry here.
+MODES: dict[str, RegularizerModeSpec] = {spec.name: spec for spec in (
+    RegularizerModeSpec("none", "no regularisation"),
+    RegularizerModeSpec("empty", "the empty prompt (PTI's 'random image' baseline; blank-prompt preservation)", "empty"),
+    RegularizerModeSpec("class", "the class-word prompt (kohya's Differential Output Preservation, ai-toolkit's DOP)", "anchor"),
+    RegularizerModeSpec("path", "SLERP halfway between the token's prompt and the class word's, per position", "both", _path_point),
+    RegularizerModeSpec("sphere", "random points at the path point's angle from the token's prompt", "both", _sphere_point,
+                        always_random=True),
+)}
+REGULARIZER_MODES: tuple[str, ...] = tuple(MODES)
+RegularizerMode = str  # one of REGULARIZER_MODES
+# Modes that interpolate between the placeholder prompt and the class prompt, position by position.
+POSITIONAL_MODES = tuple(name for name, spec in MODES.items() if spec.positional)
 
 
 @dataclass
@@ -79,9 +99,9 @@ class RegularizerConfig:
             method's default: halfway between the placeholder and the class word) or `sphere`.
         anchor (`str`): the class word that replaces the placeholder, e.g. `character`.
         templates (`list[str]`): prompt templates with `{}` where the placeholder / class word goes.
-        interpolation (`str`): `slerp` (around the origin) or `vslerp` (around a centre vector:
-            `centre`, or the per-position centres of the norm statistics).
-        centre (`torch.Tensor`, *optional*): vSLERP centre, `[tokens, dim]` or `[dim]`.
+        interpolation (`str`): `slerp` (around the origin) or `vslerp` (around `centre`).
+        centre (`torch.Tensor`, *optional*): vSLERP centre, `[tokens, dim]` or `[dim]` (e.g. the
+            per-position centres of the norm statistics); needed by vSLERP in `path` and `sphere`.
         t (`float`): position on the path, 0 = placeholder prompt, 1 = class prompt.
         t_range (`tuple[float, float]`, *optional*): sample t uniformly in [min, max] at each
             application instead (then `t` is ignored).
@@ -113,47 +133,43 @@ class RegularizerConfig:
     timestep_range: tuple[int, int] | None = None
 
     def __post_init__(self):
-        if self.mode not in REGULARIZER_MODES:
-            raise InvalidInputError(f"`mode` must be one of {', '.join(REGULARIZER_MODES)}; got {self.mode!r}.")
-        if self.interpolation not in INTERPOLATION_MODES:
-            raise InvalidInputError(
-                f"`interpolation` must be one of {', '.join(INTERPOLATION_MODES)}; got {self.interpolation!r}."
-            )
+        check_choice("mode", self.mode, REGULARIZER_MODES)
+        check_choice("interpolation", self.interpolation, INTERPOLATION_MODES)
         if not isinstance(self.anchor, str) or not self.anchor.strip() or "{}" in self.anchor:
             raise InvalidInputError(f"`anchor` must be a class word such as `character`, got {self.anchor!r}.")
         self.anchor = self.anchor.strip()
-        self.templates = self._checked_templates(self.templates)
-        self.t = _check_number("t", self.t, 0.0, 1.0)
+        self.templates = check_templates(self.templates)
+        self.t = check_number("t", self.t, 0.0, 1.0)
         if self.t_range is not None:
-            self.t_range = _check_pair("t_range", self.t_range, 0.0, 1.0, float)
+            self.t_range = check_range("t_range", self.t_range, 0.0, 1.0, float)
             if self.t != DEFAULT_T:
                 warnings.warn(f"`t`={self.t} is ignored because `t_range` {self.t_range} is given.", stacklevel=3)
-        self.weight = _check_number("weight", self.weight, 0.0)
-        self.every = _check_count("every", self.every)
-        self.samples = _check_count("samples", self.samples)
+        self.weight = check_number("weight", self.weight, 0.0)
+        self.every = check_positive_int("every", self.every)
+        self.samples = check_positive_int("samples", self.samples)
         if not isinstance(self.image_space, bool):
             raise InvalidInputError(f"`image_space` must be true or false, got {self.image_space!r}.")
-        self.image_l2_weight = _check_number("image_l2_weight", self.image_l2_weight, 0.0)
+        self.image_l2_weight = check_number("image_l2_weight", self.image_l2_weight, 0.0)
         if self.timestep_range is not None:
-            self.timestep_range = _check_pair("timestep_range", self.timestep_range, 0, None, int)
+            self.timestep_range = check_range("timestep_range", self.timestep_range, 0, None, int)
         self._check_centre()
 
-    @staticmethod
-    def _checked_templates(templates: Any) -> list[str]:
-        if isinstance(templates, str):  # one template given as text (JSON, a node's text box)
-            templates = [templates]
-        if not isinstance(templates, (list, tuple)) or not templates:
-            raise InvalidInputError(f"`templates` must be a non-empty list of prompts, got {templates!r}.")
-        for template in templates:
-            if not isinstance(template, str) or "{}" not in template:
-                raise InvalidInputError(
-                    f"each of `templates` must contain {{}} where the placeholder goes, e.g. "
-                    f"'an anime illustration of {{}}'; got {template!r}."
-                )
-        return list(templates)
+    @property
+    def spec(self) -> RegularizerModeSpec:
+        return MODES[self.mode]
+
+    @property
+    def is_active(self) -> bool:
+        """Whether this config regularises at all (a mode other than `none` and a weight above 0)."""
+        return self.mode != "none" and self.weight > 0
 
     def _check_centre(self) -> None:
         if self.centre is None:
+            if self.spec.positional and self.interpolation == "vslerp":
+                raise InvalidInputError(
+                    "`interpolation` is `vslerp` but no centre was given: connect norm statistics, give "
+                    "`centre`, or use `slerp`."
+                )
             return
         if not isinstance(self.centre, torch.Tensor):
             self.centre = torch.as_tensor(self.centre, dtype=torch.float32)  # a list from JSON
@@ -217,8 +233,6 @@ class LocalityRegularizer:
         bundle (`ModelBundle`): the model, its tokenizer and text encoder holding the placeholder.
         token (`PlaceholderToken`): the placeholder, as returned by `add_placeholder`.
         config (`RegularizerConfig`): the settings.
-        centres (`torch.Tensor`, *optional*): per-position vSLERP centres `[tokens, dim]` from the
-            norm statistics, used when `config.centre` is not set.
         clip_skip (`int`): encoder layer, as in training (1 = last).
     """
 
@@ -227,32 +241,26 @@ class LocalityRegularizer:
         bundle: ModelBundle,
         token: PlaceholderToken,
         config: RegularizerConfig,
-        centres: torch.Tensor | None = None,
         clip_skip: int = 1,
     ):
         self.bundle, self.token, self.config, self.clip_skip = bundle, token, config, clip_skip
-        self.placeholder_prompts = [token.expand(tpl.replace("{}", token.placeholder)) for tpl in config.templates]
-        self.anchor_prompts = [tpl.replace("{}", config.anchor) for tpl in config.templates]
-        self.centre = self._resolve_centre(centres)
+        self.mode = config.spec
+        self.placeholder_prompts = [token.fill(template) for template in config.templates]
+        self.anchor_prompts = [fill_placeholder(template, config.anchor) for template in config.templates]
+        self.centre = self._check_centre_fits()
         self._check_timestep_range()
-        self._starts = self._check_alignment() if config.mode in POSITIONAL_MODES else None
+        self._starts = self._check_alignment() if self.mode.positional else None
         self._encodings: _Encodings | None = None
         self._fixed: torch.Tensor | None = None  # final conditionings when nothing is sampled
 
     # -- checks (all before any encoding) -------------------------------------------------------
 
-    def _resolve_centre(self, centres: torch.Tensor | None) -> torch.Tensor | None:
+    def _check_centre_fits(self) -> torch.Tensor | None:
         config = self.config
-        if config.interpolation != "vslerp" or config.mode not in POSITIONAL_MODES:
+        if config.interpolation != "vslerp" or not self.mode.positional:
             return None
-        if config.centre is not None and centres is not None:
-            raise InvalidInputError(
-                "two vSLERP centres were given (the regulariser's `centre` and the norm statistics): give one."
-            )
-        check_centre_given(config, centres)
-        centre = config.centre if config.centre is not None else centres
         tokens, dim = self.bundle.tokenizer.model_max_length, self.bundle.embedding_dim
-        centre = torch.as_tensor(centre).detach().float()
+        centre = config.centre.detach().float()
         if centre.shape not in ((dim,), (tokens, dim)):
             raise InvalidInputError(
                 f"vSLERP centre of shape {tuple(centre.shape)} does not fit this text encoder, which gives "
@@ -306,10 +314,10 @@ class LocalityRegularizer:
     def _encode(self) -> _Encodings:
         if self._encodings is not None:
             return self._encodings
-        tokenizer, encoder, mode = self.bundle.tokenizer, self.bundle.text_encoder, self.config.mode
-        if mode == "empty":
+        tokenizer, encoder = self.bundle.tokenizer, self.bundle.text_encoder
+        if self.mode.encodes == "empty":
             self._encodings = _Encodings(None, encode_prompts(tokenizer, encoder, [""], self.clip_skip), None)
-        elif mode == "class":
+        elif self.mode.encodes == "anchor":
             self._encodings = _Encodings(None, encode_prompts(tokenizer, encoder, self.anchor_prompts, self.clip_skip), None)
         else:
             # One encoder call for both endpoints of every template.
@@ -325,12 +333,12 @@ class LocalityRegularizer:
     @property
     def is_random(self) -> bool:
         """Whether conditionings change between applications (sampled t or random directions)."""
-        return self.config.mode == "sphere" or (self.config.mode == "path" and self.config.t_range is not None)
+        return self.mode.always_random or (self.mode.positional and self.config.t_range is not None)
 
     def is_active(self, step: int) -> bool:
         """Whether training step `step` (counted from 0) includes the locality loss."""
         config = self.config
-        return config.mode != "none" and config.weight > 0 and step % config.every == 0
+        return config.is_active and step % config.every == 0
 
     def conditionings(self, step: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """The conditionings `c_r` for step `step`, `[samples, tokens, dim]`, or None if inactive.
@@ -350,7 +358,7 @@ class LocalityRegularizer:
         return self._build(picks, generator)
 
     def _num_sources(self) -> int:
-        return 1 if self.config.mode == "empty" else len(self.config.templates)
+        return 1 if self.mode.encodes == "empty" else len(self.config.templates)
 
     def _pick_templates(self, generator: torch.Generator | None) -> torch.Tensor:
         """Which template each sample uses: all in turn, or a random subset when samples < templates."""
@@ -372,29 +380,14 @@ class LocalityRegularizer:
     def _build(self, picks: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Conditionings for the templates `picks`, `[len(picks), tokens, dim]`."""
         enc = self._encode()
-        if self.config.mode in ("empty", "class"):
+        if not self.mode.positional:
             return enc.anchor[picks]
         start, end = enc.placeholder[picks], enc.anchor[picks]
         t = self._sample_t(len(picks), generator, start)
-        centre = torch.zeros((), device=start.device) if self.centre is None else self.centre.to(start.device)
-        if self.config.mode == "path":
-            inner = slerp(start, end, t) if self.centre is None else vslerp(start, end, t, centre)
-        else:
-            inner = centre + rotate_towards_random(start - centre, end - centre, t, generator)
+        centre = None if self.centre is None else self.centre.to(start.device)
+        inner = self.mode.point(start, end, t, centre, generator)
         # Positions before the placeholder stay exactly the placeholder prompt's.
         return torch.where(enc.interpolated[picks], inner.to(start.dtype), start)
-
-
-def check_centre_given(config: RegularizerConfig, centres: torch.Tensor | None) -> None:
-    """Raise when vSLERP is asked for a positional mode and neither the config nor `centres` has a centre.
-
-    Callers run it before any training so the error comes before a long inversion.
-    """
-    if config.mode in POSITIONAL_MODES and config.interpolation == "vslerp" and config.centre is None and centres is None:
-        raise InvalidInputError(
-            "`interpolation` is `vslerp` but no centre was given: connect norm statistics, give "
-            "`centre`, or use `slerp`."
-        )
 
 
 def locality_loss(tuned_pred: torch.Tensor, base_pred: torch.Tensor) -> torch.Tensor:

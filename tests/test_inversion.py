@@ -136,7 +136,7 @@ def test_gradient_accumulation_and_timestep_range_run(tiny_bundle, tiny_dataset)
         (dict(batch_size=-1), "`batch_size` must be a positive integer"),
         (dict(norm_mode="clamp"), "`norm_mode` must be one of"),
         (dict(templates=["a photo of tok1"]), "has no '\\{\\}'"),
-        (dict(templates=[]), "`templates` is empty"),
+        (dict(templates=[]), "`templates` must be a non-empty list"),
     ],
 )
 def test_bad_settings_are_refused(overrides, message):

@@ -17,7 +17,7 @@ COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "server"}
 
 # The core's rooms from the bottom up; a module may import its own room and the rooms below it.
 ROOM_LAYERS = [
-    {"errors"},
+    {"errors", "checks"},
     {"files", "interpolation"},
     {"models"},
     {"dataset", "placeholder"},

@@ -32,6 +32,7 @@ from pti_ops.metrics.evaluation import EvaluationConfig, Scorers, evaluate, eval
 from pti_ops.metrics.lpips_model import BACKBONE_FILES, load_lpips, lpips_matrix
 from pti_ops.metrics.sampling import SamplingConfig, apply_lora
 from pti_ops.models.tiny_model import TINY_WORDS, build_tiny_bundle
+from pti_ops.pivot import Pivot, family_name
 from helpers import kohya_lora
 
 
@@ -215,8 +216,10 @@ def test_evaluate_tuned_applies_the_token_and_the_lora_and_counts_every_batch(ti
                               locality_timesteps=(500,))  # fmt: skip
     assert evaluation_batches(config, with_lora=False) == 4 and evaluation_batches(config, with_lora=True) == 10
     calls = []
-    vectors = torch.randn(1, 32, generator=torch.Generator().manual_seed(0)) * 0.1
-    result = evaluate_tuned(bundle, config, Scorers(lpips=lpips_model), vectors=vectors, initializer="cat",
+    pivot = Pivot("tok1", "cat", torch.randn(1, 32, generator=torch.Generator().manual_seed(0)) * 0.1, family_name(bundle))
+    with pytest.raises(InvalidInputError, match="the evaluation's placeholder 'tok1' is not the trained token 'tok2'"):
+        evaluate_tuned(bundle, config, pivot=Pivot("tok2", "cat", pivot.vectors, pivot.family))
+    result = evaluate_tuned(bundle, config, Scorers(lpips=lpips_model), pivot=pivot,
                             lora=kohya_lora(up_std=0.0), lora_strength=0.5, dataset=tiny_dataset,
                             on_step=lambda done, total, logs: calls.append((done, total, logs["stage"])))  # fmt: skip
     # One count over all four sets, set by set: 3 images per prompt set and 6 per locality set, in batches of 2.

@@ -34,8 +34,8 @@ def test_norm_stats_from_a_captions_file_and_eos(nodes, fake_models, comfy_env):
 def test_norm_stats_compare_a_trained_embedding(nodes, fake_models):
     from comfy_stubs import PACK_NAME
 
-    common = __import__(PACK_NAME + ".nodes.common", fromlist=["PivotEmbedding"])
-    embedding = common.PivotEmbedding("tok1", "character", torch.randn(1, 32), "tok1", None)
+    core = __import__(PACK_NAME + ".pti_ops", fromlist=["Pivot"])
+    embedding = core.Pivot("tok1", "character", torch.randn(1, 32), "sd15")
     stats = measure(nodes, fake_models[1], embedding=embedding)[0]
     assert stats.endpoints.trained and "tok1" in stats.endpoints.placeholder_prompt
 

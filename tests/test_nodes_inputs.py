@@ -80,7 +80,7 @@ def test_default_of(inputs):
     assert inputs.default_of(TuneConfig, "steps") == 1000
     first, second = inputs.default_of(TuneConfig, "templates"), inputs.default_of(TuneConfig, "templates")
     assert first == second and first is not second  # a fresh list each time
-    with pytest.raises(AttributeError, match="TuneConfig has no field 'stepz'"):
+    with pytest.raises(KeyError, match="TuneConfig has no field 'stepz'"):
         inputs.default_of(TuneConfig, "stepz")
 
 

@@ -8,18 +8,18 @@ from pti_ops.errors import InvalidInputError
 from pti_ops.metrics.sampling import (
     GRID_PAD,
     SamplingConfig,
-    adapters_disabled,
     apply_embedding,
     apply_lora,
     build_scheduler,
     decode_latents,
-    fill_placeholder,
     image_grid,
     initial_noise,
     predict_noise,
     sample_images,
     set_lora_strength,
 )
+from pti_ops.placeholder import fill_placeholder
+from pti_ops.training.adapters import adapters_disabled
 from pti_ops.training.text_conditioning import encode_prompts
 from pti_ops.models.tiny_model import build_tiny_bundle
 

@@ -14,6 +14,7 @@ from PIL import Image
 from ..dataset import DatasetConfig, load_image_folder
 from ..errors import InvalidInputError
 from ..files import atomic_write, check_output_folder, load_embedding, load_lora
+from ..pivot import Pivot
 from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, EvaluationConfig, Scorers, evaluate_tuned, load_lpips, try_load_clip
 from ..models import load_bundle
 from .options import add_model_options, add_sampling_options, sampling_config, write_json
@@ -104,13 +105,13 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     config = build_config(args)
     scorers = build_scorers(args)
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
-    vectors = load_embedding(args.embedding).for_family(bundle.family, bundle.embedding_dim) if args.embedding else None
+    pivot = Pivot.load(args.embedding, bundle, placeholder=args.token, initializer=args.init_word) if args.embedding else None
     lora = load_lora(args.lora)[0] if args.lora else None
     side = config.sampling.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
     dataset = load_image_folder(args.images, DatasetConfig(resolution=side)) if args.images else None
     logger.info("model %s: generating with %d seed(s) per prompt", bundle.name, len(config.seeds))
-    result = evaluate_tuned(bundle, config, scorers, vectors=vectors, initializer=args.init_word, lora=lora,
-                            lora_strength=args.lora_strength, dataset=dataset)
+    result = evaluate_tuned(bundle, config, scorers, pivot=pivot, lora=lora, lora_strength=args.lora_strength,
+                            dataset=dataset)  # fmt: skip
     result.report.settings.update(embedding=args.embedding, lora=args.lora, lora_strength=args.lora_strength,
                                   images=args.images, clip_model=args.clip_model, lpips=args.lpips)
     write_report(out, result, args.overwrite)

@@ -4,12 +4,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..models import load_bundle
-from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, write_json
+from ..checks import default_of
 from ..dataset import DatasetConfig, ImageDataset, load_image_folder
-from ..files import save_embedding
 from ..errors import InvalidInputError, OutputExistsError
-from ..inversion import NORM_MODES, InversionConfig, config_to_dict, run_inversion
+from ..inversion import NORM_MODES, InversionConfig, invert
+from ..models import load_bundle
+from ..placeholder import DEFAULT_TEMPLATES
+from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +26,18 @@ def add_invert_command(subparsers) -> None:
     add_model_options(p)
     add_dataset_options(p)
     add_inversion_options(p)
-    p.add_argument("--batch-size", type=int, default=1, help="images per micro-batch (default: 1).")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default: 1).")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same embedding on CPU (default: 0).")
+    p.add_argument("--batch-size", type=int, default=default_of(InversionConfig, "batch_size"),
+                   help=f"images per micro-batch (default: {default_of(InversionConfig, 'batch_size')}).")
+    p.add_argument("--grad-accum", type=int, default=default_of(InversionConfig, "gradient_accumulation_steps"),
+                   help=f"micro-batches per optimiser step (default: {default_of(InversionConfig, 'gradient_accumulation_steps')}).")
+    p.add_argument("--seed", type=int, default=default_of(InversionConfig, "seed"),
+                   help=f"random seed; the same seed gives the same embedding on CPU (default: {default_of(InversionConfig, 'seed')}).")
     p.add_argument("--t-min", type=int, default=None, help="lowest training timestep (default: 0).")
     p.add_argument("--t-max", type=int, default=None, help="highest training timestep, exclusive (default: the schedule's length).")
-    p.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer, 2 = penultimate (default: 1).")
-    p.add_argument("--history-every", type=int, default=10, help="record loss and distances every N steps (default: 10).")
+    p.add_argument("--clip-skip", type=int, default=default_of(InversionConfig, "clip_skip"),
+                   help=f"1 = last text-encoder layer, 2 = penultimate (default: {default_of(InversionConfig, 'clip_skip')}).")
+    p.add_argument("--history-every", type=int, default=default_of(InversionConfig, "history_every"),
+                   help=f"record loss and distances every N steps (default: {default_of(InversionConfig, 'history_every')}).")
     add_precision_options(p)
     p.add_argument("--out", required=True, help="output embedding file (.safetensors).")
     p.add_argument("--history", default=None, help="also write the run's history (loss, distance, norm, cosine, nearest tokens) as JSON here.")
@@ -42,23 +48,29 @@ def add_invert_command(subparsers) -> None:
 def add_inversion_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The inversion's options; `prefix` (e.g. `ti-`) names steps and lr apart from the LoRA's."""
     g = p.add_argument_group("textual inversion")
-    g.add_argument("--token", default="tok1", help="placeholder word to learn, used in prompts (default: tok1).")
-    g.add_argument("--init-word", default="character", help="class word the embedding starts from (default: character).")
-    g.add_argument("--num-vectors", type=int, default=1, help="embedding vectors behind the token: more capacity, less editability (default: 1).")
+    g.add_argument("--token", default=default_of(InversionConfig, "placeholder"),
+                   help=f"placeholder word to learn, used in prompts (default: {default_of(InversionConfig, 'placeholder')}).")
+    g.add_argument("--init-word", default=default_of(InversionConfig, "initializer"),
+                   help=f"class word the embedding starts from (default: {default_of(InversionConfig, 'initializer')}).")
+    g.add_argument("--num-vectors", type=int, default=default_of(InversionConfig, "num_vectors"),
+                   help=f"embedding vectors behind the token: more capacity, less editability (default: {default_of(InversionConfig, 'num_vectors')}).")
     g.add_argument("--template", action="append", default=None,
-                   help="prompt template with {} for the token; repeat for several (default: 'an anime illustration of {}').")
-    g.add_argument(f"--{prefix}steps", type=int, default=1000, help="inversion optimiser steps (default: 1000).")
-    g.add_argument(f"--{prefix}lr", type=float, default=5e-4, help="inversion learning rate; distance travelled grows with lr x steps (default: 5e-4).")
-    g.add_argument("--norm-mode", choices=NORM_MODES, default="none",
+                   help=f"prompt template with {{}} for the token; repeat for several (default: {DEFAULT_TEMPLATES[0]!r}).")
+    g.add_argument(f"--{prefix}steps", type=int, default=default_of(InversionConfig, "steps"),
+                   help=f"inversion optimiser steps (default: {default_of(InversionConfig, 'steps')}).")
+    g.add_argument(f"--{prefix}lr", type=float, default=default_of(InversionConfig, "learning_rate"),
+                   help=f"inversion learning rate; distance travelled grows with lr x steps (default: {default_of(InversionConfig, 'learning_rate'):g}).")
+    g.add_argument("--norm-mode", choices=NORM_MODES, default=default_of(InversionConfig, "norm_mode"),
                    help="none; pull (pull the norm toward the vocabulary's mean norm); fixed (train the direction only).")
-    g.add_argument("--norm-strength", type=float, default=1.0, help="weight of the pull term (default: 1.0).")
+    g.add_argument("--norm-strength", type=float, default=default_of(InversionConfig, "norm_strength"),
+                   help=f"weight of the pull term (default: {default_of(InversionConfig, 'norm_strength')}).")
 
 
 def inversion_config_from(args: argparse.Namespace, prefix: str = "") -> InversionConfig:
     """The `InversionConfig` of the parsed options (`prefix` as given to `add_inversion_options`, with `_`)."""
     return InversionConfig(
         placeholder=args.token, initializer=args.init_word, num_vectors=args.num_vectors,
-        templates=args.template or ["an anime illustration of {}"], steps=getattr(args, f"{prefix}steps"),
+        templates=args.template or list(DEFAULT_TEMPLATES), steps=getattr(args, f"{prefix}steps"),
         learning_rate=getattr(args, f"{prefix}lr"), batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         seed=args.seed, timestep_range=timestep_range_from(args), norm_mode=args.norm_mode,
         norm_strength=args.norm_strength, clip_skip=args.clip_skip, history_every=args.history_every,
@@ -102,15 +114,15 @@ def run_invert_command(args: argparse.Namespace) -> int:
     dataset = load_dataset_for(args, bundle)
     progress = TerminalProgress(config.steps, f"invert {config.placeholder}")
     try:
-        result = run_inversion(bundle, dataset, config, on_step=progress)
+        result = invert(bundle, dataset, config, on_step=progress)
     finally:
         progress.close()
-    path = save_embedding(args.out, result.vectors, bundle.family, result.metadata(bundle.name), overwrite=args.overwrite)
+    path = result.save(args.out, overwrite=args.overwrite)
     last = result.history[-1]
     logger.info("wrote %s (%d vector(s)); distance from init %.4g, norm %.4g, cos %.3f",
                 path, result.token.num_vectors, last["distance"], last["norm"], last["cosine"])
     if args.history:
-        write_json(args.history, {"config": config_to_dict(config), "vocabulary_norm": result.vocabulary_norm,
+        write_json(args.history, {"config": config.to_dict(), "vocabulary_norm": result.vocabulary_norm,
                                   "history": result.history}, overwrite=args.overwrite)
         logger.info("wrote %s", args.history)
     return 0

@@ -3,81 +3,96 @@
 import argparse
 import logging
 
-from ..models import load_bundle
-from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, write_json
-from .invert import add_inversion_options, check_outputs, inversion_config_from, load_dataset_for
-from ..files import load_embedding, save_embedding
+from ..checks import default_of
 from ..errors import InvalidInputError
-from ..inversion import config_to_dict
-from ..files import save_lora
-from ..lora_tune import SCHEDULES, UNET_TARGETS, TuneConfig, run_tuning
-from ..pivotal import run_pivotal_tuning
-from ..placeholder import add_placeholder
-from ..regularizer import INTERPOLATION_MODES, REGULARIZER_MODES, RegularizerConfig, check_centre_given
+from ..lora_tune import SCHEDULES, UNET_TARGETS, TuneConfig, tune_around
+from ..models import load_bundle
+from ..pivot import Pivot
+from ..pivotal import pivotal_tune
+from ..placeholder import DEFAULT_TEMPLATES
+from ..regularizer import INTERPOLATION_MODES, MODES, REGULARIZER_MODES, RegularizerConfig
+from .invert import add_inversion_options, check_outputs, inversion_config_from, load_dataset_for
+from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, write_json
 
 logger = logging.getLogger(__name__)
 
 
+def _tune_default(name: str):
+    return default_of(TuneConfig, name)
+
+
+def _reg_default(name: str):
+    return default_of(RegularizerConfig, name)
+
+
 def add_tune_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA tuning")
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank (default: 4).")
+    g.add_argument("--rank", type=int, default=_tune_default("rank"), help=f"LoRA rank (default: {_tune_default('rank')}).")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha; updates are scaled by alpha/rank (default: rank).")
-    g.add_argument("--targets", choices=tuple(UNET_TARGETS), default="attention", help="UNet layers that get LoRA (default: attention).")
+    g.add_argument("--targets", choices=tuple(UNET_TARGETS), default=_tune_default("targets"),
+                   help=f"UNet layers that get LoRA (default: {_tune_default('targets')}).")
     g.add_argument("--train-text-encoder", action="store_true", help="also put LoRA on the text encoder's attention.")
-    g.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate (default: 1e-4).")
-    g.add_argument("--steps", type=int, default=1000, help="LoRA optimiser steps (default: 1000).")
-    g.add_argument("--batch-size", type=int, default=1, help="images per micro-batch (default: 1).")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default: 1).")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0).")
+    g.add_argument("--lr", type=float, default=_tune_default("learning_rate"), help=f"LoRA learning rate (default: {_tune_default('learning_rate'):g}).")
+    g.add_argument("--steps", type=int, default=_tune_default("steps"), help=f"LoRA optimiser steps (default: {_tune_default('steps')}).")
+    g.add_argument("--batch-size", type=int, default=_tune_default("batch_size"), help=f"images per micro-batch (default: {_tune_default('batch_size')}).")
+    g.add_argument("--grad-accum", type=int, default=_tune_default("gradient_accumulation_steps"),
+                   help=f"micro-batches per optimiser step (default: {_tune_default('gradient_accumulation_steps')}).")
+    g.add_argument("--seed", type=int, default=_tune_default("seed"), help=f"random seed (default: {_tune_default('seed')}).")
     g.add_argument("--max-timestep", type=int, default=None, help="train only on timesteps below this (default: all).")
-    g.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer, 2 = penultimate (default: 1).")
-    g.add_argument("--history-every", type=int, default=10, help="record losses every N steps (default: 10).")
+    g.add_argument("--clip-skip", type=int, default=_tune_default("clip_skip"),
+                   help=f"1 = last text-encoder layer, 2 = penultimate (default: {_tune_default('clip_skip')}).")
+    g.add_argument("--history-every", type=int, default=_tune_default("history_every"),
+                   help=f"record losses every N steps (default: {_tune_default('history_every')}).")
     add_precision_options(g)
 
 
 def add_regularizer_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("locality regulariser")
     g.add_argument("--reg", choices=REGULARIZER_MODES, default="none",
-                   help="none; empty (prompt ''); class (class word instead of the token); path (SLERP between the "
-                        "token prompt and the class prompt, per token position); sphere (random points at the same angle).")
-    g.add_argument("--reg-weight", type=float, default=1.0, help="λ_R, weight of the locality loss (default: 1.0).")
-    g.add_argument("--reg-t", type=float, default=0.5, help="position on the path, 0 = token prompt, 1 = class prompt (default: 0.5).")
+                   help="; ".join(f"{name} ({spec.summary})" for name, spec in MODES.items()) + " (default: none).")
+    g.add_argument("--reg-weight", type=float, default=_reg_default("weight"),
+                   help=f"λ_R, weight of the locality loss (default: {_reg_default('weight')}).")
+    g.add_argument("--reg-t", type=float, default=_reg_default("t"),
+                   help=f"position on the path, 0 = token prompt, 1 = class prompt (default: {_reg_default('t')}).")
     g.add_argument("--reg-t-range", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"), help="sample t in this range each time instead.")
-    g.add_argument("--reg-every", type=int, default=1, help="apply the regulariser every N steps (default: 1).")
-    g.add_argument("--reg-samples", type=int, default=1, help="regularisation conditionings per application (default: 1).")
+    g.add_argument("--reg-every", type=int, default=_reg_default("every"), help=f"apply the regulariser every N steps (default: {_reg_default('every')}).")
+    g.add_argument("--reg-samples", type=int, default=_reg_default("samples"),
+                   help=f"regularisation conditionings per application (default: {_reg_default('samples')}).")
     g.add_argument("--reg-anchor", default=None, help="class word of the regulariser (default: the token's initializer word).")
-    g.add_argument("--reg-interp", choices=INTERPOLATION_MODES, default="slerp", help="slerp, or vslerp around the centres of --norm-stats.")
+    g.add_argument("--reg-interp", choices=INTERPOLATION_MODES, default=_reg_default("interpolation"),
+                   help="slerp, or vslerp around the centres of --norm-stats.")
     g.add_argument("--reg-template", action="append", default=None, help="regulariser prompt template(s) with {} (default: the training templates).")
     g.add_argument("--norm-stats", default=None, help="norm statistics JSON (from `norm-stats --space hidden`) giving vSLERP centres.")
 
 
 def tune_config_from(args: argparse.Namespace, templates: list[str], schedule: str = "sequential") -> TuneConfig:
+    joint = schedule == "joint"
     return TuneConfig(
         rank=args.rank, alpha=args.alpha, targets=args.targets, train_text_encoder=args.train_text_encoder,
         learning_rate=args.lr, steps=args.steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         seed=args.seed, timestep_range=(0, args.max_timestep) if args.max_timestep else None, schedule=schedule,
         templates=templates, clip_skip=args.clip_skip, history_every=args.history_every,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        **({"ti_learning_rate": args.ti_lr, "ti_frac": args.ti_frac} if schedule == "joint" else {}),
+        ti_learning_rate=args.ti_lr if joint else _tune_default("ti_learning_rate"),
+        ti_frac=args.ti_frac if joint else _tune_default("ti_frac"),
     )
 
 
-def regularizer_from(args: argparse.Namespace, anchor: str, templates: list[str]):
-    """`(RegularizerConfig or None, centres or None)` from the command-line options."""
+def regularizer_from(args: argparse.Namespace, anchor: str, templates: list[str]) -> RegularizerConfig | None:
+    """The regulariser of the command-line options (None for `--reg none`), its vSLERP centre inside."""
     if args.reg == "none":
-        return None, None
-    config = RegularizerConfig(
-        mode=args.reg, anchor=args.reg_anchor or anchor, templates=args.reg_template or templates,
-        interpolation=args.reg_interp, t=args.reg_t, t_range=tuple(args.reg_t_range) if args.reg_t_range else None,
-        weight=args.reg_weight, every=args.reg_every, samples=args.reg_samples,
-    )
-    centres = None
+        return None
+    centre = None
     if args.norm_stats:
         from ..norm_stats import NormStats
 
-        centres = NormStats.load_json(args.norm_stats).centre_for_positions()
-    check_centre_given(config, centres)
-    return config, centres
+        centre = NormStats.load_json(args.norm_stats).centre_for_positions()
+    return RegularizerConfig(
+        mode=args.reg, anchor=args.reg_anchor or anchor, templates=args.reg_template or templates,
+        interpolation=args.reg_interp, centre=centre, t=args.reg_t,
+        t_range=tuple(args.reg_t_range) if args.reg_t_range else None,
+        weight=args.reg_weight, every=args.reg_every, samples=args.reg_samples,
+    )
 
 
 def add_tune_command(subparsers) -> None:
@@ -90,7 +105,7 @@ def add_tune_command(subparsers) -> None:
     add_dataset_options(p)
     p.add_argument("--embedding", required=True, help="the token's embedding file (.safetensors from `invert`).")
     p.add_argument("--token", default=None, help="placeholder word (default: the one recorded in the embedding file).")
-    p.add_argument("--template", action="append", default=None, help="prompt template(s) with {} (default: 'an anime illustration of {}').")
+    p.add_argument("--template", action="append", default=None, help=f"prompt template(s) with {{}} (default: {DEFAULT_TEMPLATES[0]!r}).")
     add_tune_options(p)
     add_regularizer_options(p)
     p.add_argument("--out", required=True, help="output LoRA file (.safetensors).")
@@ -102,24 +117,18 @@ def add_tune_command(subparsers) -> None:
 def run_tune_command(args: argparse.Namespace) -> int:
     _check_suffix(args.out, "--out")
     check_outputs(args, args.out, args.history)
-    embedding = load_embedding(args.embedding)
-    token_word = args.token or embedding.metadata.get("placeholder")
-    if not token_word:
-        raise InvalidInputError(f"the embedding {args.embedding} records no placeholder: give --token.")
-    templates = args.template or ["an anime illustration of {}"]
-    config = tune_config_from(args, templates)
-    initializer = embedding.metadata.get("initializer", "character")
-    regularizer, centres = regularizer_from(args, initializer, templates)
+    config_templates = args.template or list(DEFAULT_TEMPLATES)
+    config = tune_config_from(args, config_templates)
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
+    pivot = Pivot.load(args.embedding, bundle, placeholder=args.token)
+    regularizer = regularizer_from(args, pivot.initializer, config_templates)
     dataset = load_dataset_for(args, bundle)
-    vectors = embedding.for_family(bundle.family, bundle.embedding_dim)
-    token = add_placeholder(bundle.tokenizer, bundle.text_encoder, token_word, initializer, vectors=vectors)
-    progress = TerminalProgress(config.steps, f"tune LoRA around {token_word}")
+    progress = TerminalProgress(config.steps, f"tune LoRA around {pivot.placeholder}")
     try:
-        result = run_tuning(bundle, dataset, token, config, regularizer, centres, on_step=progress)
+        result = tune_around(bundle, dataset, pivot, config, regularizer, on_step=progress)
     finally:
         progress.close()
-    path = save_lora(args.out, result.lora, result.metadata(token, bundle.name), overwrite=args.overwrite)
+    path = result.save(args.out, overwrite=args.overwrite)
     logger.info("wrote %s (%d tensors); final loss %.4g", path, len(result.lora), result.history[-1]["loss"])
     if args.history:
         write_json(args.history, {"config": config.to_dict(), "regularizer": result.regularizer, "history": result.history},
@@ -138,7 +147,8 @@ def add_run_command(subparsers) -> None:
     add_tune_options(p)
     add_regularizer_options(p)
     p.add_argument("--schedule", choices=SCHEDULES, default="sequential", help="sequential (invert, then tune) or joint.")
-    p.add_argument("--ti-frac", type=float, default=0.5, help="joint: fraction of the LoRA steps the token trains for (default: 0.5).")
+    p.add_argument("--ti-frac", type=float, default=_tune_default("ti_frac"),
+                   help=f"joint: fraction of the LoRA steps the token trains for (default: {_tune_default('ti_frac')}).")
     p.add_argument("--out-embedding", required=True, help="output embedding file (.safetensors).")
     p.add_argument("--out-lora", required=True, help="output LoRA file (.safetensors).")
     p.add_argument("--history", default=None, help="also write both phases' histories as JSON here.")
@@ -152,23 +162,20 @@ def run_run_command(args: argparse.Namespace) -> int:
     check_outputs(args, args.out_embedding, args.out_lora, args.history)
     inversion = inversion_config_from(args, prefix="ti_")
     tuning = tune_config_from(args, inversion.templates, args.schedule)
-    regularizer, centres = regularizer_from(args, inversion.initializer, inversion.templates)
+    regularizer = regularizer_from(args, inversion.initializer, inversion.templates)
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
     dataset = load_dataset_for(args, bundle)
     total = tuning.steps + (inversion.steps if args.schedule == "sequential" else 0)
     progress = TerminalProgress(total, f"pivotal tuning of {inversion.placeholder}")
     try:
-        result = run_pivotal_tuning(bundle, dataset, inversion, tuning, regularizer, centres, on_step=progress)
+        result = pivotal_tune(bundle, dataset, inversion, tuning, regularizer, on_step=progress)
     finally:
         progress.close()
-    meta = result.inversion.metadata(bundle.name) if result.inversion else {
-        "placeholder": inversion.placeholder, "initializer": inversion.initializer, "schedule": "joint", "base_model": bundle.name}
-    save_embedding(args.out_embedding, result.tuning.vectors, bundle.family, meta, overwrite=args.overwrite)
-    save_lora(args.out_lora, result.tuning.lora, result.tuning.metadata(result.token, bundle.name), overwrite=args.overwrite)
+    result.save(args.out_embedding, args.out_lora, overwrite=args.overwrite)
     logger.info("wrote %s and %s", args.out_embedding, args.out_lora)
     if args.history:
         write_json(args.history, {
-            "inversion": {"config": config_to_dict(inversion), "history": result.inversion.history} if result.inversion else None,
+            "inversion": {"config": inversion.to_dict(), "history": result.inversion.history} if result.inversion else None,
             "tuning": {"config": tuning.to_dict(), "regularizer": result.tuning.regularizer, "history": result.tuning.history},
         }, overwrite=args.overwrite)
     return 0

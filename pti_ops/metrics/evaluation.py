@@ -32,24 +32,20 @@ from .scores import (
 )
 from .clip import ClipScorer
 from .distance import distance_metrics, embedding_distance, nearest_tokens
-from ..placeholder import PlaceholderToken, initializer_ids, placeholder_vectors
+from ..placeholder import DEFAULT_TEMPLATES, PLACEHOLDER_SLOT, PlaceholderToken, fill_placeholder, initializer_ids, placeholder_vectors
+from ..training.adapters import adapters_disabled, lora_layers
+from ..training.recorder import StepCallback
 from .sampling import (
-    PLACEHOLDER_SLOT,
-    ProgressCallback,
     SampleResult,
     SamplingConfig,
-    adapters_disabled,
-    apply_embedding,
     apply_lora,
-    fill_placeholder,
     image_grid,
-    lora_layers,
     sample_images,
 )
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPTS = ("an anime illustration of {}",)
+DEFAULT_PROMPTS = DEFAULT_TEMPLATES  # the training templates: reconstruction asks for what was trained
 # Edit prompts in the TI paper's spirit (new setting, new medium, new attribute), in words the tiny model knows.
 DEFAULT_EDIT_PROMPTS = ("a photo of {} on the beach", "a painting of {} in the forest", "a drawing of {} with a red hat")
 
@@ -149,7 +145,7 @@ def evaluate(
     scorers: Scorers | None = None,
     training_images: torch.Tensor | None = None,
     token: PlaceholderToken | None = None,
-    on_step: ProgressCallback | None = None,
+    on_step: StepCallback | None = None,
 ) -> EvaluationResult:
     """Generate the evaluation sets and compute every metric (missing inputs → "not computed", with why).
 
@@ -187,29 +183,30 @@ def evaluate_tuned(
     bundle: ModelBundle,
     config: EvaluationConfig,
     scorers: Scorers | None = None,
-    vectors: torch.Tensor | None = None,
-    initializer: str = "character",
+    pivot=None,
     lora: dict[str, torch.Tensor] | None = None,
     lora_strength: float = 1.0,
     dataset: ImageDataset | None = None,
-    on_step: ProgressCallback | None = None,
+    on_step: StepCallback | None = None,
 ) -> EvaluationResult:
-    """Add a trained token and a LoRA to `bundle` (in place; each optional), then `evaluate` it.
+    """Put a trained token and a LoRA into `bundle` (in place; each optional), then `evaluate` it.
 
     Args:
         bundle (`ModelBundle`): the base model; the caller lets it be modified.
-        config (`EvaluationConfig`): prompts, seeds, sampling; its placeholder names the token.
+        config (`EvaluationConfig`): prompts, seeds, sampling; its placeholder must be the pivot's.
         scorers (`Scorers`, *optional*): LPIPS and CLIP networks.
-        vectors (`torch.Tensor`, *optional*): the trained token `[num_vectors, dim]`, added as
-            `config.placeholder`; None: `{}` is filled with the placeholder as plain text.
-        initializer (`str`): the token's class word (distances are measured from it).
+        pivot (`Pivot`, *optional*): the trained token (`pti_ops.pivot`; only its `placeholder` and
+            `apply(bundle)` are used); None: `{}` is filled with the placeholder as plain text.
         lora (`dict[str, Tensor]`, *optional*): a kohya LoRA, applied at `lora_strength`.
         lora_strength (`float`): 1 = as trained, 0 = the base model.
         dataset (`ImageDataset`, *optional*): the training images, the reconstruction target (resized to
             the generation size); None: reconstruction is not computed.
         on_step (`callable`, *optional*): as in `evaluate`.
     """
-    token = None if vectors is None else apply_embedding(bundle, vectors, config.placeholder, initializer)
+    if pivot is not None and pivot.placeholder != config.placeholder:
+        raise InvalidInputError(f"the evaluation's placeholder {config.placeholder!r} is not the trained token "
+                                f"{pivot.placeholder!r}: set `placeholder` of the EvaluationConfig to {pivot.placeholder!r}.")
+    token = None if pivot is None else pivot.apply(bundle)
     if lora is not None:
         apply_lora(bundle, lora, lora_strength)
     training = None

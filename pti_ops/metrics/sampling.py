@@ -14,7 +14,7 @@ strength changes without copying weights; strength 0 gives the base model's outp
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,19 +22,18 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from peft.tuners.lora import LoraLayer
 from PIL import Image, ImageDraw, ImageFont
 
-from ..training.adapters import adapters_disabled, lora_layers  # noqa: F401 (re-exported)
+from ..training.adapters import lora_layers
 from ..models.bundle import ModelBundle
 from ..errors import InvalidInputError
 from ..files.lora_file import apply_kohya_lora
 from ..placeholder import PlaceholderToken, add_placeholder
+from ..training.recorder import StepCallback
 from ..training.text_conditioning import encode_prompts
 
 logger = logging.getLogger(__name__)
 
 SamplerName = Literal["ddim", "euler"]
 SAMPLERS: tuple[str, ...] = ("ddim", "euler")
-PLACEHOLDER_SLOT = "{}"
-ProgressCallback = Callable[[int, int, dict], None]
 
 
 @dataclass
@@ -85,11 +84,6 @@ class SampleResult:
     items: list[tuple[str, int]]
 
 
-def fill_placeholder(prompt: str, word: str) -> str:
-    """`prompt` with every `{}` replaced by `word` (plain replace, so other braces are left alone)."""
-    return prompt.replace(PLACEHOLDER_SLOT, word)
-
-
 def build_scheduler(bundle: ModelBundle, sampler: SamplerName):
     """A fresh inference scheduler from the bundle's training-schedule config.
 
@@ -136,7 +130,7 @@ def sample_images(
     seeds: list[int],
     config: SamplingConfig | None = None,
     token: PlaceholderToken | None = None,
-    on_step: ProgressCallback | None = None,
+    on_step: StepCallback | None = None,
 ) -> SampleResult:
     """Generate one image per (prompt, seed), prompt-major, in batches.
 

@@ -18,7 +18,8 @@ from ..dataset import ImageDataset
 from ..errors import InvalidInputError
 from .clip import ClipScorer, clip_image_similarity, clip_text_similarity
 from .lpips_model import lpips_matrix, lpips_pairs
-from .sampling import adapters_disabled, predict_noise
+from ..training.adapters import adapters_disabled
+from .sampling import predict_noise
 
 METRIC_DESCRIPTIONS: dict[str, str] = {
     "reconstruction_lpips": "LPIPS from each generation of a training prompt to its closest training image, mean (lower = closer to the character).",

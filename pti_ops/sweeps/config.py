@@ -21,10 +21,11 @@ from ..lora_tune import TuneConfig
 from ..metrics.evaluation import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, EvaluationConfig, Scorers
 from ..metrics.sampling import SamplingConfig
 from ..regularizer import DEFAULT_T, REGULARIZER_MODES, RegularizerConfig
-from ..training.batches import DEFAULT_TEMPLATES
+from ..placeholder import DEFAULT_TEMPLATES
+from ..training.recorder import StepCallback
 from .analysis import DEFAULT_KNEE_THRESHOLD, DEFAULT_ONSET_FRACTION, check_fraction, check_learning_rates
 from .report import SweepKind, SweepReport, check_sweep_kind
-from .run import BundleFactory, ProgressCallback, _check_eval_every, _check_regularizers, inversion_sweep, lora_sweep
+from .run import BundleFactory, _check_eval_every, _check_regularizers, inversion_sweep, lora_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def run_sweep(
     dataset: ImageDataset,
     scorers: Scorers | None = None,
     token_vectors: torch.Tensor | None = None,
-    on_progress: ProgressCallback | None = None,
+    on_progress: StepCallback | None = None,
     settings: dict | None = None,
 ) -> SweepReport:
     """Run the sweep and write its report into `config.out` (when given).

@@ -26,15 +26,16 @@ import torch
 
 from ..models.bundle import ModelBundle
 from ..dataset import ImageDataset
-from ..files.embedding_file import save_embedding
 from ..errors import InvalidInputError, TrainingStopped
-from ..inversion import InversionConfig, config_to_dict, run_inversion
-from ..files.lora_file import save_lora
-from ..lora_tune import TuneConfig, run_tuning
+from ..inversion import InversionConfig, invert
+from ..lora_tune import TuneConfig, tune_around
 from ..metrics.scores import dataset_images
 from ..metrics.evaluation import EvaluationConfig, Scorers, evaluate
-from ..regularizer import RegularizerConfig, check_centre_given
-from ..metrics.sampling import apply_embedding, apply_lora, fill_placeholder, sample_images
+from ..pivot import Pivot, family_name
+from ..regularizer import RegularizerConfig
+from ..metrics.sampling import apply_lora, sample_images
+from ..placeholder import fill_placeholder
+from ..training.recorder import StepCallback
 from .analysis import DEFAULT_KNEE_THRESHOLD, DEFAULT_ONSET_FRACTION, check_fraction, check_learning_rates
 from .plots import GridCollector, inversion_plots, lora_plots
 from .report import SweepReport
@@ -53,7 +54,6 @@ from .rows import (
 logger = logging.getLogger(__name__)
 
 BundleFactory = Callable[[], ModelBundle]
-ProgressCallback = Callable[[int, int, dict], None]
 
 
 def inversion_sweep(
@@ -63,7 +63,7 @@ def inversion_sweep(
     learning_rates: list[float],
     eval_config: EvaluationConfig,
     scorers: Scorers | None = None,
-    on_progress: ProgressCallback | None = None,
+    on_progress: StepCallback | None = None,
     eval_every: int | None = None,
     knee_threshold: float = DEFAULT_KNEE_THRESHOLD,
     evaluate_initial: bool = True,
@@ -122,12 +122,12 @@ def inversion_sweep(
             row = inversion_row(run, lr, step, result, stopped)
             row.update(metric_columns(evaluation.report, INVERSION_METRICS, row["reasons"]))
             row.update(edit_drift(evaluation.samples.get("editability"), class_edits, scorers, row["reasons"]))
-            row["embedding_file"] = _embedding_file(files, bundle, result, lr, step, vectors, row)
+            row["embedding_file"] = _embedding_file(files, result, lr, step, vectors, row)
             rows.append(row)
             _add_to_grids(grids, f"{row['run']} step {step}", evaluation.samples)
         del bundle, result
         gc.collect()
-    settings = {"inversion": config_to_dict(base_config), "learning_rates": lrs, "eval_every": eval_every,
+    settings = {"inversion": base_config.to_dict(), "learning_rates": lrs, "eval_every": eval_every,
                 "evaluation": eval_config.to_dict(), "scorers": scorer_names(scorers)}
     summary = {**inversion_summary(rows, traces, knee_threshold), "stopped_before_any_record": skipped}
     report = SweepReport("inversion", rows, summary, settings, traces, files=files)
@@ -146,8 +146,7 @@ def lora_sweep(
     regularizers: list[RegularizerConfig | dict | None],
     eval_config: EvaluationConfig,
     scorers: Scorers | None = None,
-    on_progress: ProgressCallback | None = None,
-    centres: torch.Tensor | None = None,
+    on_progress: StepCallback | None = None,
     onset_fraction: float = DEFAULT_ONSET_FRACTION,
 ) -> SweepReport:
     """Tune a LoRA around the fixed token once per (regulariser, learning rate); measure each.
@@ -169,14 +168,10 @@ def lora_sweep(
         eval_config (`EvaluationConfig`): prompts, seeds, sampling (at least 2 seeds for the spread).
         scorers (`Scorers`, *optional*): LPIPS and CLIP.
         on_progress (`callable`, *optional*): as in `inversion_sweep`.
-        centres (`torch.Tensor`, *optional*): vSLERP centres for the regularisers that need them.
         onset_fraction (`float`): collapse threshold, a fraction in (0, 1] of the base spread.
     """
     lrs = check_learning_rates(learning_rates)
     regs = _check_regularizers(regularizers)
-    for reg in regs.values():
-        if reg is not None:
-            check_centre_given(reg, centres)
     onset_fraction = check_fraction("onset_fraction", onset_fraction)
     _check_eval_names(eval_config, placeholder, initializer)
     scorers = scorers or Scorers()
@@ -185,21 +180,22 @@ def lora_sweep(
     rows, training, skipped, files = [], None, {}, {}
     for label, reg, lr in [(label, reg, lr) for label, reg in regs.items() for lr in lrs]:
         bundle = bundle_factory()
-        token = apply_embedding(bundle, token_vectors, placeholder, initializer)
+        pivot = Pivot(placeholder, initializer, token_vectors, family_name(bundle), base_config.templates, base_model=bundle.name)
+        token = pivot.apply(bundle)
         if training is None:  # the base row first: the model with the token and no LoRA
             training = _training_images(bundle, dataset, eval_config)
             progress.tell({"run": "base", "stage": "evaluate"})
             rows.append(lora_row("base", "", None, None, "", _evaluated(bundle, eval_config, scorers, training, token, grids, "base")))
         run = f"{label} lr={lr:g}"
         config = replace(base_config, learning_rate=lr)
-        result, stopped = _tune(bundle, dataset, token, config, reg, centres, scorers.lpips, progress.for_run(run))
+        result, stopped = _tune(bundle, dataset, pivot, config, reg, scorers.lpips, progress.for_run(run))
         if result is None:
             skipped[run] = stopped
             del bundle
             continue
         progress.tell({"run": run, "stage": "evaluate"})
         row = lora_row(run, label, lr, result, stopped, _evaluated(bundle, eval_config, scorers, training, token, grids, run))
-        row["lora_file"] = _lora_file(files, bundle, result, token, f"{label}_lr{lr:g}")
+        row["lora_file"] = _lora_file(files, result, f"{label}_lr{lr:g}")
         rows.append(row)
         del bundle
         gc.collect()
@@ -260,7 +256,7 @@ def _check_regularizers(regularizers) -> dict[str, RegularizerConfig | None]:
 class _Progress:
     """Turns per-run `on_step` calls into one count over the whole sweep."""
 
-    def __init__(self, callback: ProgressCallback | None, total: int):
+    def __init__(self, callback: StepCallback | None, total: int):
         self.callback, self.total, self.done = callback, total, 0
 
     def for_run(self, run: str):
@@ -281,7 +277,7 @@ class _Progress:
 def _invert(bundle, dataset, config, on_step):
     """`(result, "")`; when the run diverged, the partial result and why (`(None, why)` before any record)."""
     try:
-        return run_inversion(bundle, dataset, config, on_step), ""
+        return invert(bundle, dataset, config, on_step), ""
     except TrainingStopped as err:
         if err.partial is None or not err.partial.history:
             logger.warning("lr %g: %s; nothing was recorded to evaluate.", config.learning_rate, err)
@@ -290,11 +286,11 @@ def _invert(bundle, dataset, config, on_step):
         return err.partial, str(err)
 
 
-def _tune(bundle, dataset, token, config, reg, centres, lpips_model, on_step):
+def _tune(bundle, dataset, pivot, config, reg, lpips_model, on_step):
     """`(result, "")`; when the run diverged, the last good partial result (applied to the bundle) and
     why (`(None, why)` before any good record)."""
     try:
-        return run_tuning(bundle, dataset, token, config, reg, centres, on_step=on_step, lpips_model=lpips_model), ""
+        return tune_around(bundle, dataset, pivot, config, reg, on_step=on_step, lpips_model=lpips_model), ""
     except TrainingStopped as err:
         if err.partial is None:
             logger.warning("lr %g: %s; nothing was recorded to evaluate.", config.learning_rate, err)
@@ -340,23 +336,22 @@ def _evaluated(bundle, eval_config, scorers, training, token, grids: GridCollect
     return {**values, "reasons": reasons}
 
 
-def _embedding_file(files: dict, bundle, result, lr: float, step: int, vectors: torch.Tensor, row: dict) -> str | None:
+def _embedding_file(files: dict, result, lr: float, step: int, vectors: torch.Tensor, row: dict) -> str | None:
     """Register the evaluated embedding for the report folder; its relative path (None for the initializer)."""
     if step == 0:
         row["reasons"]["embedding_file"] = "the initializer's own embedding: nothing trained to save"
         return None
-    metadata = {**result.metadata(bundle.name), "lr": repr(lr), "steps": str(step), "distance_from_init": f"{row['distance']:.6g}"}
+    history = [h for h in result.history if h["step"] <= step]
+    snapshot = result.pivot.with_vectors(vectors.detach().clone(), history, {**result.pivot.made_by, "lr": repr(lr), "steps": str(step)})
     relative = f"embeddings/{_file_stem(f'{result.token.placeholder}_lr{lr:g}_step{step}')}.safetensors"
-    vectors, family = vectors.detach().cpu().clone(), bundle.family
-    files[relative] = lambda path, overwrite: save_embedding(path, vectors, family, metadata, overwrite=overwrite)
+    files[relative] = lambda path, overwrite: snapshot.save(path, overwrite=overwrite)
     return relative
 
 
-def _lora_file(files: dict, bundle, result, token, name: str) -> str:
+def _lora_file(files: dict, result, name: str) -> str:
     """Register the tuned LoRA for the report folder; its relative path."""
-    relative = f"loras/{_file_stem(f'{token.placeholder}_{name}')}.safetensors"
-    lora, metadata = result.lora, result.metadata(token, bundle.name)
-    files[relative] = lambda path, overwrite: save_lora(path, lora, metadata, overwrite=overwrite)
+    relative = f"loras/{_file_stem(f'{result.pivot.placeholder}_{name}')}.safetensors"
+    files[relative] = lambda path, overwrite: result.save(path, overwrite=overwrite)
     return relative
 
 

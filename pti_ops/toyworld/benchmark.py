@@ -21,9 +21,9 @@ import torch
 
 from ..models import load_bundle
 from ..files.safe_write import atomic_write
-from ..inversion import InversionConfig, run_inversion
-from ..lora_tune import TuneConfig, run_tuning
-from ..placeholder import add_placeholder
+from ..inversion import InversionConfig, invert
+from ..lora_tune import TuneConfig, tune_around
+from ..pivot import Pivot
 from ..regularizer import RegularizerConfig
 from ..sweeps.analysis import find_knee, fit_through_origin, position_learning_onset
 from .study import RECONSTRUCTION_PROMPT, StudySettings, measure
@@ -114,7 +114,7 @@ def _inversion_runs(config: BenchmarkConfig, char: int, seed: int):
     every = max(1, config.inversion_steps // config.snapshots)
     for lr in config.inversion_lrs:
         bundle = load_bundle(config.model)
-        result = run_inversion(bundle, dataset, InversionConfig(
+        result = invert(bundle, dataset, InversionConfig(
             placeholder=PLACEHOLDER, initializer=CLASS_WORD, templates=[RECONSTRUCTION_PROMPT], steps=config.inversion_steps,
             learning_rate=lr, batch_size=config.batch_size, seed=seed, history_every=every, max_norm_ratio=None))
         weight = bundle.text_encoder.get_input_embeddings().weight
@@ -125,20 +125,19 @@ def _inversion_runs(config: BenchmarkConfig, char: int, seed: int):
             rows.append({"character": char, "seed": seed, "lr": lr, "step": record["step"], "lr_x_steps": lr * record["step"],
                          "distance": record["distance"], "norm": record["norm"], "cosine": record["cosine"], **metrics})
             if lr == config.pivot_lr and record["step"] == result.history[-1]["step"]:
-                pivot = (result.vectors, metrics)
+                pivot = (result.pivot, metrics)
     if pivot is None:
         raise ValueError("`pivot_lr` must be one of `inversion_lrs`.")
     return rows, pivot
 
 
-def _tune_and_measure(config: BenchmarkConfig, char: int, seed: int, vectors: torch.Tensor, lr: float, mode: str) -> dict:
+def _tune_and_measure(config: BenchmarkConfig, char: int, seed: int, pivot: Pivot, lr: float, mode: str) -> dict:
     character = HELD_OUT_CHARACTERS[char]
     bundle = load_bundle(config.model)
-    token = add_placeholder(bundle.tokenizer, bundle.text_encoder, PLACEHOLDER, CLASS_WORD, vectors=vectors)
     reg = None if mode == "none" else RegularizerConfig(mode=mode, anchor=CLASS_WORD, templates=[RECONSTRUCTION_PROMPT])
     tune = TuneConfig(learning_rate=lr, steps=config.lora_steps, batch_size=config.batch_size, seed=seed,
                       templates=[RECONSTRUCTION_PROMPT], history_every=config.lora_steps)
-    run_tuning(bundle, character_dataset(character, seed=seed), token, tune, reg)
+    tune_around(bundle, character_dataset(character, seed=seed), pivot, tune, reg)
     metrics, _ = measure(bundle, PLACEHOLDER, character, config.study)
     return metrics
 

@@ -17,12 +17,9 @@ import torch
 from PIL import Image
 
 from ..models import load_bundle
-from ..files.embedding_file import save_embedding
-from ..inversion import InversionConfig, run_inversion
-from ..files.lora_file import save_lora
-from ..lora_tune import TuneConfig, run_tuning
+from ..inversion import InversionConfig, invert
+from ..lora_tune import TuneConfig, tune_around
 from ..norm_stats.compute import NormStatsConfig, compute_norm_stats
-from ..placeholder import add_placeholder
 from ..metrics.plots import history_figure, save_png
 from ..regularizer import RegularizerConfig
 from ..metrics.sampling import image_grid
@@ -87,10 +84,10 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> dict:
     template = RECONSTRUCTION_PROMPT
     _say(f"character: {character.describe()}, {config.images} images in the {config.corner}")
 
-    inversion = run_inversion(bundle, dataset, InversionConfig(
+    inversion = invert(bundle, dataset, InversionConfig(
         placeholder="tok1", initializer=CLASS_WORD, templates=[template], steps=config.inversion_steps,
         learning_rate=config.inversion_lr, batch_size=config.batch_size, history_every=max(1, config.inversion_steps // 50)))
-    save_embedding(out / "tok1.safetensors", inversion.vectors, bundle.family, inversion.metadata(bundle.name), overwrite=True)
+    inversion.save(out / "tok1.safetensors", overwrite=True)
     last = inversion.history[-1]
     _say(f"inversion: distance from '{CLASS_WORD}' {last['distance']:.3f}, norm {last['norm']:.3f}, cos {last['cosine']:.3f}")
 
@@ -104,12 +101,11 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> dict:
     for mode in ("none", config.regularizer):
         name = f"LoRA, regulariser {mode}"
         tuned = load_bundle(config.model)
-        token = add_placeholder(tuned.tokenizer, tuned.text_encoder, "tok1", CLASS_WORD, vectors=inversion.vectors)
         reg = None if mode == "none" else RegularizerConfig(mode=mode, anchor=CLASS_WORD, templates=[template])
-        result = run_tuning(tuned, dataset, token, TuneConfig(
+        result = tune_around(tuned, dataset, inversion.pivot, TuneConfig(
             rank=config.rank, learning_rate=config.lora_lr, steps=config.lora_steps, batch_size=config.batch_size,
             templates=[template], history_every=max(1, config.lora_steps // 50)), reg)
-        save_lora(out / f"lora_{mode}.safetensors", result.lora, result.metadata(token, tuned.name), overwrite=True)
+        result.save(out / f"lora_{mode}.safetensors", overwrite=True)
         histories[name] = result.history
         rows[name], images[name] = measure(tuned, "tok1", character, config.study)
         _say(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()))

@@ -12,29 +12,8 @@ from transformers import CLIPTokenizer
 from ..dataset import ImageDataset
 from ..errors import DatasetError, InvalidInputError
 from .latent_cache import LatentCache
-from ..placeholder import PlaceholderToken
+from ..placeholder import PLACEHOLDER_SLOT, PlaceholderToken, check_templates, fill_placeholder
 from .text_conditioning import tokenize
-
-DEFAULT_TEMPLATES = ("an anime illustration of {}",)
-
-
-def check_templates(templates: list[str] | tuple[str, ...], what: str = "templates") -> list[str]:
-    """Return the templates as a list, each required to contain `{}` where the placeholder goes."""
-    if isinstance(templates, str):
-        templates = [templates]
-    templates = [t.strip() for t in templates if t and t.strip()]
-    if not templates:
-        raise InvalidInputError(f"`{what}` is empty: give at least one prompt template such as 'an anime illustration of {{}}'.")
-    for template in templates:
-        if "{}" not in template:
-            raise InvalidInputError(f"`{what}`: template {template!r} has no '{{}}' where the placeholder goes.")
-    return templates
-
-
-def fill_placeholder(text: str, token: PlaceholderToken) -> str:
-    """The prompt for `text` (`{}` replaced by the placeholder), expanded to the placeholder's tokens."""
-    return token.expand(text.replace("{}", token.placeholder))
-
 
 @dataclass
 class CaptionTable:
@@ -66,9 +45,9 @@ def build_caption_table(dataset: ImageDataset, templates: list[str], token: Plac
     choices = []
     for name, caption in zip(dataset.names, dataset.captions):
         if caption is None:
-            choices.append([add(t.format(token.placeholder)) for t in templates])
-        elif "{}" in caption:
-            choices.append([add(caption.replace("{}", token.placeholder))])
+            choices.append([add(fill_placeholder(t, token.placeholder)) for t in templates])
+        elif PLACEHOLDER_SLOT in caption:
+            choices.append([add(fill_placeholder(caption, token.placeholder))])
         elif token.placeholder in caption.split():
             choices.append([add(caption)])
         else:
