@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..checks import default_of
 from ..dataset import DatasetConfig, load_image_folder
 from ..errors import InvalidInputError
 from ..files import atomic_write, check_output_folder, load_embedding, load_lora
@@ -44,7 +45,8 @@ def add_evaluate_command(subparsers) -> None:
     p.add_argument("--prompts", action="append", default=None, help=f"training prompt with {{}} for the token; repeat for several (default: {DEFAULT_PROMPTS[0]!r}).")
     p.add_argument("--edit-prompts", action="append", default=None, help="edit prompt with {} for the token; repeat for several (default: three built-in edits).")
     p.add_argument("--locality-prompts", action="append", default=None, help="prompt without the token for locality; repeat (default: the prompts with the class word).")
-    p.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds, the same in every set (default: 0,1,2,3).")
+    seeds = ",".join(map(str, default_of(EvaluationConfig, "seeds")))
+    p.add_argument("--seeds", default=seeds, help=f"comma-separated seeds, the same in every set (default: {seeds}).")
     add_sampling_options(p)
     p.add_argument("--clip-model", default=None, help="local transformers CLIPModel folder for the CLIP scores (nothing is downloaded).")
     p.add_argument("--lpips", choices=LPIPS_CHOICES, default="alex",

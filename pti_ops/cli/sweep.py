@@ -11,12 +11,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..checks import default_of
 from ..errors import InvalidInputError
 from ..files import check_output_folder, load_embedding
 from ..lora_tune import UNET_TARGETS
 from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS
 from ..models import load_bundle
-from ..regularizer import REGULARIZER_MODES
+from ..regularizer import REGULARIZER_MODES, RegularizerConfig
 from ..sweeps import (
     DEFAULT_KNEE_THRESHOLD,
     DEFAULT_ONSET_FRACTION,
@@ -40,7 +41,8 @@ from .options import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = "an anime illustration of {}"
+def _default(name: str):
+    return default_of(SweepConfig, name)
 
 
 def add_sweep_command(subparsers) -> None:
@@ -54,29 +56,37 @@ def add_sweep_command(subparsers) -> None:
     add_dataset_options(p)
     p.add_argument("--kind", required=True, help="inversion (token learning rates) or lora (LoRA learning rates; needs --embedding).")
     p.add_argument("--lrs", required=True, help="comma-separated learning rates, one run each, e.g. 1e-4,5e-4,2e-3,5e-3.")
-    p.add_argument("--steps", type=int, default=1000, help="optimiser steps of every run (the notes fix 1000; default: 1000).")
+    p.add_argument("--steps", type=int, default=_default("steps"),
+                   help=f"optimiser steps of every run (the notes fix 1000; default: {_default('steps')}).")
     p.add_argument("--embedding", default=None, help="lora: the trained token's embedding file (the pivot, from `invert`).")
     p.add_argument("--token", default=None, help="placeholder word (default: the embedding's, else tok1).")
     p.add_argument("--init-word", default=None, help="class word: the token's initializer and the edit prompts' reference (default: the embedding's, else character).")
-    p.add_argument("--num-vectors", type=int, default=1, help="inversion: embedding vectors behind the token (default: 1).")
-    p.add_argument("--template", action="append", default=None, help=f"training prompt template with {{}}; repeat for several (default: {DEFAULT_TEMPLATE!r}).")
-    p.add_argument("--seed", type=int, default=0, help="training seed, the same in every run (default: 0).")
-    p.add_argument("--batch-size", type=int, default=1, help="training images per step (default: 1).")
-    p.add_argument("--history-every", type=int, default=10, help="record distance and loss every N steps (the points of the distance fit; default: 10).")
+    p.add_argument("--num-vectors", type=int, default=_default("num_vectors"),
+                   help=f"inversion: embedding vectors behind the token (default: {_default('num_vectors')}).")
+    p.add_argument("--template", action="append", default=None, help=f"training prompt template with {{}}; repeat for several (default: {_default('templates')[0]!r}).")
+    p.add_argument("--seed", type=int, default=_default("seed"), help=f"training seed, the same in every run (default: {_default('seed')}).")
+    p.add_argument("--batch-size", type=int, default=_default("batch_size"),
+                   help=f"training images per step (default: {_default('batch_size')}).")
+    p.add_argument("--history-every", type=int, default=_default("history_every"),
+                   help=f"record distance and loss every N steps (the points of the distance fit; default: {_default('history_every')}).")
     p.add_argument("--eval-every", type=int, default=None,
                    help="inversion: evaluate the snapshots every N steps (a multiple of --history-every) and the last; "
                         "evaluation costs far more than training steps (default: the last step only).")
     g = p.add_argument_group("LoRA (--kind lora)")
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank (default: 4).")
+    g.add_argument("--rank", type=int, default=_default("rank"), help=f"LoRA rank (default: {_default('rank')}).")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank).")
-    g.add_argument("--targets", choices=tuple(UNET_TARGETS), default="attention", help="UNet layers that get LoRA (default: attention).")
+    g.add_argument("--targets", choices=tuple(UNET_TARGETS), default=_default("targets"),
+                   help=f"UNet layers that get LoRA (default: {_default('targets')}).")
     g.add_argument("--reg", default="none", help=f"comma-separated regularisers, each run at every lr: {', '.join(REGULARIZER_MODES)} (default: none).")
-    g.add_argument("--reg-weight", type=float, default=1.0, help="λ_R of every regulariser (default: 1.0).")
-    g.add_argument("--reg-t", type=float, default=0.5, help="position on the path, 0 = token prompt, 1 = class prompt (default: 0.5).")
+    g.add_argument("--reg-weight", type=float, default=default_of(RegularizerConfig, "weight"),
+                   help=f"λ_R of every regulariser (default: {default_of(RegularizerConfig, 'weight')}).")
+    g.add_argument("--reg-t", type=float, default=default_of(RegularizerConfig, "t"),
+                   help=f"position on the path, 0 = token prompt, 1 = class prompt (default: {default_of(RegularizerConfig, 't')}).")
     g = p.add_argument_group("evaluation")
     g.add_argument("--prompts", action="append", default=None, help=f"training prompt with {{}}; repeat (default: {DEFAULT_PROMPTS[0]!r}).")
     g.add_argument("--edit-prompts", action="append", default=None, help="edit prompt with {}; repeat (default: three built-in edits).")
-    g.add_argument("--seeds", default="0,1,2,3", help="comma-separated sampling seeds, the same for every run (default: 0,1,2,3).")
+    seeds = ",".join(map(str, _default("sample_seeds")))
+    g.add_argument("--seeds", default=seeds, help=f"comma-separated sampling seeds, the same for every run (default: {seeds}).")
     add_sampling_options(g, steps_option="--sample-steps", batch_option="--sample-batch-size")
     g.add_argument("--clip-model", default=None, help="local transformers CLIPModel folder for the CLIP scores (nothing is downloaded).")
     g.add_argument("--lpips", choices=LPIPS_CHOICES, default="alex",
@@ -109,7 +119,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     knee_threshold = check_fraction("--knee-threshold", args.knee_threshold)
     onset_fraction = check_fraction("--onset-fraction", args.onset_fraction)
     embedding, token, init_word = _token_names(args, args.kind)
-    templates = args.template or [DEFAULT_TEMPLATE]
+    templates = args.template or _default("templates")
     if args.kind == "inversion" and args.reg != "none":
         logger.warning("--reg is ignored by the inversion sweep (it applies to --kind lora).")
     regularizers = [None]
