@@ -17,11 +17,16 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 WEB_DIRECTORY = None
 
 def _inside_comfyui() -> bool:
-    """Whether ComfyUI's `comfy` package can be imported (pytest collecting this folder cannot)."""
+    """Whether this runs inside ComfyUI (pytest collecting this folder does not).
+
+    ComfyUI has imported `comfy` before it loads custom nodes; otherwise its top-level module
+    `folder_paths` must be importable. A bare `comfy` folder somewhere on the path is not enough
+    (a folder of that name beside the checkout made every test fail to collect).
+    """
     if "comfy" in sys.modules:
         return True
     try:
-        return importlib.util.find_spec("comfy") is not None
+        return importlib.util.find_spec("folder_paths") is not None
     except (ImportError, ValueError):
         return False
 

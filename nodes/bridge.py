@@ -3,12 +3,10 @@
 The only module of the pack that reads or builds ComfyUI objects. Everything else in `nodes/`
 builds a config, calls this module and one core function.
 
-ComfyUI → core: the weights ComfyUI holds (with every patch already on its ModelPatcher applied,
-e.g. an upstream LoraLoader) are renamed to the LDM single-file layout and converted with
-diffusers' own LDM → diffusers functions (`pti_ops.models.single_file.bundle_from_ldm_state`). The
-diffusers configs are derived from what ComfyUI detected (`model_config.unet_config`) and from
-tensor shapes, so UNets and VAEs of non-standard sizes work too. The tokenizer is the one ComfyUI
-ships for SD1.x (`comfy/sd1_tokenizer/`).
+ComfyUI → core: this module reads the weights ComfyUI holds (with every patch already on its
+ModelPatcher applied, e.g. an upstream LoraLoader) and the settings ComfyUI detected, and hands
+them as plain values to `pti_ops.models.bundle_from_comfy_models`, which renames and converts them
+(`pti_ops/models/comfy_layout.py`, no ComfyUI import).
 
 Core → ComfyUI: a kohya LoRA dict is applied with ComfyUI's own `comfy.sd.load_lora_for_models`
 (which clones the patchers, never mutating its inputs), after checking that ComfyUI maps every
@@ -32,21 +30,19 @@ import comfy.sd1_clip
 import comfy.utils
 import folder_paths
 
-from ..pti_ops.models import ModelBundle
-from ..pti_ops.errors import InvalidInputError, ModelLoadError
-from ..pti_ops.models import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from ..pti_ops.errors import InvalidInputError
 from ..pti_ops.files import group_kohya_modules
-from ..pti_ops.models import tokenizer_from_folder, bundle_from_ldm_state, check_sd15_layout, load_configs, text_encoder_from_ldm_state
+from ..pti_ops.models import (
+    COMFY_TEXT_ENCODER_NAMES,
+    ComfyModels,
+    ModelBundle,
+    ModelFamily,
+    bundle_from_comfy_models,
+    comfy_family,
+    text_encoder_from_comfy_state,
+)
 
 logger = logging.getLogger(__name__)
-
-# What error messages call the converted models (`Path(...).name` in the core's messages).
-CONNECTED = Path("the connected MODEL, CLIP and VAE")
-# ComfyUI's SD1.x text encoder lives under this prefix in `clip.cond_stage_model`.
-COMFY_CLIP_PREFIX = "clip_l."
-# CLIP's attention heads are 64 wide (CLIP-L: 768 / 12); used when the module does not say.
-CLIP_HEAD_WIDTH = 64
-PREDICTION_TYPES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,23 +62,22 @@ def bundle_from_comfy(model, clip, vae) -> ModelBundle:
         vae (`comfy.sd.VAE`): ComfyUI's VAE.
     """
     _check_inputs(model, clip, vae)
+    family = _clip_family(clip)
     free_accelerator_memory()
-    unet_state = effective_weights(model, "diffusion_model.")
-    clip_state = effective_weights(clip.patcher, COMFY_CLIP_PREFIX)
-    vae_state = effective_weights(vae.patcher, "")
-    state = ldm_state_dict(unet_state, clip_state, vae_state)
-    check_sd15_layout(state, CONNECTED)
-    text_config = text_encoder_config(clip_state, _clip_heads(clip))
-    configs = {
-        "unet": diffusers_unet_config(model.model.model_config.unet_config),
-        "vae": diffusers_vae_config(vae_state, _latent_scale(model)),
-        "text_encoder": text_config,
-        "scheduler": scheduler_config(model),
-    }
-    tokenizer = comfy_tokenizer(text_config["max_position_embeddings"])
-    name = f"comfyui-{type(model.model.model_config).__name__}"
-    bundle = bundle_from_ldm_state(state, configs, tokenizer, name=name, source="comfyui", where=CONNECTED)
-    del state, unet_state, clip_state, vae_state
+    models = ComfyModels(
+        family=family,
+        unet=effective_weights(model, "diffusion_model."),
+        clip=_clip_weights(clip, family),
+        vae=effective_weights(vae.patcher, ""),
+        unet_config=model.model.model_config.unet_config,
+        model_type=getattr(getattr(model.model, "model_type", None), "name", "EPS"),
+        latent_scale=_latent_scale(model),
+        clip_heads=_clip_heads(clip, family),
+        tokenizer_root=_tokenizer_root(),
+        name=f"comfyui-{type(model.model.model_config).__name__}",
+    )
+    bundle = bundle_from_comfy_models(models)
+    del models
     bundle.freeze()
     return bundle.to(comfy.model_management.get_torch_device())
 
@@ -90,10 +85,8 @@ def bundle_from_comfy(model, clip, vae) -> ModelBundle:
 def text_encoder_from_comfy(clip):
     """`(tokenizer, text_encoder)`, float32 on the CPU, from ComfyUI's CLIP (which is not modified)."""
     _check_clip(clip)
-    clip_state = effective_weights(clip.patcher, COMFY_CLIP_PREFIX)
-    text_config = text_encoder_config(clip_state, _clip_heads(clip))
-    tokenizer = comfy_tokenizer(text_config["max_position_embeddings"])
-    encoder = text_encoder_from_ldm_state(ldm_state_dict({}, clip_state, {}), text_config, Path("the connected CLIP"))
+    family = _clip_family(clip)
+    tokenizer, encoder = text_encoder_from_comfy_state(family, _clip_weights(clip, family), _clip_heads(clip, family), _tokenizer_root())
     return tokenizer, encoder.requires_grad_(False)
 
 
@@ -123,160 +116,34 @@ def effective_weights(patcher, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def ldm_state_dict(unet: dict, clip: dict, vae: dict) -> dict[str, torch.Tensor]:
-    """Rename ComfyUI's state dicts to the LDM single-file layout (`model.diffusion_model.*`, …).
-
-    Args:
-        unet (`dict`): `diffusion_model.*` keys of `model.model`.
-        clip (`dict`): `clip_l.*` keys of `clip.cond_stage_model` (the logit scale is dropped).
-        vae (`dict`): keys of `vae.first_stage_model`.
-    """
-    state = {UNET_PREFIX + key.removeprefix("diffusion_model."): value for key, value in unet.items()}
-    transformer = COMFY_CLIP_PREFIX + "transformer."
-    state.update({CLIP_PREFIX + key[len(transformer) :]: value for key, value in clip.items() if key.startswith(transformer)})
-    state.update({VAE_PREFIX + key: value for key, value in vae.items()})
-    return state
+def _clip_weights(clip, family: ModelFamily) -> dict[str, torch.Tensor]:
+    weights = {}
+    for encoder in family.text_encoders:
+        weights.update(effective_weights(clip.patcher, encoder.comfy_prefix))
+    return weights
 
 
-def diffusers_unet_config(unet_config: dict) -> dict:
-    """diffusers `UNet2DConditionModel` config from ComfyUI's detected LDM UNet config.
-
-    ComfyUI describes the UNet as LDM's `openaimodel` does: `model_channels` × `channel_mult` per
-    level, `num_res_blocks` per level, `transformer_depth` per input res block (0 = no attention),
-    `transformer_depth_output` per output block *from the last one back* (`openaimodel` pops it from
-    the end while building the output blocks), `num_heads` or `num_head_channels`.
-
-    Args:
-        unet_config (`dict`): `model.model.model_config.unet_config`.
-    """
-    c = unet_config
-    if c.get("adm_in_channels") or c.get("use_temporal_attention") or c.get("use_temporal_resblock"):
-        raise ModelLoadError(
-            "the connected MODEL is not an SD1.x model (it has added conditioning or temporal layers, "
-            "as SDXL and video models do): only SD1.5-family models are supported for now."
-        )
-    levels = len(c["channel_mult"])
-    res_blocks = _per_level(c["num_res_blocks"], levels, "num_res_blocks")
-    if len(set(res_blocks)) != 1:
-        raise ModelLoadError(f"the connected MODEL has a different number of res blocks per level {res_blocks}; not supported.")
-    r = res_blocks[0]
-    depth_in = _per_block(c.get("transformer_depth", 1), levels * r)
-    depth_out = _per_block(c.get("transformer_depth_output", depth_in[0]), levels * (r + 1))[::-1]  # first block first
-    down_depth = [depth_in[i * r] for i in range(levels)]
-    up_depth = [depth_out[u * (r + 1)] for u in range(levels)]
-    channels = [c["model_channels"] * m for m in c["channel_mult"]]
-    if c.get("num_head_channels", -1) not in (-1, None):
-        heads: int | list[int] = [ch // c["num_head_channels"] for ch in channels]
-    else:
-        heads = c["num_heads"]
-    middle = c.get("transformer_depth_middle", 1)
-    if middle is None or middle < 1:
-        raise ModelLoadError(f"the connected MODEL's middle block has no attention (depth {middle}); not an SD1.x UNet.")
-    config = load_configs({})["unet"]
-    config.update(
-        in_channels=c.get("in_channels", 4),
-        out_channels=c.get("out_channels", 4),
-        block_out_channels=channels,
-        layers_per_block=r,
-        down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in down_depth],
-        up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in up_depth],
-        transformer_layers_per_block=[d or 1 for d in down_depth],
-        cross_attention_dim=c["context_dim"],
-        attention_head_dim=heads,
-        use_linear_projection=bool(c.get("use_linear_in_transformer", False)),
-    )
-    return config
+def _tokenizer_root() -> Path:
+    """The folder of ComfyUI's `comfy/sd1_clip.py`, beside which it ships its tokenizers."""
+    return Path(comfy.sd1_clip.__file__).parent
 
 
-def _per_level(value, levels: int, name: str) -> list[int]:
-    values = [value] * levels if isinstance(value, int) else list(value)
-    if len(values) != levels:
-        raise ModelLoadError(f"the connected MODEL's `{name}` {value!r} does not have one entry per level ({levels}).")
-    return values
+def _clip_family(clip) -> ModelFamily:
+    """The model family of ComfyUI's CLIP, from the text encoders it has."""
+    return comfy_family(name for name in COMFY_TEXT_ENCODER_NAMES if hasattr(clip.cond_stage_model, name))
 
 
-def _per_block(value, blocks: int) -> list[int]:
-    values = [value] * blocks if isinstance(value, int) else list(value)
-    return values + [0] * (blocks - len(values))
-
-
-def diffusers_vae_config(state: dict[str, torch.Tensor], scaling_factor: float) -> dict:
-    """diffusers `AutoencoderKL` config from the shapes of an LDM VAE state dict (no prefix).
-
-    Args:
-        state (`dict`): `vae.first_stage_model.state_dict()` (keys `encoder.down.0.block.0…`).
-        scaling_factor (`float`): the latent scale of the model family (0.18215 for SD1.x).
-    """
-    levels = _count_indices(state, "encoder.down.")
-    blocks = _count_indices(state, "encoder.down.0.block.")
-    if levels == 0 or blocks == 0 or "encoder.conv_in.weight" not in state:
-        raise ModelLoadError("the connected VAE is not an SD-style AutoencoderKL (no `encoder.down.N.block.M` weights).")
-    config = load_configs({})["vae"]
-    config.update(
-        in_channels=state["encoder.conv_in.weight"].shape[1],
-        out_channels=state["decoder.conv_out.weight"].shape[0],
-        latent_channels=state["decoder.conv_in.weight"].shape[1],
-        block_out_channels=[state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)],
-        layers_per_block=blocks,
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-        scaling_factor=float(scaling_factor),
-        use_quant_conv="quant_conv.weight" in state,
-        use_post_quant_conv="post_quant_conv.weight" in state,
-    )
-    return config
-
-
-def _count_indices(state: dict, prefix: str) -> int:
-    indices = {key[len(prefix) :].split(".")[0] for key in state if key.startswith(prefix)}
-    return len([i for i in indices if i.isdigit()])
-
-
-def text_encoder_config(clip_state: dict[str, torch.Tensor], heads: int | None) -> dict:
-    """transformers `CLIPTextConfig` dict from the shapes of ComfyUI's `clip_l.*` state dict."""
-    prefix = COMFY_CLIP_PREFIX + "transformer.text_model."
-    tokens = clip_state[prefix + "embeddings.token_embedding.weight"]
-    positions = clip_state[prefix + "embeddings.position_embedding.weight"]
-    width = tokens.shape[1]
-    config = load_configs({})["text_encoder"]
-    config.update(
-        vocab_size=tokens.shape[0],
-        hidden_size=width,
-        projection_dim=width,
-        max_position_embeddings=positions.shape[0],
-        num_hidden_layers=_count_indices(clip_state, prefix + "encoder.layers."),
-        intermediate_size=clip_state[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_attention_heads=heads or max(1, width // CLIP_HEAD_WIDTH),
-    )
-    return config
-
-
-def scheduler_config(model) -> dict:
-    """The SD1.x DDPM training schedule with the MODEL's prediction type (epsilon or v)."""
-    kind = getattr(getattr(model.model, "model_type", None), "name", "EPS")
-    if kind not in PREDICTION_TYPES:
-        raise ModelLoadError(
-            f"the connected MODEL predicts `{kind}`; training supports epsilon and v-prediction SD1.x models."
-        )
-    config = load_configs({})["scheduler"]
-    config["prediction_type"] = PREDICTION_TYPES[kind]
-    return config
-
-
-def comfy_tokenizer(model_max_length: int = 77):
-    """CLIP's tokenizer from the vocab.json / merges.txt that ComfyUI ships in `comfy/sd1_tokenizer/`."""
-    return tokenizer_from_folder(Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer", model_max_length)
-
-
-def _clip_heads(clip) -> int | None:
+def _clip_heads(clip, family: ModelFamily) -> int | None:
     try:
-        return int(clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].self_attn.heads)
+        encoder = getattr(clip.cond_stage_model, family.text_encoders[0].name)
+        return int(encoder.transformer.text_model.encoder.layers[0].self_attn.heads)
     except (AttributeError, IndexError, TypeError):
         return None
 
 
-def _latent_scale(model) -> float:
-    return float(getattr(getattr(model.model, "latent_format", None), "scale_factor", 0.18215))
+def _latent_scale(model) -> float | None:
+    scale = getattr(getattr(model.model, "latent_format", None), "scale_factor", None)
+    return None if scale is None else float(scale)
 
 
 def _check_inputs(model, clip, vae) -> None:
@@ -293,11 +160,6 @@ def _check_clip(clip) -> None:
         raise InvalidInputError(
             f"clip input is invalid: {clip!r}. If the clip is from a checkpoint loader node your checkpoint "
             "does not contain a valid clip or text encoder model."
-        )
-    if not hasattr(clip.cond_stage_model, COMFY_CLIP_PREFIX.rstrip(".")) or hasattr(clip.cond_stage_model, "clip_g"):
-        raise ModelLoadError(
-            "the connected CLIP is not an SD1.x text encoder (CLIP-L alone): only SD1.5-family models are "
-            "supported for now."
         )
 
 

@@ -1,7 +1,7 @@
 import pytest
 
 from pti_ops.errors import InvalidInputError, OutputExistsError
-from pti_ops.files.safe_write import atomic_write, check_output_folder, check_output_name, output_path
+from pti_ops.safe_write import atomic_write, check_output_folder, check_output_name, output_path
 
 
 @pytest.mark.parametrize("name", ["my_char", "tok1-v2", "A.b_c"])

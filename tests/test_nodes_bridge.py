@@ -1,23 +1,12 @@
-"""The bridge (nodes/bridge.py): ComfyUI MODEL/CLIP/VAE ⇄ ModelBundle, LoRA application, config translation."""
+"""The bridge (nodes/bridge.py): ComfyUI MODEL/CLIP/VAE ⇄ ModelBundle, LoRA application (config translation: test_comfy_layout.py)."""
 
 import importlib
-import json
 
 import pytest
 import torch
 from comfy_stubs import PACK_NAME, comfy_env, fake_comfy_models, fake_models  # noqa: F401  (fixtures)
 
 from pti_ops.models.tiny_model import build_tiny_bundle
-
-# ComfyUI's detected unet_config for v1-5-pruned-emaonly (comfy/model_detection.py + supported_models.SD15).
-SD15_COMFY_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "channel_mult": [1, 2, 4, 4],
-    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
-    "use_temporal_resblock": False, "use_temporal_attention": False, "num_heads": 8, "num_head_channels": -1,
-}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -53,50 +42,6 @@ def test_bundle_applies_upstream_patches_without_touching_them(bridge):
     to_k = bundle.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight
     assert torch.allclose(to_k, original + 0.5)
     assert torch.equal(model.weights[key], original) and model.patches == {}
-
-
-def test_sd15_unet_config_translates_to_diffusers_sd15(bridge):
-    config = bridge.diffusers_unet_config(SD15_COMFY_UNET_CONFIG)
-    with open(importlib.import_module("pti_ops.models.single_file").CONFIG_DIR / "unet_config.json") as file:
-        sd15 = json.load(file)
-    for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "cross_attention_dim",
-                "attention_head_dim", "use_linear_projection", "in_channels", "out_channels"):  # fmt: skip
-        assert config[key] == sd15[key], key
-
-
-def test_one_level_unet_config_of_the_tiny_checkpoint(bridge):
-    # make_tiny_sd15.py --preset tiny, as ComfyUI detects it.
-    comfy = dict(SD15_COMFY_UNET_CONFIG, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1])
-    config = bridge.diffusers_unet_config(comfy)
-    assert config["block_out_channels"] == [320] and config["layers_per_block"] == 1
-    assert config["down_block_types"] == ["CrossAttnDownBlock2D"] and config["up_block_types"] == ["CrossAttnUpBlock2D"]
-
-
-def test_two_level_unet_config_reads_output_depths_from_the_end(bridge):
-    # make_tiny_sd15.py --preset fast, as ComfyUI detects it: attention only at the half-resolution level.
-    comfy = dict(SD15_COMFY_UNET_CONFIG, num_res_blocks=[1, 1], channel_mult=[1, 1], transformer_depth=[0, 1],
-                 transformer_depth_output=[0, 0, 1, 1])  # fmt: skip
-    config = bridge.diffusers_unet_config(comfy)
-    assert config["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D"]
-    assert config["up_block_types"] == ["CrossAttnUpBlock2D", "UpBlock2D"]
-
-
-def test_head_width_config_gives_heads_per_level(bridge):
-    config = bridge.diffusers_unet_config(dict(SD15_COMFY_UNET_CONFIG, num_heads=-1, num_head_channels=64))
-    assert config["attention_head_dim"] == [5, 10, 20, 20]
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        ({"adm_in_channels": 2816}, "only SD1.5-family models"),
-        ({"num_res_blocks": [2, 1, 2, 2]}, "different number of res blocks"),
-        ({"transformer_depth_middle": -1}, "middle block has no attention"),
-    ],
-)
-def test_unsupported_unets_are_refused_clearly(bridge, change, message):
-    with pytest.raises(ValueError, match=message):
-        bridge.diffusers_unet_config(dict(SD15_COMFY_UNET_CONFIG, **change))
 
 
 def test_v_prediction_models_train_with_v_targets(bridge):

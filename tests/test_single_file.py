@@ -133,7 +133,7 @@ def test_sd15_shapes_give_the_sd15_key_names():
     # diffusers' converters map the names back onto every weight, with SD1.5's shapes (no data:
     # each tensor is a zero-strided view of one scalar).
     state = {k: torch.zeros(()).expand(t.shape) for d in (ldm_unet, ldm_vae, ldm_clip) for k, t in d.items()}
-    single_file.check_sd15_layout(state, Path("sd15.safetensors"))
+    single_file.check_layout(state, Path("sd15.safetensors"))
     back = {
         "unet": single_file.convert_ldm_unet_checkpoint(state, dict(unet.config)),
         "vae": single_file.convert_ldm_vae_checkpoint(state, dict(vae.config)),

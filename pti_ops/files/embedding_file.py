@@ -1,7 +1,8 @@
 """Embedding files: the trained placeholder vectors, in the formats ComfyUI and diffusers load.
 
 Written: `.safetensors` with one float32 tensor `[n_vectors, dim]` under the key of the text
-encoder it belongs to (`clip_l` for SD1.5; SDXL adds `clip_g`), plus string metadata. ComfyUI
+encoder it belongs to (the family's `embedding_keys`: `clip_l` for SD1.5; SDXL adds `clip_g`),
+plus string metadata. ComfyUI
 loads it with `embedding:NAME` in a prompt, diffusers with `load_textual_inversion(path, token=…)`.
 Read: the same, the `emb_params` key of other trainers, and A1111 `.pt` files
 (`string_to_param`), the latter with `weights_only=True` so a file cannot run code.
@@ -16,10 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ..errors import InvalidInputError
-from .safe_write import atomic_write
+from ..models import DEFAULT_FAMILY, ModelFamily, get_family
+from ..safe_write import atomic_write
 
-# Text-encoder keys per family, in the order ComfyUI and diffusers' SDXL docs use.
-FAMILY_KEYS: dict[str, tuple[str, ...]] = {"sd15": ("clip_l",)}
 FORMAT_VERSION = "1"
 
 
@@ -35,17 +35,18 @@ class EmbeddingFile:
     vectors: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
 
-    def for_family(self, family: str, dim: int) -> torch.Tensor:
-        """The vectors for the first text encoder of `family`, checked against its width `dim`."""
-        key = FAMILY_KEYS[family][0]
+    def for_family(self, family: ModelFamily | str, dim: int) -> torch.Tensor:
+        """The vectors for the first text encoder of `family` (a family or its name), checked against its width `dim`."""
+        family = get_family(family)
+        key = family.embedding_keys[0]
         vectors = self.vectors.get(key)
         if vectors is None and len(self.vectors) == 1:
             vectors = next(iter(self.vectors.values()))
         if vectors is None:
-            raise InvalidInputError(f"embedding has keys {sorted(self.vectors)} but none named {key!r} for a {family} model.")
+            raise InvalidInputError(f"embedding has keys {sorted(self.vectors)} but none named {key!r} for a {family.name} model.")
         if vectors.shape[-1] != dim:
             raise InvalidInputError(
-                f"embedding vectors are {vectors.shape[-1]} wide but this {family} model's text encoder needs {dim}: "
+                f"embedding vectors are {vectors.shape[-1]} wide but this {family.name} model's text encoder needs {dim}: "
                 "the embedding was trained for another model family (SD1.5 uses 768, SDXL 768 + 1280)."
             )
         return vectors
@@ -54,7 +55,7 @@ class EmbeddingFile:
 def save_embedding(
     path: str | os.PathLike,
     vectors: torch.Tensor | dict[str, torch.Tensor],
-    family: str = "sd15",
+    family: ModelFamily | str = DEFAULT_FAMILY,
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -63,23 +64,22 @@ def save_embedding(
     Args:
         path (`str`): output file, ending in `.safetensors`.
         vectors (`torch.Tensor` or `dict`): `[n_vectors, dim]` for the family's first text encoder,
-            or a dict keyed like `FAMILY_KEYS[family]`.
-        family (`str`): model family, which fixes the key(s).
+            or a dict keyed like the family's `embedding_keys`.
+        family (`ModelFamily` or `str`): the model family (or its name), which fixes the key(s).
         metadata (`dict[str, str]`): strings stored in the file (placeholder, initializer, lr, …).
         overwrite (`bool`): replace an existing file.
     """
-    if family not in FAMILY_KEYS:
-        raise InvalidInputError(f"unknown model family {family!r}; known: {sorted(FAMILY_KEYS)}.")
+    family = get_family(family)
     if str(path).endswith(".safetensors") is False:
         raise InvalidInputError(f"embedding path {str(path)!r} must end in .safetensors.")
     if isinstance(vectors, torch.Tensor):
-        vectors = {FAMILY_KEYS[family][0]: vectors}
+        vectors = {family.embedding_keys[0]: vectors}
     tensors = {}
     for key, value in vectors.items():
         if value.ndim != 2:
             raise InvalidInputError(f"embedding {key!r} must be [n_vectors, dim], got shape {tuple(value.shape)}.")
         tensors[key] = value.detach().to("cpu", torch.float32).contiguous()
-    meta = {"format": "pt", "pivotal.format_version": FORMAT_VERSION, "model_family": family}
+    meta = {"format": "pt", "pivotal.format_version": FORMAT_VERSION, "model_family": family.name}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite)
 
@@ -114,12 +114,15 @@ def _load_pickled_embedding(path: Path) -> dict:
 
 
 def _embedding_tensors(state, path: Path) -> dict[str, torch.Tensor]:
-    """The vectors of a loaded state dict, keyed by text encoder (`clip_l`…) or `emb_params`."""
+    """The vectors of a loaded state dict, keyed by text encoder (`clip_l`…) or `emb_params`.
+
+    A1111 files hold one vector set for SD1.x's text encoder: it is keyed as the default family's.
+    """
     if not isinstance(state, dict):
         raise InvalidInputError(f"embedding file {path} holds a {type(state).__name__}, not a dict of tensors.")
     if "string_to_param" in state:  # A1111: {"string_to_param": {"*": tensor}}
         params = state["string_to_param"]
-        state = {"clip_l": next(iter(params.values()))} if isinstance(params, dict) and params else {}
+        state = {DEFAULT_FAMILY.embedding_keys[0]: next(iter(params.values()))} if isinstance(params, dict) and params else {}
     tensors = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):

@@ -8,7 +8,8 @@ lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha      
 ```
 (conv modules keep 4-D weights: down `[rank, in, kh, kw]`, up `[out, rank, 1, 1]`). The update is
 `up @ down * alpha / rank`. Text-encoder modules are `lora_te_text_model_encoder_layers_N_…`.
-This is what ComfyUI's stock LoraLoader and diffusers' `load_lora_weights` read for SD1.5; the
+The module names are the model family's rule (`ModelFamily.unet_lora_name`, `TextEncoderSpec.lora_name`);
+the above is SD1.5's, what ComfyUI's stock LoraLoader and diffusers' `load_lora_weights` read. The
 PEFT spelling (`unet.….lora_A.weight`) is never written because ComfyUI skips it for attention.
 """
 
@@ -26,15 +27,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import InvalidInputError, MissingModelFileError
-from .safe_write import atomic_write
+from ..models import DEFAULT_FAMILY, FAMILIES, ModelFamily, get_family
+from ..safe_write import atomic_write
 
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te_"
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 
-# A kohya key: module prefix, then one of the three parts. Only the SD1.5 prefixes for now
-# (SDXL adds lora_te1_/lora_te2_).
-_KOHYA_KEY = re.compile(rf"^((?:{UNET_PREFIX}|{TEXT_ENCODER_PREFIX})\w+)\.({re.escape(DOWN)}|{re.escape(UP)}|{ALPHA})$")
+# A kohya key: the module prefix of a known family (`lora_unet_`, `lora_te_`…), then one of the three parts.
+KOHYA_PREFIXES = tuple(dict.fromkeys(prefix for family in FAMILIES.values() for prefix in family.lora_prefixes))
+_KOHYA_KEY = re.compile(
+    rf"^((?:{'|'.join(map(re.escape, KOHYA_PREFIXES))})\w+)\.({re.escape(DOWN)}|{re.escape(UP)}|{ALPHA})$"
+)
+_EXPECTED_PREFIXES = " or ".join(f"`{prefix}…`" for prefix in KOHYA_PREFIXES)
 
 # Metadata keys the caller must give; rank and alpha are derived from the tensors if absent.
 REQUIRED_METADATA = ("pivotal.placeholder", "pivotal.base_model")
@@ -45,30 +48,14 @@ REQUIRED_METADATA = ("pivotal.placeholder", "pivotal.base_model")
 # ---------------------------------------------------------------------------------------------
 
 
-def unet_lora_prefix(module_name: str) -> str:
-    """Kohya prefix of a diffusers UNet module, e.g. `…attn1.to_out.0` → `lora_unet_…attn1_to_out_0`."""
-    return UNET_PREFIX + module_name.replace(".", "_")
-
-
-def text_encoder_lora_prefix(module_name: str) -> str:
-    """Kohya prefix of a CLIP text-encoder module, for transformers 4.x and 5.x module names.
-
-    transformers 5.x flattened `CLIPTextModel` (`encoder.layers.0…`), 4.x has `text_model.encoder…`;
-    ComfyUI and diffusers both expect the `text_model_` part in the key, so it is added when absent.
-    """
-    if not module_name.startswith("text_model."):
-        module_name = "text_model." + module_name
-    return TEXT_ENCODER_PREFIX + module_name.replace(".", "_")
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain model inside a `PeftModel` (whose module names start with `base_model.model.`)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def _models(unet, text_encoder) -> list[tuple[torch.nn.Module, Callable[[str], str]]]:
-    """The given models, each with the function that names its modules' kohya prefixes."""
-    pairs = [(unet, unet_lora_prefix), (text_encoder, text_encoder_lora_prefix)]
+def _models(unet, text_encoder, family: ModelFamily) -> list[tuple[torch.nn.Module, Callable[[str], str]]]:
+    """The given models, each with the family's function that names its modules' kohya prefixes."""
+    pairs = [(unet, family.unet_lora_name), (text_encoder, family.text_encoders[0].lora_name)]
     return [(_unwrap(model), to_prefix) for model, to_prefix in pairs if model is not None]
 
 
@@ -81,6 +68,7 @@ def lora_state_dict_to_kohya(
     unet: torch.nn.Module | None = None,
     text_encoder: torch.nn.Module | None = None,
     adapter_name: str = "default",
+    family: ModelFamily | str = DEFAULT_FAMILY,
 ) -> dict[str, torch.Tensor]:
     """Read the peft LoRA adapter `adapter_name` of the UNet and/or text encoder as a kohya dict.
 
@@ -91,9 +79,10 @@ def lora_state_dict_to_kohya(
         unet (`UNet2DConditionModel`, *optional*): the UNet carrying the adapter (or a `PeftModel` of it).
         text_encoder (`CLIPTextModel`, *optional*): the text encoder carrying the adapter, if it was tuned.
         adapter_name (`str`): the peft adapter to export.
+        family (`ModelFamily` or `str`): the model family, whose rule names the modules.
     """
     kohya: dict[str, torch.Tensor] = {}
-    for model, to_prefix in _models(unet, text_encoder):
+    for model, to_prefix in _models(unet, text_encoder, get_family(family)):
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
                 kohya.update(_export_layer(to_prefix(name), module, adapter_name))
@@ -164,7 +153,7 @@ def group_kohya_modules(kohya_dict: dict[str, torch.Tensor], where: str = "LoRA"
         match = _KOHYA_KEY.match(key)
         if match is None:
             raise InvalidInputError(
-                f"{where}: key {key!r} is not a kohya LoRA key (expected `lora_unet_…` or `lora_te_…` "
+                f"{where}: key {key!r} is not a kohya LoRA key (expected {_EXPECTED_PREFIXES} "
                 "followed by `.lora_down.weight`, `.lora_up.weight` or `.alpha`). Is this an SD1.5 LoRA "
                 "file in kohya format?"
             )
@@ -275,6 +264,7 @@ def apply_kohya_lora(
     kohya_dict: dict[str, torch.Tensor],
     adapter_name: str = "default",
     strict: bool = True,
+    family: ModelFamily | str = DEFAULT_FAMILY,
 ) -> list[str]:
     """Inject peft LoRA adapters with the file's per-module ranks and alphas, and load its weights.
 
@@ -287,9 +277,10 @@ def apply_kohya_lora(
         kohya_dict (`dict[str, Tensor]`): from `load_lora`.
         adapter_name (`str`): name of the new peft adapter; must not exist yet.
         strict (`bool`): raise if any key matches no module, instead of returning them.
+        family (`ModelFamily` or `str`): the model family, whose rule names the modules.
     """
     modules = group_kohya_modules(kohya_dict, "LoRA to apply")
-    plans, unmatched = _plan(unet, text_encoder, modules, adapter_name)
+    plans, unmatched = _plan(unet, text_encoder, modules, adapter_name, get_family(family))
     if unmatched and strict:
         raise InvalidInputError(
             f"{len(unmatched)} LoRA keys match no module of the given UNet / text encoder, first: "
@@ -302,10 +293,10 @@ def apply_kohya_lora(
     return unmatched
 
 
-def _plan(unet, text_encoder, modules, adapter_name):
+def _plan(unet, text_encoder, modules, adapter_name, family: ModelFamily):
     """Pair every file module with a model module, checking shapes; returns the plans and unmatched keys."""
     plans, found = [], set()
-    for model, to_prefix in _models(unet, text_encoder):
+    for model, to_prefix in _models(unet, text_encoder, family):
         _check_adapter_free(model, adapter_name)
         targets = {}
         for name, module in model.named_modules():
@@ -405,7 +396,7 @@ def comfyui_lora_key_map(unet_module_names: Iterable[str], text_encoder_module_n
     accepted = set()
     for name in unet_module_names:
         if _UNET_MODULES.fullmatch(name):
-            accepted.update((unet_lora_prefix(name), "lycoris_" + name.replace(".", "_")))
+            accepted.update(("lora_unet_" + name.replace(".", "_"), "lycoris_" + name.replace(".", "_")))
             # diffusers' old attention-processor spelling, with and without the `unet.` prefix
             diffusers_name = name.replace(".to_", ".processor.to_")
             if diffusers_name.endswith(".to_out.0"):

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..files.safe_write import atomic_write
+from ..safe_write import atomic_write
 
 DEFAULT_DPI = 100
 

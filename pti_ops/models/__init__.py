@@ -1,12 +1,15 @@
-"""Models: the `ModelBundle`, where bundles come from (`load_bundle`), and what differs per model family."""
+"""Models: the `ModelBundle`, where bundles come from (`load_bundle`, ComfyUI's models), and what
+differs per model family (`ModelFamily`, chosen by `detect_family`)."""
 
-from .bundle import MODEL_FAMILIES, ModelBundle, ModelFamily, detect_family
-from .ldm_layout import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .bundle import ModelBundle
+from .comfy_layout import COMFY_TEXT_ENCODER_NAMES, ComfyModels, bundle_from_comfy_models, comfy_family, text_encoder_from_comfy_state
+from .families import DEFAULT_FAMILY, FAMILIES, detect_family, get_family, supported_families
+from .families.sd15 import text_transformer
+from .family import ModelFamily, TextEncoderSpec
 from .loaders import check_device, load_bundle, load_diffusers_folder
-from .single_file import bundle_from_ldm_state, check_sd15_layout, load_configs, text_encoder_from_ldm_state, tokenizer_from_folder
 
 __all__ = [
-    "CLIP_PREFIX", "MODEL_FAMILIES", "UNET_PREFIX", "VAE_PREFIX", "ModelBundle", "ModelFamily", "bundle_from_ldm_state",
-    "check_device", "check_sd15_layout", "detect_family", "load_bundle", "load_configs", "load_diffusers_folder",
-    "text_encoder_from_ldm_state", "tokenizer_from_folder",
+    "COMFY_TEXT_ENCODER_NAMES", "DEFAULT_FAMILY", "FAMILIES", "ComfyModels", "ModelBundle", "ModelFamily", "TextEncoderSpec",
+    "bundle_from_comfy_models", "check_device", "comfy_family", "detect_family", "get_family", "load_bundle",
+    "load_diffusers_folder", "supported_families", "text_encoder_from_comfy_state", "text_transformer",
 ]

@@ -7,18 +7,17 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..errors import InvalidInputError, ModelLoadError
+from ..errors import InvalidInputError
+from .families import DEFAULT_FAMILY, get_family
+from .family import ModelFamily
 
 logger = logging.getLogger(__name__)
 
-ModelFamily = Literal["sd15"]
-MODEL_FAMILIES: tuple[str, ...] = ("sd15",)
 
 @dataclass
 class ModelBundle:
@@ -30,7 +29,8 @@ class ModelBundle:
         unet (`UNet2DConditionModel`): the denoiser, tuned with LoRA.
         vae (`AutoencoderKL`): encodes training images to latents (once per run), decodes samples.
         noise_scheduler (`DDPMScheduler`): the training noise schedule and prediction type.
-        family (`str`): model family, `"sd15"` (SDXL comes later).
+        family (`ModelFamily`): what differs per model family; a family name is looked up; SD1.5
+            (`DEFAULT_FAMILY`) when not given.
         name (`str`): base model name, recorded in the metadata of the files we write.
     """
 
@@ -39,9 +39,12 @@ class ModelBundle:
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     noise_scheduler: DDPMScheduler
-    family: ModelFamily = "sd15"
+    family: ModelFamily = DEFAULT_FAMILY
     name: str = "unknown"
     source: str = field(default="", repr=False)
+
+    def __post_init__(self):
+        self.family = get_family(self.family)
 
     @property
     def device(self) -> torch.device:
@@ -102,19 +105,3 @@ class ModelBundle:
         )
         pipe.save_pretrained(folder, safe_serialization=True)
         return Path(folder)
-
-
-def detect_family(text_encoder: CLIPTextModel, unet: UNet2DConditionModel) -> ModelFamily:
-    """The model family, from the UNet: SD1.x conditions on one text encoder without extra embeddings."""
-    if unet.config.get("addition_embed_type") is not None:
-        raise ModelLoadError(
-            f"this UNet uses added conditioning ({unet.config.addition_embed_type!r}, as SDXL does): only "
-            "SD1.5-family models are supported for now."
-        )
-    width = text_encoder.config.hidden_size
-    if unet.config.cross_attention_dim != width:
-        raise ModelLoadError(
-            f"the UNet expects {unet.config.cross_attention_dim}-wide text conditioning but the text encoder "
-            f"gives {width}: the folder mixes parts of different models."
-        )
-    return "sd15"

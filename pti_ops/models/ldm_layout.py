@@ -1,6 +1,7 @@
 """diffusers → original LDM single-file layout for SD1.5-family models, and the checkpoint writer.
 
-The LDM layout (that of `v1-5-pruned-emaonly.safetensors`, which ComfyUI and A1111 load) is
+The LDM layout (that of `v1-5-pruned-emaonly.safetensors`, which ComfyUI and A1111 load; the
+prefixes are the family's `single_file_prefixes`) is
   model.diffusion_model.*                       UNet (`input_blocks`, `middle_block`, `output_blocks`)
   first_stage_model.*                           VAE (`encoder.down.N`, `decoder.up.N`, `mid.attn_1`)
   cond_stage_model.transformer.text_model.*     CLIP text encoder (transformers names)
@@ -18,12 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 from .bundle import ModelBundle
+from .families import DEFAULT_FAMILY
+from .family import ModelFamily
 from ..errors import InvalidInputError, OutputExistsError
-from ..files.safe_write import atomic_write
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
+from ..safe_write import atomic_write
 
 # Metadata keys of the files we write: the diffusers configs let our loader rebuild models of a
 # non-standard size (the tiny one); the tokenizer lets it reload without any other file.
@@ -120,15 +119,16 @@ def _unet_key_to_ldm(key: str, prefixes: dict[str, tuple[str, bool]]) -> str:
     raise ValueError(f"UNet weight {key!r} has no place in the SD1.5 LDM layout (class or added embeddings?).")
 
 
-def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+def unet_to_ldm(state: dict[str, torch.Tensor], config: dict, family: ModelFamily = DEFAULT_FAMILY) -> dict[str, torch.Tensor]:
     """Rename a diffusers `UNet2DConditionModel` state dict to `model.diffusion_model.*` keys.
 
     Args:
         state (`dict`): the UNet's `state_dict()`.
         config (`dict`): its diffusers config.
+        family (`ModelFamily`): gives the single-file prefix.
     """
     prefixes = unet_prefix_map(config)
-    return {UNET_PREFIX + _unet_key_to_ldm(key, prefixes): value for key, value in state.items()}
+    return {family.unet_prefix + _unet_key_to_ldm(key, prefixes): value for key, value in state.items()}
 
 
 def vae_prefix_map(config: dict) -> dict[str, str]:
@@ -169,22 +169,23 @@ def _vae_item_to_ldm(key: str, value: torch.Tensor, prefixes: dict[str, str]) ->
     return prefixes[old] + rest, value
 
 
-def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+def vae_to_ldm(state: dict[str, torch.Tensor], config: dict, family: ModelFamily = DEFAULT_FAMILY) -> dict[str, torch.Tensor]:
     """Rename a diffusers `AutoencoderKL` state dict to `first_stage_model.*` keys.
 
     Args:
         state (`dict`): the VAE's `state_dict()`.
         config (`dict`): its diffusers config.
+        family (`ModelFamily`): gives the single-file prefix.
     """
     prefixes = vae_prefix_map(config)
     out = {}
     for key, value in state.items():
         new_key, new_value = _vae_item_to_ldm(key, value, prefixes)
-        out[VAE_PREFIX + new_key] = new_value
+        out[family.vae_prefix + new_key] = new_value
     return out
 
 
-def clip_to_ldm(state: dict[str, torch.Tensor], max_positions: int) -> dict[str, torch.Tensor]:
+def clip_to_ldm(state: dict[str, torch.Tensor], max_positions: int, family: ModelFamily = DEFAULT_FAMILY) -> dict[str, torch.Tensor]:
     """Prefix a `CLIPTextModel` state dict as `cond_stage_model.transformer.text_model.*`.
 
     Args:
@@ -192,12 +193,14 @@ def clip_to_ldm(state: dict[str, torch.Tensor], max_positions: int) -> dict[str,
             level that transformers 4 and the LDM layout have, so it is added where missing.
         max_positions (`int`): prompt length; LDM files carry the `position_ids` buffer that
             transformers no longer saves.
+        family (`ModelFamily`): gives the single-file prefix (of its first text encoder).
     """
+    prefix = family.text_encoders[0].single_file_prefix
     out = {}
     for key, value in state.items():
         key = key if key.startswith("text_model.") else "text_model." + key
-        out[CLIP_PREFIX + key] = value
-    out[CLIP_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(max_positions, dtype=torch.int64)[None]
+        out[prefix + key] = value
+    out[prefix + "text_model.embeddings.position_ids"] = torch.arange(max_positions, dtype=torch.int64)[None]
     return out
 
 
@@ -236,10 +239,10 @@ def bundle_to_ldm(bundle: ModelBundle) -> dict[str, torch.Tensor]:
     Args:
         bundle (`ModelBundle`): an SD1.5-family bundle; it is read, never modified.
     """
-    state = {}
-    state.update(unet_to_ldm(bundle.unet.state_dict(), dict(bundle.unet.config)))
-    state.update(vae_to_ldm(bundle.vae.state_dict(), dict(bundle.vae.config)))
-    state.update(clip_to_ldm(bundle.text_encoder.state_dict(), bundle.text_encoder.config.max_position_embeddings))
+    state, family = {}, bundle.family
+    state.update(unet_to_ldm(bundle.unet.state_dict(), dict(bundle.unet.config), family))
+    state.update(vae_to_ldm(bundle.vae.state_dict(), dict(bundle.vae.config), family))
+    state.update(clip_to_ldm(bundle.text_encoder.state_dict(), bundle.text_encoder.config.max_position_embeddings, family))
     state.update(ddpm_buffers(bundle.noise_scheduler.betas))
     return state
 
@@ -288,7 +291,7 @@ def checkpoint_metadata(bundle: ModelBundle) -> dict[str, str]:
     Args:
         bundle (`ModelBundle`): the bundle being written.
     """
-    meta = {"format": "pt", META_PREFIX + "family": bundle.family, META_PREFIX + "name": bundle.name}
+    meta = {"format": "pt", META_PREFIX + "family": bundle.family.name, META_PREFIX + "name": bundle.name}
     configs = {
         "unet": dict(bundle.unet.config),
         "vae": dict(bundle.vae.config),
@@ -323,10 +326,10 @@ def save_ldm_checkpoint(
         raise InvalidInputError(f"checkpoint dtype {dtype} is not supported: use torch.float16 or torch.float32.")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists. Choose another file name or set `overwrite` to replace it.")
-    state = {}
+    state, model_prefixes = {}, tuple(bundle.family.single_file_prefixes.values())
     for key, value in bundle_to_ldm(bundle).items():
         value = value.detach().to("cpu")
-        if value.is_floating_point() and key.startswith((UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX)):
+        if value.is_floating_point() and key.startswith(model_prefixes):
             value = value.to(dtype)
         state[key] = value.contiguous()
     metadata = checkpoint_metadata(bundle)

@@ -17,7 +17,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from ..errors import InvalidInputError, MissingModelFileError, ModelLoadError
-from .bundle import ModelBundle, detect_family
+from .bundle import ModelBundle
+from .families import detect_family
 
 # Sub-folders of a diffusers Stable Diffusion folder that training needs.
 DIFFUSERS_SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")

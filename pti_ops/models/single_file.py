@@ -3,8 +3,9 @@
 The tensors are read with `safetensors.safe_open` (no pickle), upcast to float32 and converted
 with diffusers' own LDM → diffusers functions (`convert_ldm_unet_checkpoint`,
 `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`), none of which touches the network.
-The model configs are the SD1.5 ones shipped in `pti_ops/configs/sd15/`, unless the file carries
-its own in its metadata (files written by `ldm_layout.save_ldm_checkpoint`, e.g. the tiny model).
+The key prefixes and the shipped configs are the model family's (`single_file_prefixes`, and
+`config_dir`: `models/configs/sd15/` for SD1.5); files written by `ldm_layout.save_ldm_checkpoint`
+(e.g. the tiny model) carry their own configs in their metadata.
 Every tensor is accounted for: a file key the conversion did not use, or a model weight the file
 lacks, is an error that names it.
 
@@ -38,23 +39,14 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .bundle import ModelBundle, detect_family
+from .bundle import ModelBundle
 from .clip_vocab import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, bytes_to_unicode
 from ..errors import MissingModelFileError, ModelLoadError
-from ..files.safe_write import atomic_write
-from .ldm_layout import (
-    CLIP_PREFIX,
-    META_ADDED_TOKENS,
-    META_CONFIG_KEYS,
-    META_MERGES,
-    META_PREFIX,
-    META_VOCAB,
-    UNET_PREFIX,
-    VAE_PREFIX,
-)
+from ..safe_write import atomic_write
+from .families import DEFAULT_FAMILY, FAMILIES, detect_family
+from .family import ModelFamily
+from .ldm_layout import META_ADDED_TOKENS, META_CONFIG_KEYS, META_MERGES, META_PREFIX, META_VOCAB
 
-CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
-SD15_PARTS = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CLIP_PREFIX}
 # File keys that are not weights of the three models: LDM's DDPM schedule buffers, EMA copies
 # (full checkpoints keep both; the non-EMA weights are used, as ComfyUI does) and LDM's `logvar`.
 IGNORED_PREFIXES = ("model_ema.",)
@@ -93,35 +85,43 @@ def load_single_file(path: str | os.PathLike, tokenizer_dir: str | os.PathLike |
             "because loading them can run arbitrary code; convert them to .safetensors first."
         )
     state, metadata = read_safetensors(path)
-    check_sd15_layout(state, path)
-    configs = load_configs(metadata)
+    family = family_of_state(state)
+    check_layout(state, path, family)
+    configs = load_configs(metadata, family)
     text_config = CLIPTextConfig.from_dict(configs["text_encoder"])
     # The tokenizer is the part most likely to be missing: look for it before the costly conversion.
     tokenizer = resolve_tokenizer(path, metadata, tokenizer_dir, text_config.max_position_embeddings)
     name = metadata.get(META_PREFIX + "name", path.stem)
-    return bundle_from_ldm_state(state, configs, tokenizer, name=name, source=str(path), where=path)
+    return bundle_from_ldm_state(state, configs, tokenizer, name=name, source=str(path), where=path, family=family)
 
 
 def bundle_from_ldm_state(
-    state: dict[str, torch.Tensor], configs: dict[str, dict], tokenizer: CLIPTokenizer, name: str, source: str, where: Path
+    state: dict[str, torch.Tensor],
+    configs: dict[str, dict],
+    tokenizer: CLIPTokenizer,
+    name: str,
+    source: str,
+    where: Path,
+    family: ModelFamily = DEFAULT_FAMILY,
 ) -> ModelBundle:
     """Build a `ModelBundle` from an LDM-layout state dict, the parts' configs and a tokenizer.
 
     Used for checkpoint files and for the weights of models already loaded elsewhere (ComfyUI's
-    MODEL/CLIP/VAE, renamed to the LDM layout by the node layer's bridge).
+    MODEL/CLIP/VAE, renamed to the LDM layout by `comfy_layout.py`).
 
     Args:
         state (`dict`): float32 tensors under `model.diffusion_model.*`, `first_stage_model.*` and
-            `cond_stage_model.transformer.*` (checked by `check_sd15_layout`).
+            `cond_stage_model.transformer.*` for SD1.5 (checked by `check_layout`).
         configs (`dict`): diffusers/transformers configs of `unet`, `vae`, `text_encoder`, `scheduler`.
         tokenizer (`CLIPTokenizer`): the text encoder's tokenizer.
         name (`str`): base model name recorded in the files written from the bundle.
         source (`str`): where the weights came from.
         where (`Path`): what error messages name (`where.name`): the file, or the connected models.
+        family (`ModelFamily`): the family whose layout `state` has.
     """
     text_config = CLIPTextConfig.from_dict(configs["text_encoder"])
     _check_tokenizer_fits(tokenizer, text_config.vocab_size, where)
-    converted = convert_to_diffusers(state, configs, where)
+    converted = convert_to_diffusers(state, configs, where, family)
     unet = _build_model(lambda: UNet2DConditionModel.from_config(configs["unet"]), converted["unet"], "UNet", where)
     vae = _build_model(lambda: AutoencoderKL.from_config(configs["vae"]), converted["vae"], "VAE", where)
     text_encoder = _build_model(lambda: CLIPTextModel(text_config), converted["text_encoder"], "text encoder", where)
@@ -157,8 +157,17 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return state, metadata
 
 
-def _describe_unsupported(keys: list[str]) -> str | None:
-    """What a non-SD1.5 file looks like, from its keys (None when it has the SD1.5 layout)."""
+def family_of_state(state: dict[str, torch.Tensor]) -> ModelFamily:
+    """The family whose single-file prefixes all occur among the keys; the default family when none does
+    (its `check_layout` then says what the file looks like)."""
+    for family in FAMILIES.values():
+        if all(any(key.startswith(prefix) for key in state) for prefix in family.single_file_prefixes.values()):
+            return family
+    return DEFAULT_FAMILY
+
+
+def _describe_unsupported(keys: list[str], family: ModelFamily) -> str | None:
+    """What a file outside the family's layout looks like, from its keys (None when it has that layout)."""
     if not keys:
         return "an empty file (no tensors)"
     if any(k.startswith("conditioner.embedders.") for k in keys):
@@ -169,49 +178,55 @@ def _describe_unsupported(keys: list[str]) -> str | None:
         return f"a LoRA (keys such as `{next(k for k in keys if 'lora' in k)}`)"
     if all(k in EMBEDDING_KEYS or k.startswith(("string_to_param.", "string_to_token.")) for k in keys):
         return f"a textual-inversion embedding (keys {', '.join(sorted(keys)[:4])})"
-    missing = [f"{part} `{prefix}*`" for part, prefix in SD15_PARTS.items() if not any(k.startswith(prefix) for k in keys)]
+    parts = family.single_file_prefixes.items()
+    missing = [f"{part} `{prefix}*`" for part, prefix in parts if not any(k.startswith(prefix) for k in keys)]
     if missing:
         found = sorted({k.split(".")[0] + ".*" for k in keys})[:6]
         return f"a file without {', '.join(missing)} (its keys start with {', '.join(found)})"
     return None
 
 
-def check_sd15_layout(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Raise `ModelLoadError` unless the keys are those of an SD1.5 LDM checkpoint.
+def check_layout(state: dict[str, torch.Tensor], path: Path, family: ModelFamily = DEFAULT_FAMILY) -> None:
+    """Raise `ModelLoadError` unless the keys are those of a single-file LDM checkpoint of `family`.
 
     Args:
         state (`dict`): the file's tensors by key.
         path (`Path`): the file, for the message.
+        family (`ModelFamily`): the family whose layout is expected.
     """
-    what = _describe_unsupported(list(state))
+    prefixes = family.single_file_prefixes
+    what = _describe_unsupported(list(state), family)
     if what is not None:
         raise ModelLoadError(
-            f"unsupported model: {path.name} looks like {what}; only SD1.5 single-file checkpoints are supported "
-            f"(with UNet `{UNET_PREFIX}*`, text encoder `{CLIP_PREFIX}*` and VAE `{VAE_PREFIX}*`)."
+            f"unsupported model: {path.name} looks like {what}; only {family.display_name} single-file checkpoints "
+            f"are supported (with UNet `{prefixes['unet']}*`, text encoder `{prefixes['text_encoder']}*` and VAE "
+            f"`{prefixes['vae']}*`)."
         )
-    parts = tuple(SD15_PARTS.values())
+    parts = tuple(prefixes.values())
     unknown = [k for k in state if not k.startswith(parts + IGNORED_PREFIXES) and k not in IGNORED_KEYS]
     if unknown:
         raise ModelLoadError(
-            f"{path.name} has {len(unknown)} tensor(s) outside the SD1.5 layout, e.g. {', '.join(unknown[:5])}: "
-            "it is not a plain SD1.5 checkpoint (merged extras are not supported)."
+            f"{path.name} has {len(unknown)} tensor(s) outside the {family.display_name} layout, e.g. "
+            f"{', '.join(unknown[:5])}: it is not a plain {family.display_name} checkpoint (merged extras are not "
+            "supported)."
         )
 
 
-def _read_config(name: str) -> dict:
-    return json.loads((CONFIG_DIR / name).read_text(encoding="utf-8"))
+def _read_config(name: str, family: ModelFamily = DEFAULT_FAMILY) -> dict:
+    return json.loads((family.config_dir / name).read_text(encoding="utf-8"))
 
 
-def load_configs(metadata: dict[str, str]) -> dict[str, dict]:
-    """diffusers/transformers configs of the four parts: the file's own (our files) or SD1.5's.
+def load_configs(metadata: dict[str, str], family: ModelFamily = DEFAULT_FAMILY) -> dict[str, dict]:
+    """diffusers/transformers configs of the four parts: the file's own (our files) or the family's shipped ones.
 
     Args:
         metadata (`dict`): the checkpoint's safetensors metadata.
+        family (`ModelFamily`): whose shipped configs fill in what the metadata lacks.
     """
     configs = {}
     for part, key in META_CONFIG_KEYS.items():
         try:
-            configs[part] = json.loads(metadata[key]) if key in metadata else _read_config(f"{part}_config.json")
+            configs[part] = json.loads(metadata[key]) if key in metadata else _read_config(f"{part}_config.json", family)
         except json.JSONDecodeError as err:
             raise ModelLoadError(f"the checkpoint's metadata entry {key} is not valid JSON: {err}") from err
     return configs
@@ -224,25 +239,28 @@ def _unused_keys(state: dict[str, torch.Tensor], prefix: str, converted: dict[st
     return [k for k, t in state.items() if k.startswith(prefix) and t.data_ptr() not in used]
 
 
-def convert_to_diffusers(state: dict[str, torch.Tensor], configs: dict[str, dict], path: Path) -> dict[str, dict]:
+def convert_to_diffusers(
+    state: dict[str, torch.Tensor], configs: dict[str, dict], path: Path, family: ModelFamily = DEFAULT_FAMILY
+) -> dict[str, dict]:
     """LDM state dict -> diffusers state dicts of `unet`, `vae`, `text_encoder`, with diffusers' converters.
 
     Args:
-        state (`dict`): the checkpoint's tensors (checked by `check_sd15_layout`).
+        state (`dict`): the checkpoint's tensors (checked by `check_layout`).
         configs (`dict`): the parts' configs (`load_configs`).
         path (`Path`): the file, for messages.
+        family (`ModelFamily`): gives the parts' prefixes.
     """
     converted = {
         "unet": convert_ldm_unet_checkpoint(state, configs["unet"]),
         "vae": convert_ldm_vae_checkpoint(state, configs["vae"]),
         "text_encoder": convert_ldm_clip_checkpoint(state),
     }
-    for part, prefix in SD15_PARTS.items():
+    for part, prefix in family.single_file_prefixes.items():
         unused = _unused_keys(state, prefix, converted[part])
         if unused:
             raise ModelLoadError(
                 f"{path.name}: {len(unused)} {part} tensor(s) were not converted, e.g. {', '.join(unused[:5])}: "
-                "the file does not match the SD1.5 architecture."
+                f"the file does not match the {family.display_name} architecture."
             )
     clip = {k: v for k, v in converted["text_encoder"].items() if not k.endswith(IGNORED_CLIP_SUFFIXES)}
     converted["text_encoder"] = clip

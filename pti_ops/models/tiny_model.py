@@ -11,6 +11,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from .bundle import ModelBundle
 from .clip_vocab import make_clip_tokenizer
+from .families.sd15 import SD15
 
 # Words that become single tokens: those of the method's prompts, plus a few for edit prompts.
 TINY_WORDS = (
@@ -80,9 +81,9 @@ def build_tiny_bundle(seed: int = 0, prediction_type: str = "epsilon") -> ModelB
             layers_per_block=1,
             norm_num_groups=32,
             sample_size=TINY_RESOLUTION,
-            scaling_factor=0.18215,
+            scaling_factor=SD15.latent_scaling_factor,
         )
     finally:
         torch.random.set_rng_state(generator_state)
     scheduler = DDPMScheduler.from_config({**SD15_SCHEDULER_CONFIG, "prediction_type": prediction_type})
-    return ModelBundle(tokenizer, text_encoder, unet, vae, scheduler, family="sd15", name="tiny-sd15", source="tiny")
+    return ModelBundle(tokenizer, text_encoder, unet, vae, scheduler, family=SD15, name="tiny-sd15", source="tiny")

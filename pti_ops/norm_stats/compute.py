@@ -32,7 +32,7 @@ import torch
 
 from . import report as _report
 from ..errors import InvalidInputError
-from ..files.safe_write import atomic_write
+from ..safe_write import atomic_write
 from .captions import caption_positions, load_captions, tokenize_captions
 from .endpoints import T_STEPS, EndpointStats, endpoint_prompts, endpoint_stats, interpolation_gaps
 from .geometry import ShellStats, all_identical, held_out_stats, shell_stats

@@ -15,7 +15,7 @@ import torch
 
 from ..dataset import ImageDataset
 from ..errors import InvalidInputError
-from ..files.safe_write import check_output_folder
+from ..safe_write import check_output_folder
 from ..inversion import InversionConfig
 from ..lora_tune import TuneConfig
 from ..metrics.evaluation import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, EvaluationConfig, Scorers

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InvalidInputError
-from ..files.safe_write import atomic_write
+from ..safe_write import atomic_write
 from ..metrics.scores import METRIC_DESCRIPTIONS
 
 SweepKind = Literal["inversion", "lora"]

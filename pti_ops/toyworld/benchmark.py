@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..models import load_bundle
-from ..files.safe_write import atomic_write
+from ..safe_write import atomic_write
 from ..inversion import InversionConfig, invert
 from ..lora_tune import TuneConfig, tune_around
 from ..pivot import Pivot

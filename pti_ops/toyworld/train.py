@@ -188,7 +188,7 @@ def build_untrained_bundle(seed: int) -> ModelBundle:
     torch.manual_seed(seed)
     bundle = ModelBundle(
         tokenizer, build_text_encoder(tokenizer), build_unet(), build_vae(),
-        DDPMScheduler.from_config(SCHEDULER_CONFIG), family="sd15", name="toyworld", source="toy",
+        DDPMScheduler.from_config(SCHEDULER_CONFIG), name="toyworld", source="toy",
     )
     return bundle
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidInputError
-from ..files.safe_write import atomic_write
+from ..safe_write import atomic_write
 
 CHECKPOINT_FORMAT = "pti_ops.training.checkpoints"
 CHECKPOINT_VERSION = 1

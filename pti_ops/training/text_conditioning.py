@@ -1,18 +1,15 @@
 """Prompts to the per-token conditioning the UNet consumes.
 
-`clip_skip` counts layers A1111-style (ComfyUI's `CLIPSetLastLayer` -1/-2): 1 is the last layer,
-2 the penultimate; the final LayerNorm is applied in every case, as A1111 and ComfyUI do for SD1.
+Tokenizing is here; how token ids become conditioning is the model family's rule
+(`ModelFamily.encode_tokens`; SD1.5's, with its `clip_skip`, is in `models/families/`).
 """
 
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..errors import InvalidInputError
+from ..models import DEFAULT_FAMILY, ModelFamily, text_transformer
 
-
-def text_transformer(text_encoder: CLIPTextModel) -> torch.nn.Module:
-    """The module holding `final_layer_norm` (`text_model` in transformers 4.x, the model itself in 5.x)."""
-    return getattr(text_encoder, "text_model", text_encoder)
+__all__ = ["encode_prompts", "encode_tokens", "text_transformer", "tokenize"]
 
 
 def tokenize(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
@@ -26,19 +23,20 @@ def tokenize(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def encode_tokens(text_encoder: CLIPTextModel, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-    """Per-token conditioning `[batch, tokens, dim]` of `input_ids` (gradients flow if enabled)."""
-    if clip_skip < 1:
-        raise InvalidInputError(f"`clip_skip` must be 1 (last layer) or more, got {clip_skip}.")
-    input_ids = input_ids.to(text_encoder.device)
-    if clip_skip == 1:
-        return text_encoder(input_ids).last_hidden_state
-    out = text_encoder(input_ids, output_hidden_states=True)
-    # hidden_states[-1] is the last layer before the final LayerNorm.
-    return text_transformer(text_encoder).final_layer_norm(out.hidden_states[-clip_skip])
+def encode_tokens(
+    text_encoder: CLIPTextModel, input_ids: torch.Tensor, clip_skip: int = 1, family: ModelFamily = DEFAULT_FAMILY
+) -> torch.Tensor:
+    """Per-token conditioning `[batch, tokens, dim]` of `input_ids` by `family`'s rule (gradients flow if enabled)."""
+    return family.encode_tokens(text_encoder, input_ids, clip_skip)
 
 
-def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+def encode_prompts(
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    prompts: list[str],
+    clip_skip: int = 1,
+    family: ModelFamily = DEFAULT_FAMILY,
+) -> torch.Tensor:
     """`tokenize` then `encode_tokens`, without gradients."""
     with torch.no_grad():
-        return encode_tokens(text_encoder, tokenize(tokenizer, prompts), clip_skip)
+        return encode_tokens(text_encoder, tokenize(tokenizer, prompts), clip_skip, family)

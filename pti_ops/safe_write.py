@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import InvalidInputError, OutputExistsError
+from .errors import InvalidInputError, OutputExistsError
 
 # ComfyUI's prompt parser splits `embedding:NAME` at spaces and treats ( ) : , as syntax,
 # so an output name is limited to characters that survive it unchanged.

@@ -1,0 +1,120 @@
+"""What differs between model families, as data: `ModelFamily` and its `TextEncoderSpec`s.
+
+The method's modules never branch on a family name; they read what they need from
+`bundle.family`. The descriptions themselves live in `families/` (one module per family) with
+the registry `FAMILIES`, `get_family` and `detect_family`.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family, and where its weights and vectors sit in each layout.
+
+    Args:
+        name (`str`): ComfyUI's name for the encoder (`clip.cond_stage_model.clip_l`), which is also
+            the key of its vectors in embedding files, as ComfyUI reads them (`clip_l`).
+        width (`int`): its token-embedding width in the released models (768 for CLIP-L; the tiny
+            test models are narrower), for messages.
+        lora_prefix (`str`): kohya LoRA prefix of its modules (`lora_te_`).
+        single_file_prefix (`str`): prefix of its weights in a single-file LDM checkpoint.
+        comfy_tokenizer (`str`): folder of its BPE files beside ComfyUI's `comfy/sd1_clip.py`.
+    """
+
+    name: str
+    width: int
+    lora_prefix: str
+    single_file_prefix: str
+    comfy_tokenizer: str
+
+    @property
+    def comfy_prefix(self) -> str:
+        """Prefix of its weights in ComfyUI's `clip.cond_stage_model` state dict (`clip_l.`)."""
+        return self.name + "."
+
+    def lora_name(self, module_name: str) -> str:
+        """Kohya module name of a CLIP module, for transformers 4.x and 5.x module names.
+
+        transformers 5.x flattened `CLIPTextModel` (`encoder.layers.0…`), 4.x has `text_model.encoder…`;
+        ComfyUI and diffusers both expect the `text_model_` part in the key, so it is added when absent.
+        """
+        if not module_name.startswith("text_model."):
+            module_name = "text_model." + module_name
+        return self.lora_prefix + module_name.replace(".", "_")
+
+
+@dataclass(frozen=True, eq=False)
+class ModelFamily:
+    """Everything the pack needs to know that differs between model families.
+
+    A family compares equal to its name (`bundle.family == "sd15"`), the string written to files.
+
+    Args:
+        name (`str`): short name written in file metadata (`model_family`) and given on the command line.
+        display_name (`str`): how messages name the family (`SD1.5`).
+        text_encoders (`tuple[TextEncoderSpec, ...]`): the text encoders, in conditioning order.
+        config_dir (`Path`): the shipped diffusers/transformers configs (`unet_config.json`, …) used for
+            single-file checkpoints that carry none.
+        latent_scaling_factor (`float`): VAE latent scale, when a source does not say it.
+        unet_prefix (`str`): prefix of the UNet weights in a single-file LDM checkpoint.
+        vae_prefix (`str`): prefix of the VAE weights there.
+        unet_addition_embed_type (`str`, *optional*): the UNet config's `addition_embed_type` for this
+            family (None: conditioning on text alone); `detect_family` matches on it.
+        lora_unet_prefix (`str`): kohya LoRA prefix of UNet modules (`lora_unet_`).
+        unet_lora_module (`Callable[[str], str]`): diffusers UNet module name → the rest of its kohya name.
+        encode_tokens (`Callable`): `(text_encoder, input_ids [b, tokens], clip_skip) -> [b, tokens, dim]`,
+            how a prompt's token ids become the UNet's cross-attention conditioning.
+    """
+
+    name: str
+    display_name: str
+    text_encoders: tuple[TextEncoderSpec, ...]
+    config_dir: Path
+    latent_scaling_factor: float
+    unet_prefix: str
+    vae_prefix: str
+    unet_addition_embed_type: str | None
+    lora_unet_prefix: str
+    unet_lora_module: Callable[[str], str] = field(repr=False)
+    encode_tokens: Callable[[torch.nn.Module, torch.Tensor, int], torch.Tensor] = field(repr=False)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, ModelFamily):
+            return other.name == self.name
+        if isinstance(other, str):
+            return other == self.name
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def embedding_keys(self) -> tuple[str, ...]:
+        """Keys of an embedding file for this family, one per text encoder (`("clip_l",)`)."""
+        return tuple(encoder.name for encoder in self.text_encoders)
+
+    @property
+    def single_file_prefixes(self) -> dict[str, str]:
+        """diffusers part name (`unet`, `vae`, `text_encoder`, `text_encoder_2`…) → prefix of its weights in
+        a single-file LDM checkpoint."""
+        prefixes = {"unet": self.unet_prefix, "vae": self.vae_prefix}
+        for index, encoder in enumerate(self.text_encoders):
+            prefixes["text_encoder" if index == 0 else f"text_encoder_{index + 1}"] = encoder.single_file_prefix
+        return prefixes
+
+    @property
+    def lora_prefixes(self) -> tuple[str, ...]:
+        """Every kohya module prefix a LoRA of this family uses (UNet first)."""
+        return (self.lora_unet_prefix,) + tuple(encoder.lora_prefix for encoder in self.text_encoders)
+
+    def unet_lora_name(self, module_name: str) -> str:
+        """Kohya module name of a diffusers UNet module (`lora_unet_down_blocks_0_…_to_q` for SD1.5)."""
+        return self.lora_unet_prefix + self.unet_lora_module(module_name)

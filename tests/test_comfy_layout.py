@@ -1,0 +1,133 @@
+"""ComfyUI's model layout → ours (pti_ops/models/comfy_layout.py), without ComfyUI: plain dicts in, a bundle out.
+
+The same conversion behind the bridge, with fake ComfyUI objects, is tested in test_nodes_bridge.py.
+"""
+
+import json
+
+import pytest
+import torch
+from comfy_stubs import fake_comfy_models
+
+from pti_ops.errors import ModelLoadError
+from pti_ops.models import ComfyModels, bundle_from_comfy_models, comfy_family, text_encoder_from_comfy_state
+from pti_ops.models.clip_vocab import write_clip_vocab
+from pti_ops.models.comfy_layout import diffusers_unet_config, scheduler_config
+from pti_ops.models.families.sd15 import CONFIG_DIR, SD15
+from pti_ops.models.tiny_model import TINY_WORDS, build_tiny_bundle
+
+# ComfyUI's detected unet_config for v1-5-pruned-emaonly (comfy/model_detection.py + supported_models.SD15).
+SD15_COMFY_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
+    "use_temporal_resblock": False, "use_temporal_attention": False, "num_heads": 8, "num_head_channels": -1,
+}  # fmt: skip
+
+
+def test_sd15_unet_config_translates_to_diffusers_sd15():
+    config = diffusers_unet_config(SD15_COMFY_UNET_CONFIG)
+    with open(CONFIG_DIR / "unet_config.json") as file:
+        sd15 = json.load(file)
+    for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "cross_attention_dim",
+                "attention_head_dim", "use_linear_projection", "in_channels", "out_channels"):  # fmt: skip
+        assert config[key] == sd15[key], key
+
+
+def test_one_level_unet_config_of_the_tiny_checkpoint():
+    # make_tiny_sd15.py --preset tiny, as ComfyUI detects it.
+    comfy = dict(SD15_COMFY_UNET_CONFIG, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1])
+    config = diffusers_unet_config(comfy)
+    assert config["block_out_channels"] == [320] and config["layers_per_block"] == 1
+    assert config["down_block_types"] == ["CrossAttnDownBlock2D"] and config["up_block_types"] == ["CrossAttnUpBlock2D"]
+
+
+def test_two_level_unet_config_reads_output_depths_from_the_end():
+    # make_tiny_sd15.py --preset fast, as ComfyUI detects it: attention only at the half-resolution level.
+    comfy = dict(SD15_COMFY_UNET_CONFIG, num_res_blocks=[1, 1], channel_mult=[1, 1], transformer_depth=[0, 1],
+                 transformer_depth_output=[0, 0, 1, 1])  # fmt: skip
+    config = diffusers_unet_config(comfy)
+    assert config["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D"]
+    assert config["up_block_types"] == ["CrossAttnUpBlock2D", "UpBlock2D"]
+
+
+def test_head_width_config_gives_heads_per_level():
+    config = diffusers_unet_config(dict(SD15_COMFY_UNET_CONFIG, num_heads=-1, num_head_channels=64))
+    assert config["attention_head_dim"] == [5, 10, 20, 20]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"adm_in_channels": 2816}, "only SD1.5-family models"),
+        ({"num_res_blocks": [2, 1, 2, 2]}, "different number of res blocks"),
+        ({"transformer_depth_middle": -1}, "middle block has no attention"),
+    ],
+)
+def test_unsupported_unets_are_refused_clearly(change, message):
+    with pytest.raises(ValueError, match=message):
+        diffusers_unet_config(dict(SD15_COMFY_UNET_CONFIG, **change))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfy")
+    write_clip_vocab(root / "sd1_tokenizer", list(TINY_WORDS))
+    return root
+
+
+def comfy_models(tokenizer_root, **changes) -> ComfyModels:
+    """What the bridge reads from ComfyUI's models of the tiny bundle, as plain values."""
+    model, clip, vae = fake_comfy_models()
+    values = dict(
+        family=SD15, unet=model.weights, clip=clip.patcher.weights, vae=vae.patcher.weights,
+        unet_config=model.model.model_config.unet_config, model_type="EPS", latent_scale=None, clip_heads=None,
+        tokenizer_root=tokenizer_root, name="comfyui-SD15",
+    )  # fmt: skip
+    values.update(changes)
+    return ComfyModels(**values)
+
+
+def test_comfy_weights_round_trip_to_the_same_bundle(tokenizer_root):
+    reference = build_tiny_bundle()
+    bundle = bundle_from_comfy_models(comfy_models(tokenizer_root))
+    for part in ("unet", "vae", "text_encoder"):
+        want, got = getattr(reference, part).state_dict(), getattr(bundle, part).state_dict()
+        assert set(want) == set(got) and all(torch.equal(want[key], got[key]) for key in want), part
+    assert bundle.family is SD15 and bundle.name == "comfyui-SD15" and bundle.source == "comfyui"
+    assert bundle.tokenizer.get_vocab() == reference.tokenizer.get_vocab()
+    # without a latent format, the family's scale; without heads, 64-wide heads (the tiny CLIP: 32 wide → 1)
+    assert bundle.vae.config.scaling_factor == pytest.approx(SD15.latent_scaling_factor)
+    assert bundle.text_encoder.config.num_attention_heads == 1
+
+
+def test_settings_read_from_comfyui_reach_the_bundle(tokenizer_root):
+    bundle = bundle_from_comfy_models(comfy_models(tokenizer_root, model_type="V_PREDICTION", latent_scale=0.5, clip_heads=4))
+    assert bundle.noise_scheduler.config.prediction_type == "v_prediction"
+    assert bundle.vae.config.scaling_factor == 0.5 and bundle.text_encoder.config.num_attention_heads == 4
+
+
+def test_text_encoder_alone(tokenizer_root):
+    reference = build_tiny_bundle()
+    models = comfy_models(tokenizer_root, clip_heads=4)
+    tokenizer, encoder = text_encoder_from_comfy_state(SD15, models.clip, models.clip_heads, tokenizer_root)
+    assert set(encoder.state_dict()) == set(reference.text_encoder.state_dict())
+    ids = tokenizer(["a girl with a hat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(encoder(ids).last_hidden_state, reference.text_encoder(ids).last_hidden_state)
+
+
+def test_comfy_family_is_chosen_by_the_clips_text_encoders():
+    assert comfy_family(["clip_l"]) is SD15
+    for names in (["clip_l", "clip_g"], [], ["clip_l", "t5xxl"]):
+        with pytest.raises(ModelLoadError, match=r"not an SD1\.x text encoder \(CLIP-L alone\): only SD1\.5-family"):
+            comfy_family(names)
+
+
+def test_prediction_types():
+    assert scheduler_config("EPS")["prediction_type"] == "epsilon"
+    assert scheduler_config("V_PREDICTION")["prediction_type"] == "v_prediction"
+    with pytest.raises(ModelLoadError, match="the connected MODEL predicts `EDM`"):
+        scheduler_config("EDM")
