@@ -4,7 +4,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .errors import InvalidInputError, OutputExistsError
 
@@ -46,6 +46,41 @@ def output_path(folder: str | os.PathLike, name: str, extension: str, overwrite:
             f"{path} already exists. Choose another `{what}` or set `overwrite` to replace it."
         )
     return path
+
+
+def check_output_folder(
+    folder: str | os.PathLike,
+    overwrite: bool,
+    what: str = "the output folder",
+    hint: str = "set `overwrite` to replace its files",
+    files: Sequence[str] | None = None,
+) -> Path:
+    """Return `folder` as a Path if a report may be written into it, else raise `OutputExistsError`.
+
+    Refused: a file in its place; without `overwrite`, a folder that is not empty, or (with `files`)
+    one that already holds one of those files. A missing folder is fine (the writer creates it).
+    Check before anything costly runs, so nothing is trained for a folder that is then refused.
+
+    Args:
+        folder (`str` or `PathLike`): the folder the report goes into.
+        overwrite (`bool`): the user allowed replacing files.
+        what (`str`): the input as the user sees it, e.g. `--out` or `` `output_folder` ``.
+        hint (`str`): how the user allows replacing, e.g. `pass --overwrite`.
+        files (`list[str]`, *optional*): the names the report writes; only those count as taken.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"{what} {folder} is a file: give a folder for the report.")
+    if overwrite or not folder.is_dir():
+        return folder
+    if files is None:
+        if any(folder.iterdir()):
+            raise OutputExistsError(f"{what} {folder} is not empty: choose another folder or {hint}.")
+        return folder
+    existing = [folder / name for name in files if (folder / name).exists()]
+    if existing:
+        raise OutputExistsError(f"{existing[0]} already exists: choose another {what} or {hint}.")
+    return folder
 
 
 def _current_umask() -> int:
