@@ -102,8 +102,8 @@ class Scorers:
     """The networks that score images, each None with the reason when unavailable.
 
     Args:
-        lpips (`lpips.LPIPS`, *optional*): from `metrics_lpips.load_lpips`.
-        clip (`ClipScorer`, *optional*): from `metrics_clip.try_load_clip`.
+        lpips (`lpips.LPIPS`, *optional*): from `metrics.lpips_model.load_lpips`.
+        clip (`ClipScorer`, *optional*): from `metrics.clip.try_load_clip`.
         lpips_reason (`str`): why `lpips` is None.
         clip_reason (`str`): why `clip` is None.
     """
