@@ -113,3 +113,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
             os.unlink(tmp)
         raise
     return path
+
+
+def canonical_safetensors(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """The `.safetensors` bytes of `tensors`, the same bytes for the same inputs.
+
+    safetensors writes its JSON header from a hash map, so the metadata's order (and with it the
+    file's bytes) changes from one write to the next. Here the header is re-serialised with sorted
+    keys; the tensor data and offsets are safetensors' own, so every reader sees the same file.
+    """
+    import json
+    import struct
+
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    return struct.pack("<Q", len(text)) + text + raw[8 + length :]
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None,
+                      overwrite: bool = False) -> Path:
+    """Write `tensors` (and string `metadata`) atomically as a canonical `.safetensors` file."""
+    data = canonical_safetensors(tensors, metadata)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), overwrite=overwrite)

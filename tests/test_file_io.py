@@ -101,3 +101,34 @@ def test_output_folder_with_named_files_refuses_only_those(tmp_path):
     (tmp_path / "grid.png").write_bytes(b"")
     with pytest.raises(OutputExistsError, match="grid.png already exists: choose another --out or pass --overwrite"):
         check_output_folder(tmp_path, overwrite=False, what="--out", hint="pass --overwrite", files=["metrics.json", "grid.png"])
+
+
+def test_safetensors_files_are_byte_identical_for_the_same_inputs(tmp_path):
+    import hashlib
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors import safe_open
+
+    from pti_ops.safe_write import write_safetensors
+
+    # In fresh processes: hash-map order differs between interpreters, not only between calls.
+    script = (
+        "import sys, torch; from pti_ops.safe_write import write_safetensors; "
+        "g = torch.Generator().manual_seed(0); "
+        "t = {'b': torch.randn(3, 5, generator=g), 'a': torch.randn(7, generator=g).half()}; "
+        "m = {k: str(i) for i, k in enumerate(['z', 'placeholder', 'lr', 'seed', 'alpha', 'k9', 'base_model'])}; "
+        "write_safetensors(sys.argv[1], t, m)"
+    )
+    digests = []
+    for i in range(3):
+        path = tmp_path / f"f{i}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(set(digests)) == 1
+    with safe_open(str(tmp_path / "f0.safetensors"), framework="pt") as f:
+        assert f.metadata()["placeholder"] == "1" and sorted(f.keys()) == ["a", "b"]
+        assert f.get_tensor("a").dtype == torch.float16
+    with pytest.raises(OutputExistsError):
+        write_safetensors(tmp_path / "f0.safetensors", {"x": torch.zeros(1)})
