@@ -1,57 +1,21 @@
-"""What several nodes share: widget specs and input parsing. (The `PIVOTAL_EMBEDDING` value is the core's `Pivot`.)"""
+"""What several nodes share: input parsing, and running the core on ComfyUI's models.
+
+The `PIVOTAL_EMBEDDING` value is the core's `Pivot` (`pti_ops.pivot`): placeholder, initializer, vectors,
+templates, history, and the file it was saved to (`pivot.trigger` is its `embedding:NAME`).
+"""
+
+import contextlib
+import math
+
+import torch
 
 from ..pti_ops.errors import InvalidInputError
 from ..pti_ops.files import check_output_name
-from ..pti_ops.training import MIXED_PRECISION_MODES
+from ..pti_ops.metrics import figure_to_array, history_figure
+from . import bridge
 
-SEED = (
-    "INT",
-    {
-        "default": 0,
-        "min": 0,
-        "max": 0xFFFFFFFFFFFFFFFF,
-        "control_after_generate": True,
-        "tooltip": "Fixes the noise, timesteps, image order, flips and caption choice: the same seed and inputs "
-        "give the same result on the same device.",
-    },
-)
-OVERWRITE = (
-    "BOOLEAN",
-    {
-        "default": False,
-        "tooltip": "Replace an existing file of the same name. Off: an existing file stops the run before "
-        "training, so a finished result is never lost by accident.",
-    },
-)
-TEMPLATES = (
-    "STRING",
-    {
-        "default": "an anime illustration of {}",
-        "multiline": True,
-        "tooltip": "Prompt templates, one per line, with {} where the placeholder goes; used for images without "
-        "their own caption. Describe what is constant in the images (style, framing), not the character.",
-    },
-)
 
-# Memory options of both training nodes (optional inputs: older workflows keep the defaults).
-MEMORY_OPTIONS = {
-    "mixed_precision": (
-        list(MIXED_PRECISION_MODES),
-        {
-            "default": "no",
-            "tooltip": "no: float32. bf16 (GPU or CPU) / fp16 (GPU only): forward passes in half precision, "
-            "about half the activation memory and faster on GPUs; the trained tensors stay float32.",
-        },
-    ),
-    "gradient_checkpointing": (
-        "BOOLEAN",
-        {
-            "default": False,
-            "tooltip": "Recompute the UNet's activations during the backward pass instead of storing them: much "
-            "less memory, about 30% slower.",
-        },
-    ),
-}
+# --- input parsing --------------------------------------------------------------------------------
 
 
 def split_lines(text: str) -> list[str]:
@@ -59,22 +23,74 @@ def split_lines(text: str) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
-def stem(name: str) -> str:
-    """A file name without the `.safetensors` extension (the name `embedding:NAME` uses)."""
-    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+def parse_ints(text: str, what: str) -> list[int]:
+    """`"0, 1,2"` → `[0, 1, 2]`, or a message naming the input."""
+    try:
+        values = [int(item) for item in (text or "").replace(";", ",").split(",") if item.strip()]
+    except ValueError as err:
+        raise InvalidInputError(f"`{what}` {text!r} must be comma-separated whole numbers, e.g. 0,1,2,3.") from err
+    if not values:
+        raise InvalidInputError(f"`{what}` is empty: give comma-separated whole numbers, e.g. 0,1,2,3.")
+    return values
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    """`"1e-4, 5e-4"` → `[1e-4, 5e-4]`, or a message naming the input."""
+    try:
+        return [float(item) for item in (text or "").replace(";", ",").split(",") if item.strip()]
+    except ValueError as err:
+        raise InvalidInputError(f"`{what}` {text!r} must be comma-separated numbers, e.g. 1e-4,5e-4,2e-3.") from err
+
+
+def validation_message(*checks) -> bool | str:
+    """`VALIDATE_INPUTS`'s answer: True, or the message of the first `InvalidInputError` a check raises."""
+    try:
+        for check in checks:
+            check()
+    except InvalidInputError as err:
+        return str(err)
+    return True
 
 
 def validate_name(value, what: str):
     """`VALIDATE_INPUTS` answer for a file-name widget: True or the message."""
     if value is None:  # fed by a link: checked when the node runs
         return True
+    return validation_message(lambda: check_output_name(value, what))
+
+
+def history_every(steps: int, eval_every: int = 0) -> int:
+    """Record interval giving one point per step for short runs and ~100 points for long ones.
+
+    With `eval_every` (a sweep evaluating along the runs) it divides `eval_every`: snapshots exist at
+    recorded steps only.
+    """
+    every = max(1, min(10, steps // 100))
+    return math.gcd(every, eval_every) if eval_every else every
+
+
+# --- running the core on ComfyUI's models -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def core_run(train: bool = True):
+    """Run core code on converted models: outside ComfyUI's inference mode (the core adds placeholder rows
+    in place and, with `train`, needs autograd), and the accelerator's memory released afterwards."""
     try:
-        check_output_name(value, what)
-    except InvalidInputError as err:
-        return str(err)
-    return True
+        with torch.inference_mode(False), torch.enable_grad() if train else contextlib.nullcontext():
+            yield
+    finally:
+        bridge.release()
 
 
-def history_every(steps: int) -> int:
-    """Record interval giving one point per step for short runs and ~100 points for long ones."""
-    return max(1, min(10, steps // 100))
+def converted(model, clip, vae):
+    """A core bundle converted from the connected MODEL, CLIP and VAE (which are not modified); Cancel is
+    honoured once the conversion is done."""
+    bundle = bridge.bundle_from_comfy(model, clip, vae)
+    bridge.check_interrupted()
+    return bundle
+
+
+def history_plot(history: list[dict], left: str, right: str, title: str) -> torch.Tensor:
+    """A training history's two curves as a ComfyUI IMAGE."""
+    return bridge.image_from_array(figure_to_array(history_figure(history, left, right, title)))

@@ -10,27 +10,15 @@ from ..pti_ops.dataset import (
 )
 from ..pti_ops.errors import DatasetError
 from . import bridge
+from .common import split_lines
+from .inputs import bool_input, combo, default_of, int_input, link, string_input
 
 CATEGORY = "pivotal_tuning/dataset"
-RESOLUTION = (
-    "INT",
-    {
-        "default": 512,
-        "min": 64,
-        "max": 2048,
-        "step": 8,
-        "tooltip": "Side of the square training images in pixels: images are resized (shorter side) and "
-        "centre-cropped to it. 512 for SD1.5; smaller trains faster but learns less detail.",
-    },
-)
-FLIP = (
-    "BOOLEAN",
-    {
-        "default": False,
-        "tooltip": "Also train on mirror images (picked at random per sample). Doubles the variety; leave "
-        "off for asymmetric characters (a scar on one side, text on clothes).",
-    },
-)
+RESOLUTION = int_input(default_of(DatasetConfig, "resolution"), 64, 2048, "Side of the square training images in "
+    "pixels: images are resized (shorter side) and centre-cropped to it. 512 for SD1.5; smaller trains faster but "
+    "learns less detail.", step=8)
+FLIP = bool_input(default_of(DatasetConfig, "flip"), "Also train on mirror images (picked at random per sample). "
+    "Doubles the variety; leave off for asymmetric characters (a scar on one side, text on clothes).")  # fmt: skip
 
 
 class PivotalDatasetFromFolder:
@@ -40,36 +28,19 @@ class PivotalDatasetFromFolder:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "folder": (
-                    "STRING",
-                    {
-                        "default": "pivotal/character",
-                        "tooltip": "Folder of .png/.jpg/.jpeg/.webp images of the character: a path inside "
-                        "ComfyUI's input folder, or an absolute path. Captions: NAME.txt beside NAME.png, with {} "
-                        "where the placeholder goes.",
-                    },
-                ),
+                "folder": string_input("pivotal/character", "Folder of .png/.jpg/.jpeg/.webp images of the character: "
+                    "a path inside ComfyUI's input folder, or an absolute path. Captions: NAME.txt beside NAME.png, with "
+                    "{} where the placeholder goes."),
                 "resolution": RESOLUTION,
                 "flip": FLIP,
-                "caption_source": (
-                    list(CAPTION_SOURCES),
-                    {
-                        "default": "template",
-                        "tooltip": "template: the training node's prompt templates for every image. files: each "
-                        "image's NAME.txt caption (an error if one is missing). files_or_template: the caption "
-                        "file where there is one, the templates elsewhere.",
-                    },
-                ),
-                "on_bad_image": (
-                    list(BAD_IMAGE_POLICIES),
-                    {
-                        "default": "error",
-                        "tooltip": "error: stop on an unreadable image file. skip: leave it out and list it in "
-                        "the log.",
-                    },
-                ),
+                "caption_source": combo(CAPTION_SOURCES, default_of(DatasetConfig, "caption_source"), "template: the "
+                    "training node's prompt templates for every image. files: each image's NAME.txt caption (an error "
+                    "if one is missing). files_or_template: the caption file where there is one, the templates "
+                    "elsewhere."),
+                "on_bad_image": combo(BAD_IMAGE_POLICIES, default_of(DatasetConfig, "on_bad_image"), "error: stop on "
+                    "an unreadable image file. skip: leave it out and list it in the log."),
             }
-        }
+        }  # fmt: skip
 
     RETURN_TYPES = ("PIVOTAL_DATASET",)
     RETURN_NAMES = ("dataset",)
@@ -112,20 +83,13 @@ class PivotalDatasetFromImages:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "images": ("IMAGE", {"tooltip": "The character's training images, one batch (all the same size)."}),
+                "images": link("IMAGE", "The character's training images, one batch (all the same size)."),
                 "resolution": RESOLUTION,
                 "flip": FLIP,
-                "captions": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "multiline": True,
-                        "tooltip": "Optional: one caption per image, one per line, in batch order, with {} where "
-                        "the placeholder goes. Empty: the training node's prompt templates are used.",
-                    },
-                ),
+                "captions": string_input("", "Optional: one caption per image, one per line, in batch order, with {} "
+                    "where the placeholder goes. Empty: the training node's prompt templates are used.", multiline=True),
             }
-        }
+        }  # fmt: skip
 
     RETURN_TYPES = ("PIVOTAL_DATASET",)
     RETURN_NAMES = ("dataset",)
@@ -135,16 +99,21 @@ class PivotalDatasetFromImages:
     DESCRIPTION = "Turns an IMAGE batch into training images, cropped to a square of the given resolution."
 
     def build(self, images, resolution, flip, captions):
-        lines = [line.strip() for line in captions.splitlines() if line.strip()]
-        if lines and len(lines) != len(images):
-            raise DatasetError(
-                f"`captions` has {len(lines)} line(s) but the batch has {len(images)} image(s): give one caption per "
-                "image, or leave it empty to use the prompt templates."
-            )
-        bad = [line for line in lines if "{}" not in line]
-        if bad:
-            raise DatasetError(f"caption {bad[0]!r} has no {{}} where the placeholder goes.")
-        return (dataset_from_tensor(images, resolution, flip=flip, captions=lines or None),)
+        return (dataset_from_tensor(images, resolution, flip=flip, captions=_captions(captions, len(images))),)
+
+
+def _captions(text: str, count: int) -> list[str] | None:
+    """One caption per image from the multiline widget, each with {}; None when it is empty."""
+    lines = split_lines(text)
+    if lines and len(lines) != count:
+        raise DatasetError(
+            f"`captions` has {len(lines)} line(s) but the batch has {count} image(s): give one caption per "
+            "image, or leave it empty to use the prompt templates."
+        )
+    bad = [line for line in lines if "{}" not in line]
+    if bad:
+        raise DatasetError(f"caption {bad[0]!r} has no {{}} where the placeholder goes.")
+    return lines or None
 
 
 NODE_CLASS_MAPPINGS = {

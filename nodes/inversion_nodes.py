@@ -1,21 +1,16 @@
 """TokenInversion: step 1 of pivotal tuning, the placeholder's embedding learned from the images."""
 
-import torch
-
 from ..pti_ops.files import output_path
 from ..pti_ops.inversion import NORM_MODES, InversionConfig, invert
 from ..pti_ops.placeholder import MAX_VECTORS
-from ..pti_ops.metrics import figure_to_array, history_figure
 from . import bridge
-from .common import (
-    MEMORY_OPTIONS,
-    OVERWRITE,
-    SEED,
-    TEMPLATES,
-    history_every,
-    split_lines,
-    validate_name,
-)
+from .common import converted, core_run, history_every, history_plot, split_lines, validate_name
+from .inputs import MEMORY_OPTIONS, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, combo, default_of
+from .inputs import float_input, int_input, lines_input, string_input
+
+
+def _default(name: str):
+    return default_of(InversionConfig, name)
 
 
 class TokenInversion:
@@ -25,94 +20,35 @@ class TokenInversion:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The SD1.5 model (from Load Checkpoint). It is only read."}),
-                "clip": ("CLIP", {"tooltip": "The model's CLIP text encoder. It is only read; CLIPSetLastLayer is honoured."}),
-                "vae": ("VAE", {"tooltip": "The model's VAE: encodes the training images once per run."}),
-                "dataset": ("PIVOTAL_DATASET", {"tooltip": "The character's training images."}),
-                "placeholder": (
-                    "STRING",
-                    {
-                        "default": "tok1",
-                        "tooltip": "The new word being learned (lowercase letters, digits, _), used inside the "
-                        "training prompts. Must not be a word the tokenizer already knows.",
-                    },
-                ),
-                "initializer": (
-                    "STRING",
-                    {
-                        "default": "character",
-                        "tooltip": "Class word the token starts from (one token, e.g. character, girl, robot). "
-                        "Distances are measured from it.",
-                    },
-                ),
-                "num_vectors": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 1,
-                        "max": MAX_VECTORS,
-                        "tooltip": "Embedding vectors behind the token: more capture more detail but edit worse "
-                        "and use more of the 75-token prompt.",
-                    },
-                ),
-                "templates": TEMPLATES,
-                "steps": (
-                    "INT",
-                    {
-                        "default": 1000,
-                        "min": 1,
-                        "max": 100000,
-                        "tooltip": "Optimiser steps. Keep it fixed and sweep the learning rate: lr × steps sets "
-                        "how far the token travels from its initializer.",
-                    },
-                ),
-                "learning_rate": (
-                    "FLOAT",
-                    {
-                        "default": 5e-4,
-                        "min": 1e-7,
-                        "max": 1.0,
-                        "step": 1e-5,
-                        "round": False,
-                        "tooltip": "AdamW learning rate of the token. Higher moves it further: better likeness, "
-                        "worse editability.",
-                    },
-                ),
-                "batch_size": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 1,
-                        "max": 64,
-                        "tooltip": "Images per step. Larger is smoother but slower and needs more memory.",
-                    },
-                ),
+                **TRAINING_INPUTS,
+                "placeholder": string_input(_default("placeholder"), "The new word being learned (lowercase letters, "
+                    "digits, _), used inside the training prompts. Must not be a word the tokenizer already knows."),
+                "initializer": string_input(_default("initializer"), "Class word the token starts from (one token, e.g. "
+                    "character, girl, robot). Distances are measured from it."),
+                "num_vectors": int_input(_default("num_vectors"), 1, MAX_VECTORS, "Embedding vectors behind the token: "
+                    "more capture more detail but edit worse and use more of the 75-token prompt."),
+                "templates": lines_input(_default("templates"), TEMPLATES_TOOLTIP),
+                "steps": int_input(_default("steps"), 1, 100000, "Optimiser steps. Keep it fixed and sweep the learning "
+                    "rate: lr × steps sets how far the token travels from its initializer."),
+                "learning_rate": float_input(_default("learning_rate"), 1e-7, 1.0, 1e-5, "AdamW learning rate of the "
+                    "token. Higher moves it further: better likeness, worse editability.", round=False),
+                "batch_size": int_input(_default("batch_size"), 1, 64, "Images per step. Larger is smoother but slower "
+                    "and needs more memory."),
                 "seed": SEED,
-                "norm_mode": (
-                    list(NORM_MODES),
-                    {
-                        "default": "none",
-                        "tooltip": "none: free. pull: penalise the token's norm straying from the vocabulary's "
-                        "mean norm (keeps it editable). fixed: learn the direction only, norm held at that mean.",
-                    },
-                ),
-                "embedding_name": (
-                    "STRING",
-                    {
-                        "default": "tok1",
-                        "tooltip": "File name in ComfyUI's embeddings folder (letters, digits, _ - .); prompts use "
-                        "it as embedding:NAME (the trigger output).",
-                    },
-                ),
+                "norm_mode": combo(NORM_MODES, _default("norm_mode"), "none: free. pull: penalise the token's norm "
+                    "straying from the vocabulary's mean norm (keeps it editable). fixed: learn the direction only, "
+                    "norm held at that mean."),
+                "embedding_name": string_input("tok1", "File name in ComfyUI's embeddings folder (letters, digits, _ - .); "
+                    "prompts use it as embedding:NAME (the trigger output)."),
                 "overwrite": OVERWRITE,
             },
             "optional": dict(MEMORY_OPTIONS),
-        }
+        }  # fmt: skip
 
     RETURN_TYPES = ("PIVOTAL_EMBEDDING", "CLIP", "STRING", "LOSS_MAP", "IMAGE")
     RETURN_NAMES = ("embedding", "clip", "trigger", "loss", "plot")
     OUTPUT_TOOLTIPS = (
-        "The trained token (vectors, placeholder, file) for PivotalLoRATune and EmbeddingNormStats.",
+        "The trained token (a Pivot: vectors, placeholder, templates, file) for PivotalLoRATune, PivotalEvaluate and EmbeddingNormStats.",
         "The CLIP, for prompts that use the trigger in this same run.",
         "embedding:NAME: put it in prompt text (PivotalPrompt) to use the trained token.",
         "Denoising loss per record ({'loss': [...]}, as stock LossGraph reads it).",
@@ -136,19 +72,12 @@ class TokenInversion:
             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
         path = output_path(bridge.embeddings_folder(), embedding_name, ".safetensors", overwrite, "embedding_name")
-        bundle = None
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                bundle = bridge.bundle_from_comfy(model, clip, vae)
-                bridge.check_interrupted()
-                result = invert(bundle, dataset, config, on_step=bridge.progress(steps))
-        finally:
-            bundle = None
-            bridge.release()
+        with core_run():
+            result = invert(converted(model, clip, vae), dataset, config, on_step=bridge.progress(steps))
+        result.save(path, overwrite=overwrite)
         pivot = result.pivot
-        pivot.save(path, overwrite=overwrite)
-        plot = figure_to_array(history_figure(result.history, "loss", "distance", f"TokenInversion {pivot.trigger}"))
-        return (pivot, clip.clone(), pivot.trigger, bridge.loss_map(result.history), bridge.image_from_array(plot))
+        plot = history_plot(result.history, "loss", "distance", f"TokenInversion {pivot.trigger}")
+        return (pivot, clip.clone(), pivot.trigger, bridge.loss_map(result.history), plot)
 
     @classmethod
     def VALIDATE_INPUTS(cls, embedding_name=None):

@@ -1,12 +1,14 @@
 """EmbeddingNormStats: the norm statistics of the text encoder's vectors (shell, offset, vSLERP centres)."""
 
-import torch
-
 from ..pti_ops.errors import InvalidInputError
-from ..pti_ops.norm_stats import EOS, PER_TOKEN_SPACES, SPACES, NormStatsConfig, compute_norm_stats
-from ..pti_ops.placeholder import add_placeholder
+from ..pti_ops.inversion import InversionConfig
+from ..pti_ops.norm_stats import EOS, PER_TOKEN_SPACES, SPACES, NormStats, NormStatsConfig, compute_norm_stats
+from ..pti_ops.placeholder import DEFAULT_TEMPLATES, add_placeholder
 from . import bridge
-from .common import split_lines
+from .common import core_run, split_lines
+from .inputs import combo, default_of, link, string_input
+
+DEFAULT_CLASS_WORD = default_of(InversionConfig, "initializer")
 
 DEFAULT_CAPTIONS = "\n".join(
     (
@@ -29,62 +31,28 @@ class EmbeddingNormStats:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "clip": ("CLIP", {"tooltip": "The CLIP text encoder to measure (CLIPSetLastLayer is honoured for the hidden spaces)."}),
-                "captions": (
-                    "STRING",
-                    {
-                        "default": DEFAULT_CAPTIONS,
-                        "multiline": True,
-                        "tooltip": "Captions, one per line (at least 2; half fit the centre, half are measured). "
-                        "Use prompts like the ones you generate with. Ignored when captions_file is given.",
-                    },
-                ),
-                "captions_file": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "Optional text file with one caption per line (under ComfyUI's input folder, or "
-                        "an absolute path); used instead of the captions box.",
-                    },
-                ),
-                "space": (
-                    list(SPACES),
-                    {
-                        "default": "hidden",
-                        "tooltip": "hidden: the per-token conditioning the UNet reads (the regulariser's space; its "
-                        "centres feed vSLERP). hidden_prenorm: before the final LayerNorm. pooled / projected: the "
-                        "end-of-text vector. token_embedding: the input rows textual inversion moves.",
-                    },
-                ),
-                "position": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "Token position to summarise: an index (0 = start token), `eos`, or a word found "
-                        "in each caption. Empty: the template's placeholder position, or eos without a template.",
-                    },
-                ),
-                "template": (
-                    "STRING",
-                    {
-                        "default": "an anime illustration of {}",
-                        "tooltip": "Prompt with {} for the SLERP endpoints: the placeholder's prompt vs the class "
-                        "word's. Empty: no endpoint measurements.",
-                    },
-                ),
-                "class_word": (
-                    "STRING",
-                    {"default": "character", "tooltip": "The word the placeholder is compared with in the template."},
-                ),
+                "clip": link("CLIP", "The CLIP text encoder to measure (CLIPSetLastLayer is honoured for the hidden spaces)."),
+                "captions": string_input(DEFAULT_CAPTIONS, "Captions, one per line (at least 2; half fit the centre, half "
+                    "are measured). Use prompts like the ones you generate with. Ignored when captions_file is given.",
+                    multiline=True),
+                "captions_file": string_input("", "Optional text file with one caption per line (under ComfyUI's input "
+                    "folder, or an absolute path); used instead of the captions box."),
+                "space": combo(SPACES, default_of(NormStatsConfig, "space"), "hidden: the per-token conditioning the UNet "
+                    "reads (the regulariser's space; its centres feed vSLERP). hidden_prenorm: before the final "
+                    "LayerNorm. pooled / projected: the end-of-text vector. token_embedding: the input rows textual "
+                    "inversion moves."),
+                "position": string_input("", "Token position to summarise: an index (0 = start token), `eos`, or a word "
+                    "found in each caption. Empty: the template's placeholder position, or eos without a template."),
+                # The core's defaults are None (no endpoints); the node starts with the training prompt and class word.
+                "template": string_input(DEFAULT_TEMPLATES[0], "Prompt with {} for the SLERP endpoints: the placeholder's "
+                    "prompt vs the class word's. Empty: no endpoint measurements."),
+                "class_word": string_input(DEFAULT_CLASS_WORD, "The word the placeholder is compared with in the template."),
             },
             "optional": {
-                "embedding": (
-                    "PIVOTAL_EMBEDDING",
-                    {"tooltip": "A trained token (TokenInversion): the endpoints compare it with the class word. "
-                     "Not connected: the class word is compared with itself."},
-                ),  # fmt: skip
+                "embedding": link("PIVOTAL_EMBEDDING", "A trained token (TokenInversion): the endpoints compare it with the "
+                    "class word. Not connected: the class word is compared with itself."),
             },
-        }
+        }  # fmt: skip
 
     RETURN_TYPES = ("PIVOTAL_NORM_STATS", "STRING", "IMAGE")
     RETURN_NAMES = ("norm_stats", "summary", "plot")
@@ -101,42 +69,16 @@ class EmbeddingNormStats:
     )
 
     def measure(self, clip, captions, captions_file, space, position, template, class_word, embedding=None):
-        source = self._captions(captions, captions_file)
+        source = _captions(captions, captions_file)
         template = template.strip() or None
         config = NormStatsConfig(
-            space=space,
-            position=_parse_position(position),
+            space=space, position=_parse_position(position), template=template,
             clip_skip=bridge.clip_skip(clip) if space in PER_TOKEN_SPACES else 1,
-            template=template,
             class_word=(class_word.strip() or None) if template else None,
-        )
-        tokenizer = encoder = None
-        try:
-            # Outside ComfyUI's inference mode: the encoder gains the placeholder's rows in place.
-            with torch.inference_mode(False):
-                tokenizer, encoder = bridge.text_encoder_from_comfy(clip)
-                placeholder = None
-                if embedding is not None and template is not None:
-                    placeholder = add_placeholder(
-                        tokenizer, encoder, embedding.placeholder, embedding.initializer, vectors=embedding.vectors
-                    )
-                stats = compute_norm_stats(tokenizer, encoder, source, config, placeholder, model_name="comfyui")
-        finally:
-            tokenizer = encoder = None
-            bridge.release()
+        )  # fmt: skip
+        with core_run(train=False):  # the encoder gains the placeholder's rows in place
+            stats = _measure(*bridge.text_encoder_from_comfy(clip), source, config, embedding if template else None)
         return (stats, stats.report(), bridge.image_from_array(stats.plot_image()))
-
-    @staticmethod
-    def _captions(captions: str, captions_file: str):
-        if captions_file.strip():
-            path = bridge.resolve_input_path(captions_file)
-            if not path.is_file():
-                raise InvalidInputError(f"`captions_file` {captions_file!r} does not exist ({path}).")
-            return path
-        lines = split_lines(captions)
-        if len(lines) < 2:
-            raise InvalidInputError("`captions` needs at least 2 captions, one per line (or give `captions_file`).")
-        return lines
 
     @classmethod
     def IS_CHANGED(cls, captions_file="", **_):
@@ -153,6 +95,28 @@ def _parse_position(text: str) -> int | str | None:
     if text.lower() == EOS:
         return EOS
     return int(text) if text.isdigit() else text
+
+
+def _measure(tokenizer, encoder, captions, config: NormStatsConfig, embedding) -> NormStats:
+    """The statistics of `captions`, with the trained token (when given) as the endpoints' placeholder."""
+    placeholder = None
+    if embedding is not None:
+        placeholder = add_placeholder(tokenizer, encoder, embedding.placeholder, embedding.initializer,
+                                      vectors=embedding.vectors)  # fmt: skip
+    return compute_norm_stats(tokenizer, encoder, captions, config, placeholder, model_name="comfyui")
+
+
+def _captions(captions: str, captions_file: str):
+    """The caption file's path (when given) or the box's lines (at least 2)."""
+    if captions_file.strip():
+        path = bridge.resolve_input_path(captions_file)
+        if not path.is_file():
+            raise InvalidInputError(f"`captions_file` {captions_file!r} does not exist ({path}).")
+        return path
+    lines = split_lines(captions)
+    if len(lines) < 2:
+        raise InvalidInputError("`captions` needs at least 2 captions, one per line (or give `captions_file`).")
+    return lines
 
 
 NODE_CLASS_MAPPINGS = {"EmbeddingNormStats": EmbeddingNormStats}

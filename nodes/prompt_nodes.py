@@ -1,6 +1,7 @@
 """PivotalPrompt: prompt text with the trained token's trigger written in, for CLIPTextEncode."""
 
 from ..pti_ops.errors import InvalidInputError
+from .inputs import string_input
 
 
 class PivotalPrompt:
@@ -10,24 +11,13 @@ class PivotalPrompt:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "template": (
-                    "STRING",
-                    {
-                        "default": "an anime illustration of {} standing on the beach",
-                        "multiline": True,
-                        "tooltip": "The prompt, with {} where the trained character goes (every {} is replaced). "
-                        "Describe the new scene; keep the training prompts' style words for the closest likeness.",
-                    },
-                ),
-                "trigger": (
-                    "STRING",
-                    {
-                        "forceInput": True,
-                        "tooltip": "The trigger output of TokenInversion or PivotalLoRATune (embedding:NAME).",
-                    },
-                ),
+                "template": string_input("an anime illustration of {} standing on the beach", "The prompt, with {} where "
+                    "the trained character goes (every {} is replaced). Describe the new scene; keep the training "
+                    "prompts' style words for the closest likeness.", multiline=True),
+                "trigger": ("STRING", {"forceInput": True, "tooltip": "The trigger output of TokenInversion or "
+                    "PivotalLoRATune (embedding:NAME)."}),
             }
-        }
+        }  # fmt: skip
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("prompt",)
@@ -44,13 +34,20 @@ class PivotalPrompt:
             )
         if not trigger or not trigger.strip():
             raise InvalidInputError("`trigger` is empty: connect the trigger output of TokenInversion or PivotalLoRATune.")
-        # ComfyUI reads `embedding:NAME` up to the next space or comma: keep one after the trigger.
-        trigger = trigger.strip()
-        pieces = template.split("{}")
-        prompt = pieces[0]
-        for piece in pieces[1:]:
-            prompt += trigger + ("" if not piece or piece[0] in " ,\t\n" else " ") + piece
-        return (prompt.strip(),)
+        return (write_trigger(template, trigger.strip()),)
+
+
+def write_trigger(template: str, trigger: str) -> str:
+    """`template` with every {} replaced by `trigger`, followed by a space where a word follows.
+
+    ComfyUI reads `embedding:NAME` up to the next space or comma, so one must come after the trigger.
+    """
+    pieces = template.split("{}")
+    prompt = pieces[0]
+    for piece in pieces[1:]:
+        prompt += trigger + ("" if not piece or piece[0] in " ,\t\n" else " ") + piece
+    return prompt.strip()
+
 
 NODE_CLASS_MAPPINGS = {"PivotalPrompt": PivotalPrompt}
 NODE_DISPLAY_NAME_MAPPINGS = {"PivotalPrompt": "Pivotal Prompt"}

@@ -1,29 +1,26 @@
 """SlerpRegularizer and PivotalLoRATune: steps 2 and 3 of pivotal tuning (LoRA around the frozen pivot)."""
 
-import logging
-
-import torch
-
 from ..pti_ops.errors import InvalidInputError, MissingModelFileError
 from ..pti_ops.files import output_path
 from ..pti_ops.lora_tune import SCHEDULES, UNET_TARGETS, TuneConfig, tune_around
+from ..pti_ops.metrics import BACKBONE_URLS, backbone_path
 from ..pti_ops.pivot import Pivot
 from ..pti_ops.regularizer import INTERPOLATION_MODES, REGULARIZER_MODES, RegularizerConfig
-from ..pti_ops.metrics import figure_to_array, history_figure
 from . import bridge
-from .common import (
-    MEMORY_OPTIONS,
-    OVERWRITE,
-    SEED,
-    TEMPLATES,
-    history_every,
-    split_lines,
-    validate_name,
-)
+from .common import converted, core_run, history_every, history_plot, split_lines, validate_name
+from .inputs import MEMORY_OPTIONS, OVERWRITE, SEED, TRAINING_INPUTS, bool_input, combo, default_of, float_input
+from .inputs import int_input, lines_input, link, string_input
 
-logger = logging.getLogger(__name__)
 # The DDPM schedule of SD1.x has 1000 training timesteps, 0…999.
 LAST_TIMESTEP = 999
+
+
+def _reg(name: str):
+    return default_of(RegularizerConfig, name)
+
+
+def _tune(name: str):
+    return default_of(TuneConfig, name)
 
 
 class SlerpRegularizer:
@@ -33,137 +30,42 @@ class SlerpRegularizer:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "mode": (
-                    list(REGULARIZER_MODES),
-                    {
-                        "default": "path",
-                        "tooltip": "Which prompts must keep their original images: path (the method's default: "
-                        "halfway between the token's prompt and the class word's, per token position), sphere "
-                        "(random points at the same angle), class (the class-word prompt), empty (the empty "
-                        "prompt), none (off).",
-                    },
-                ),
-                "anchor": (
-                    "STRING",
-                    {
-                        "default": "character",
-                        "tooltip": "The class word that replaces the token in the regularisation prompts; normally "
-                        "the inversion's initializer. Must be as many tokens as the token has vectors.",
-                    },
-                ),
-                "templates": (
-                    TEMPLATES[0],
-                    {**TEMPLATES[1], "tooltip": "Regularisation prompt templates, one per line, with {} where the "
-                     "token / class word goes. Put spaces around {}."},
-                ),  # fmt: skip
-                "interpolation": (
-                    list(INTERPOLATION_MODES),
-                    {
-                        "default": "slerp",
-                        "tooltip": "slerp: around the origin. vslerp: around the centre of the text encoder's "
-                        "vectors (connect norm_stats of the `hidden` space); matters where the shell is offset.",
-                    },
-                ),
-                "t": (
-                    "FLOAT",
-                    {
-                        "default": 0.5,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Position on the path: 0 = the token's prompt, 1 = the class word's. Lower keeps "
-                        "more of the neighbourhood fixed, but fights the learning of the token itself.",
-                    },
-                ),
-                "t_jitter": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 0.5,
-                        "step": 0.01,
-                        "tooltip": "0: always t. Above 0: t is drawn uniformly in [t - jitter, t + jitter] (within "
-                        "0…1) at each application, covering more of the path.",
-                    },
-                ),
-                "weight": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 100.0,
-                        "step": 0.05,
-                        "tooltip": "λ: weight of the locality loss next to the training loss (both are noise MSEs). "
-                        "Higher keeps other prompts unchanged but learns the character more slowly. 0 turns it off.",
-                    },
-                ),
-                "every": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 1,
-                        "max": 1000,
-                        "tooltip": "Apply the regulariser every N training steps (each application costs extra "
-                        "UNet work).",
-                    },
-                ),
-                "samples": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 1,
-                        "max": 64,
-                        "tooltip": "Regularisation prompts per application (a UNet sample each).",
-                    },
-                ),
-                "timestep_min": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": LAST_TIMESTEP,
-                        "tooltip": "Lowest noise timestep of the regularisation samples. With 0…999 they reuse the "
-                        "training batch's noisy latents (cheapest).",
-                    },
-                ),
-                "timestep_max": (
-                    "INT",
-                    {
-                        "default": LAST_TIMESTEP,
-                        "min": 0,
-                        "max": LAST_TIMESTEP,
-                        "tooltip": "Highest noise timestep of the regularisation samples (high = composition, "
-                        "low = detail).",
-                    },
-                ),
+                "mode": combo(REGULARIZER_MODES, _reg("mode"), "Which prompts must keep their original images: path (the "
+                    "method's default: halfway between the token's prompt and the class word's, per token position), "
+                    "sphere (random points at the same angle), class (the class-word prompt), empty (the empty prompt), "
+                    "none (off)."),
+                "anchor": string_input(_reg("anchor"), "The class word that replaces the token in the regularisation "
+                    "prompts; normally the inversion's initializer. Must be as many tokens as the token has vectors."),
+                "templates": lines_input(_reg("templates"), "Regularisation prompt templates, one per line, with {} where "
+                    "the token / class word goes. Put spaces around {}."),
+                "interpolation": combo(INTERPOLATION_MODES, _reg("interpolation"), "slerp: around the origin. vslerp: "
+                    "around the centre of the text encoder's vectors (connect norm_stats of the `hidden` space); matters "
+                    "where the shell is offset."),
+                "t": float_input(_reg("t"), 0.0, 1.0, 0.01, "Position on the path: 0 = the token's prompt, 1 = the class "
+                    "word's. Lower keeps more of the neighbourhood fixed, but fights the learning of the token itself."),
+                "t_jitter": float_input(0.0, 0.0, 0.5, 0.01, "0: always t. Above 0: t is drawn uniformly in [t - jitter, "
+                    "t + jitter] (within 0…1) at each application, covering more of the path."),
+                "weight": float_input(_reg("weight"), 0.0, 100.0, 0.05, "λ: weight of the locality loss next to the "
+                    "training loss (both are noise MSEs). Higher keeps other prompts unchanged but learns the character "
+                    "more slowly. 0 turns it off."),
+                "every": int_input(_reg("every"), 1, 1000, "Apply the regulariser every N training steps (each "
+                    "application costs extra UNet work)."),
+                "samples": int_input(_reg("samples"), 1, 64, "Regularisation prompts per application (a UNet sample each)."),
+                "timestep_min": int_input(0, 0, LAST_TIMESTEP, "Lowest noise timestep of the regularisation samples. With "
+                    "0…999 they reuse the training batch's noisy latents (cheapest)."),
+                "timestep_max": int_input(LAST_TIMESTEP, 0, LAST_TIMESTEP, "Highest noise timestep of the regularisation "
+                    "samples (high = composition, low = detail)."),
             },
             "optional": {
-                "image_space": (
-                    "BOOLEAN",
-                    {
-                        "default": False,
-                        "tooltip": "Also compare the decoded images of the tuned and original predictions with LPIPS + "
-                        "L2, as PTI does: closer to what you see, two VAE decodes more per application. Needs "
-                        "torchvision's AlexNet weights in the torch hub cache (nothing is downloaded).",
-                    },
-                ),
-                "image_l2_weight": (
-                    "FLOAT",
-                    {
-                        "default": 0.1,
-                        "min": 0.0,
-                        "max": 100.0,
-                        "step": 0.01,
-                        "tooltip": "Weight of the image-space L2 term next to LPIPS (PTI uses 0.1); only with image_space.",
-                    },
-                ),
-                "norm_stats": (
-                    "PIVOTAL_NORM_STATS",
-                    {"tooltip": "Norm statistics of the `hidden` space (EmbeddingNormStats): their per-position "
-                     "centres are the vSLERP centres. Needed for vslerp, refused for slerp."},
-                ),  # fmt: skip
+                "image_space": bool_input(_reg("image_space"), "Also compare the decoded images of the tuned and original "
+                    "predictions with LPIPS + L2, as PTI does: closer to what you see, two VAE decodes more per "
+                    "application. Needs torchvision's AlexNet weights in the torch hub cache (nothing is downloaded)."),
+                "image_l2_weight": float_input(_reg("image_l2_weight"), 0.0, 100.0, 0.01, "Weight of the image-space L2 "
+                    "term next to LPIPS (PTI uses 0.1); only with image_space."),
+                "norm_stats": link("PIVOTAL_NORM_STATS", "Norm statistics of the `hidden` space (EmbeddingNormStats): "
+                    "their per-position centres are the vSLERP centres. Needed for vslerp, refused for slerp."),
             },
-        }
+        }  # fmt: skip
 
     RETURN_TYPES = ("PIVOTAL_REGULARIZER",)
     RETURN_NAMES = ("regularizer",)
@@ -177,28 +79,31 @@ class SlerpRegularizer:
 
     def build(self, mode, anchor, templates, interpolation, t, t_jitter, weight, every, samples,
               timestep_min, timestep_max, norm_stats=None, image_space=False, image_l2_weight=0.1):  # fmt: skip
-        if timestep_min > timestep_max:
-            raise InvalidInputError(f"`timestep_min` {timestep_min} is above `timestep_max` {timestep_max}.")
-        centre = _centre_from_stats(norm_stats, interpolation)
-        settings = dict(
-            mode=mode, anchor=anchor, templates=split_lines(templates), interpolation=interpolation, centre=centre,
-            weight=weight, every=every, samples=samples, image_space=image_space, image_l2_weight=image_l2_weight,
-            timestep_range=None if (timestep_min, timestep_max) == (0, LAST_TIMESTEP) else (timestep_min, timestep_max),
+        config = RegularizerConfig(
+            mode=mode, anchor=anchor, templates=split_lines(templates), interpolation=interpolation,
+            centre=_centre_from_stats(norm_stats, interpolation), t=t if not t_jitter else _reg("t"),
+            t_range=_jittered(t, t_jitter), weight=weight, every=every, samples=samples, image_space=image_space,
+            image_l2_weight=image_l2_weight, timestep_range=_timestep_range(timestep_min, timestep_max),
         )  # fmt: skip
-        if t_jitter > 0:
-            settings["t_range"] = (max(0.0, t - t_jitter), min(1.0, t + t_jitter))
-        else:
-            settings["t"] = t
-        config = RegularizerConfig(**settings)
         if image_space:
             _check_lpips_weights()
         return (config,)
 
 
+def _jittered(t: float, jitter: float) -> tuple[float, float] | None:
+    """`t_range` of a jittered t (within 0…1), None without jitter."""
+    return (max(0.0, t - jitter), min(1.0, t + jitter)) if jitter > 0 else None
+
+
+def _timestep_range(low: int, high: int) -> tuple[int, int] | None:
+    """`timestep_range` of the two widgets; None (the training batch's timesteps) for the full range."""
+    if low > high:
+        raise InvalidInputError(f"`timestep_min` {low} is above `timestep_max` {high}.")
+    return None if (low, high) == (0, LAST_TIMESTEP) else (low, high)
+
+
 def _check_lpips_weights() -> None:
     """Fail here, not after the model conversion, when LPIPS's backbone weights are not on disk."""
-    from ..pti_ops.metrics import BACKBONE_URLS, backbone_path
-
     path = backbone_path("alex")
     if not path.is_file():
         raise MissingModelFileError(
@@ -207,7 +112,8 @@ def _check_lpips_weights() -> None:
         )
 
 
-def _centre_from_stats(norm_stats, interpolation: str) -> torch.Tensor | None:
+def _centre_from_stats(norm_stats, interpolation: str):
+    """The vSLERP centres `[tokens, dim]` of connected `hidden`-space statistics (None when none are connected)."""
     if norm_stats is None:
         return None
     if interpolation != "vslerp":
@@ -230,95 +136,34 @@ class PivotalLoRATune:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The SD1.5 model the embedding was trained on. It is not modified."}),
-                "clip": ("CLIP", {"tooltip": "Its CLIP text encoder. It is not modified; CLIPSetLastLayer is honoured."}),
-                "vae": ("VAE", {"tooltip": "Its VAE: encodes the training images once per run."}),
-                "dataset": ("PIVOTAL_DATASET", {"tooltip": "The character's training images (the inversion's)."}),
-                "embedding": ("PIVOTAL_EMBEDDING", {"tooltip": "The pivot from TokenInversion; its prompt templates are reused."}),
-                "rank": (
-                    "INT",
-                    {
-                        "default": 4,
-                        "min": 1,
-                        "max": 256,
-                        "tooltip": "LoRA rank: capacity of the tuning. 4–16 is light (small file, stays close to the "
-                        "base model); higher learns more and forgets more.",
-                    },
-                ),
-                "alpha": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1024.0,
-                        "step": 0.5,
-                        "tooltip": "LoRA alpha: the update is scaled by alpha / rank. 0 means alpha = rank (scale 1).",
-                    },
-                ),
-                "targets": (
-                    list(UNET_TARGETS),
-                    {
-                        "default": "attention",
-                        "tooltip": "UNet layers that get a LoRA: attention (to_q, to_k, to_v, to_out) or "
-                        "attention_ff (also the feed-forward layers: more capacity, bigger file).",
-                    },
-                ),
-                "learning_rate": (
-                    "FLOAT",
-                    {
-                        "default": 1e-4,
-                        "min": 1e-7,
-                        "max": 1.0,
-                        "step": 1e-5,
-                        "round": False,
-                        "tooltip": "AdamW learning rate of the LoRA. Too high learns the training images' exact "
-                        "poses and backgrounds.",
-                    },
-                ),
-                "steps": (
-                    "INT",
-                    {"default": 500, "min": 1, "max": 100000, "tooltip": "Optimiser steps of the LoRA tuning."},
-                ),
-                "batch_size": (
-                    "INT",
-                    {"default": 1, "min": 1, "max": 64, "tooltip": "Images per step (more memory, smoother steps)."},
-                ),
+                **TRAINING_INPUTS,
+                "embedding": link("PIVOTAL_EMBEDDING", "The pivot from TokenInversion; its prompt templates are reused."),
+                "rank": int_input(_tune("rank"), 1, 256, "LoRA rank: capacity of the tuning. 4–16 is light (small file, "
+                    "stays close to the base model); higher learns more and forgets more."),
+                "alpha": float_input(0.0, 0.0, 1024.0, 0.5, "LoRA alpha: the update is scaled by alpha / rank. 0 means "
+                    "alpha = rank (scale 1)."),
+                "targets": combo(UNET_TARGETS, _tune("targets"), "UNet layers that get a LoRA: attention (to_q, to_k, "
+                    "to_v, to_out) or attention_ff (also the feed-forward layers: more capacity, bigger file)."),
+                "learning_rate": float_input(_tune("learning_rate"), 1e-7, 1.0, 1e-5, "AdamW learning rate of the LoRA. "
+                    "Too high learns the training images' exact poses and backgrounds.", round=False),
+                "steps": int_input(_tune("steps"), 1, 100000, "Optimiser steps of the LoRA tuning."),
+                "batch_size": int_input(_tune("batch_size"), 1, 64, "Images per step (more memory, smoother steps)."),
                 "seed": SEED,
-                "schedule": (
-                    list(SCHEDULES),
-                    {
-                        "default": "sequential",
-                        "tooltip": "sequential: the token stays frozen (pivotal tuning). joint: the token trains "
-                        "with the LoRA for the first half, then freezes; its new vectors are saved as "
-                        "models/embeddings/LORA_NAME.safetensors and the trigger output names them.",
-                    },
-                ),
-                "train_text_encoder": (
-                    "BOOLEAN",
-                    {
-                        "default": False,
-                        "tooltip": "Also put LoRA on the text encoder's attention: more likeness, less editability; "
-                        "the CLIP output then carries it too.",
-                    },
-                ),
-                "lora_name": (
-                    "STRING",
-                    {
-                        "default": "tok1_lora",
-                        "tooltip": "File name in ComfyUI's loras folder (letters, digits, _ - .), for LoraLoader in "
-                        "later workflows.",
-                    },
-                ),
+                "schedule": combo(SCHEDULES, _tune("schedule"), "sequential: the token stays frozen (pivotal tuning). "
+                    "joint: the token trains with the LoRA for the first half, then freezes; its new vectors are saved "
+                    "as models/embeddings/LORA_NAME.safetensors and the trigger output names them."),
+                "train_text_encoder": bool_input(_tune("train_text_encoder"), "Also put LoRA on the text encoder's "
+                    "attention: more likeness, less editability; the CLIP output then carries it too."),
+                "lora_name": string_input("tok1_lora", "File name in ComfyUI's loras folder (letters, digits, _ - .), for "
+                    "LoraLoader in later workflows."),
                 "overwrite": OVERWRITE,
             },
             "optional": {
-                "regularizer": (
-                    "PIVOTAL_REGULARIZER",
-                    {"tooltip": "Locality regulariser (SlerpRegularizer). Not connected: no regularisation."},
-                ),
+                "regularizer": link("PIVOTAL_REGULARIZER", "Locality regulariser (SlerpRegularizer). Not connected: no "
+                    "regularisation."),
                 **MEMORY_OPTIONS,
             },
-        }
+        }  # fmt: skip
 
     RETURN_TYPES = ("MODEL", "CLIP", "LORA_MODEL", "LOSS_MAP", "IMAGE", "STRING", "STRING")
     RETURN_NAMES = ("model", "clip", "lora", "loss", "plot", "lora_file", "trigger")
@@ -342,41 +187,37 @@ class PivotalLoRATune:
     def tune(self, model, clip, vae, dataset, embedding: Pivot, rank, alpha, targets, learning_rate,
              steps, batch_size, seed, schedule, train_text_encoder, lora_name, overwrite, regularizer=None,
              mixed_precision="no", gradient_checkpointing=False):  # fmt: skip
-        settings = dict(
+        config = TuneConfig(
             rank=rank, alpha=alpha or None, targets=targets, train_text_encoder=train_text_encoder,
             learning_rate=learning_rate, steps=steps, batch_size=batch_size, seed=seed, schedule=schedule,
-            clip_skip=bridge.clip_skip(clip), history_every=history_every(steps),
-            mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+            templates=embedding.templates or _tune("templates"), clip_skip=bridge.clip_skip(clip),
+            history_every=history_every(steps), mixed_precision=mixed_precision,
+            gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
-        if embedding.templates:  # the captions the pivot was trained with
-            settings["templates"] = list(embedding.templates)
-        config = TuneConfig(**settings)
-        lora_path = output_path(bridge.loras_folder(), lora_name, ".safetensors", overwrite, "lora_name")
-        joint_path = None
-        if schedule == "joint":
-            joint_path = output_path(bridge.embeddings_folder(), lora_name, ".safetensors", overwrite, "lora_name")
-        bundle = None
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                bundle = bridge.bundle_from_comfy(model, clip, vae)
-                bridge.check_interrupted()
-                result = tune_around(bundle, dataset, embedding, config, regularizer, on_step=bridge.progress(steps))
-        finally:
-            bundle = None
-            bridge.release()
+        lora_path, joint_path = _output_paths(lora_name, schedule, overwrite)
+        with core_run():
+            result = tune_around(converted(model, clip, vae), dataset, embedding, config, regularizer,
+                                 on_step=bridge.progress(steps))  # fmt: skip
         result.lora = {key: value.cpu() for key, value in result.lora.items()}
         result.save(lora_path, overwrite=overwrite)
-        trigger = embedding.trigger
         if joint_path is not None:  # the token was retrained with the LoRA: it gets its own file
             result.pivot.save(joint_path, overwrite=overwrite)
-            trigger = result.pivot.trigger
         model_out, clip_out = bridge.apply_lora(model, clip, result.lora)
-        plot = figure_to_array(history_figure(result.history, "loss", "reg_loss", f"PivotalLoRATune {lora_path.name}"))
-        return (model_out, clip_out, result.lora, bridge.loss_map(result.history), bridge.image_from_array(plot), lora_path.name, trigger)
+        plot = history_plot(result.history, "loss", "reg_loss", f"PivotalLoRATune {lora_path.name}")
+        return (model_out, clip_out, result.lora, bridge.loss_map(result.history), plot, lora_path.name,
+                result.pivot.trigger)  # fmt: skip
 
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name=None):
         return validate_name(lora_name, "lora_name")
+
+
+def _output_paths(lora_name: str, schedule: str, overwrite: bool):
+    """`(LoRA file, joint embedding file or None)`, refused before training when taken (unless `overwrite`)."""
+    lora_path = output_path(bridge.loras_folder(), lora_name, ".safetensors", overwrite, "lora_name")
+    if schedule != "joint":
+        return lora_path, None
+    return lora_path, output_path(bridge.embeddings_folder(), lora_name, ".safetensors", overwrite, "lora_name")
 
 
 NODE_CLASS_MAPPINGS = {"SlerpRegularizer": SlerpRegularizer, "PivotalLoRATune": PivotalLoRATune}

@@ -174,6 +174,7 @@ def invert(
         on_step (`callable`, *optional*): `on_step(step, total, logs)` after every optimiser step;
             `logs` holds the latest history record on recording steps. It may raise to stop.
     """
+    bundle.check_trainable("textual inversion")
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
     bundle.check_resolution(dataset.resolution)

@@ -234,6 +234,7 @@ def run_tuning(
         pivot (`Pivot`, *optional*): what `token` stands for (templates, history, how it was made);
             recorded in the result. Default: a pivot of the token's current rows.
     """
+    bundle.check_trainable("LoRA tuning")
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
     bundle.check_resolution(dataset.resolution)
@@ -398,7 +399,7 @@ class _Trainer:
     def export(self) -> dict[str, torch.Tensor]:
         """The adapters in kohya format."""
         text_encoder = self.bundle.text_encoder if self.config.train_text_encoder else None
-        return lora_state_dict_to_kohya(self.bundle.unet, text_encoder, ADAPTER_NAME)
+        return lora_state_dict_to_kohya(self.bundle.unet, text_encoder, ADAPTER_NAME, family=self.bundle.family)
 
     def load_trained(self, tensors: list[torch.Tensor]) -> None:
         with torch.no_grad():

@@ -4,7 +4,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .errors import InvalidInputError, OutputExistsError
 
@@ -48,6 +48,41 @@ def output_path(folder: str | os.PathLike, name: str, extension: str, overwrite:
     return path
 
 
+def check_output_folder(
+    folder: str | os.PathLike,
+    overwrite: bool,
+    what: str = "the output folder",
+    hint: str = "set `overwrite` to replace its files",
+    files: Sequence[str] | None = None,
+) -> Path:
+    """Return `folder` as a Path if a report may be written into it, else raise `OutputExistsError`.
+
+    Refused: a file in its place; without `overwrite`, a folder that is not empty, or (with `files`)
+    one that already holds one of those files. A missing folder is fine (the writer creates it).
+    Check before anything costly runs, so nothing is trained for a folder that is then refused.
+
+    Args:
+        folder (`str` or `PathLike`): the folder the report goes into.
+        overwrite (`bool`): the user allowed replacing files.
+        what (`str`): the input as the user sees it, e.g. `--out` or `` `output_folder` ``.
+        hint (`str`): how the user allows replacing, e.g. `pass --overwrite`.
+        files (`list[str]`, *optional*): the names the report writes; only those count as taken.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"{what} {folder} is a file: give a folder for the report.")
+    if overwrite or not folder.is_dir():
+        return folder
+    if files is None:
+        if any(folder.iterdir()):
+            raise OutputExistsError(f"{what} {folder} is not empty: choose another folder or {hint}.")
+        return folder
+    existing = [folder / name for name in files if (folder / name).exists()]
+    if existing:
+        raise OutputExistsError(f"{existing[0]} already exists: choose another {what} or {hint}.")
+    return folder
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -78,3 +113,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
             os.unlink(tmp)
         raise
     return path
+
+
+def canonical_safetensors(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """The `.safetensors` bytes of `tensors`, the same bytes for the same inputs.
+
+    safetensors writes its JSON header from a hash map, so the metadata's order (and with it the
+    file's bytes) changes from one write to the next. Here the header is re-serialised with sorted
+    keys; the tensor data and offsets are safetensors' own, so every reader sees the same file.
+    """
+    import json
+    import struct
+
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    return struct.pack("<Q", len(text)) + text + raw[8 + length :]
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None,
+                      overwrite: bool = False) -> Path:
+    """Write `tensors` (and string `metadata`) atomically as a canonical `.safetensors` file."""
+    data = canonical_safetensors(tensors, metadata)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), overwrite=overwrite)

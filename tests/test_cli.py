@@ -114,3 +114,25 @@ def test_vslerp_without_centres_is_reported(tmp_path, image_folder, capsys):
     assert "no centre was given" in err
     assert "pivotal tuning of tok1" not in err  # refused before any training step
     assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_evaluate_and_sweep_share_the_sampling_options_and_defaults():
+    import argparse
+
+    from pti_ops.cli.evaluate import add_evaluate_command
+    from pti_ops.cli.options import sampling_config
+    from pti_ops.cli.sweep import add_sweep_command
+    from pti_ops.metrics import SamplingConfig
+
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers(dest="command")
+    add_evaluate_command(commands)
+    add_sweep_command(commands)
+    evaluate = parser.parse_args(["evaluate", "--model", "tiny", "--out", "r"])
+    sweep = parser.parse_args(["sweep", "--model", "tiny", "--images", "i", "--kind", "inversion", "--lrs", "1e-3", "--out", "r"])
+    assert sampling_config(evaluate) == sampling_config(sweep) == SamplingConfig()
+    evaluate = parser.parse_args(["evaluate", "--model", "tiny", "--out", "r", "--steps", "7", "--batch-size", "2", "--cfg", "3"])
+    sweep = parser.parse_args(["sweep", "--model", "tiny", "--images", "i", "--kind", "inversion", "--lrs", "1e-3", "--out", "r",
+                               "--steps", "50", "--sample-steps", "7", "--sample-batch-size", "2", "--cfg", "3"])  # fmt: skip
+    assert sampling_config(evaluate) == sampling_config(sweep) == SamplingConfig(steps=7, batch_size=2, cfg_scale=3.0)
+    assert sweep.steps == 50  # the sweep's --steps trains

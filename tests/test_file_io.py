@@ -1,7 +1,7 @@
 import pytest
 
 from pti_ops.errors import InvalidInputError, OutputExistsError
-from pti_ops.safe_write import atomic_write, check_output_name, output_path
+from pti_ops.safe_write import atomic_write, check_output_folder, check_output_name, output_path
 
 
 @pytest.mark.parametrize("name", ["my_char", "tok1-v2", "A.b_c"])
@@ -73,3 +73,62 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(text.stat().st_mode) == 0o644
     assert stat.S_IMODE(tensors.stat().st_mode) == 0o644
+
+
+def test_output_folder_new_or_empty_is_accepted(tmp_path):
+    assert check_output_folder(tmp_path / "new", overwrite=False) == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    assert check_output_folder(str(tmp_path / "empty"), overwrite=False) == tmp_path / "empty"
+
+
+def test_output_folder_not_empty_is_refused_without_overwrite(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(OutputExistsError, match="--out .* is not empty: choose another folder or pass --overwrite"):
+        check_output_folder(tmp_path, overwrite=False, what="--out", hint="pass --overwrite")
+    assert check_output_folder(tmp_path, overwrite=True) == tmp_path
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+def test_output_folder_that_is_a_file_is_refused_even_with_overwrite(tmp_path):
+    (tmp_path / "a_file").write_text("user file")
+    with pytest.raises(OutputExistsError, match="`output_folder` .*a_file is a file"):
+        check_output_folder(tmp_path / "a_file", overwrite=True, what="`output_folder`")
+
+
+def test_output_folder_with_named_files_refuses_only_those(tmp_path):
+    (tmp_path / "other.txt").write_text("kept")
+    assert check_output_folder(tmp_path, overwrite=False, files=["metrics.json", "grid.png"]) == tmp_path
+    (tmp_path / "grid.png").write_bytes(b"")
+    with pytest.raises(OutputExistsError, match="grid.png already exists: choose another --out or pass --overwrite"):
+        check_output_folder(tmp_path, overwrite=False, what="--out", hint="pass --overwrite", files=["metrics.json", "grid.png"])
+
+
+def test_safetensors_files_are_byte_identical_for_the_same_inputs(tmp_path):
+    import hashlib
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors import safe_open
+
+    from pti_ops.safe_write import write_safetensors
+
+    # In fresh processes: hash-map order differs between interpreters, not only between calls.
+    script = (
+        "import sys, torch; from pti_ops.safe_write import write_safetensors; "
+        "g = torch.Generator().manual_seed(0); "
+        "t = {'b': torch.randn(3, 5, generator=g), 'a': torch.randn(7, generator=g).half()}; "
+        "m = {k: str(i) for i, k in enumerate(['z', 'placeholder', 'lr', 'seed', 'alpha', 'k9', 'base_model'])}; "
+        "write_safetensors(sys.argv[1], t, m)"
+    )
+    digests = []
+    for i in range(3):
+        path = tmp_path / f"f{i}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(set(digests)) == 1
+    with safe_open(str(tmp_path / "f0.safetensors"), framework="pt") as f:
+        assert f.metadata()["placeholder"] == "1" and sorted(f.keys()) == ["a", "b"]
+        assert f.get_tensor("a").dtype == torch.float16
+    with pytest.raises(OutputExistsError):
+        write_safetensors(tmp_path / "f0.safetensors", {"x": torch.zeros(1)})

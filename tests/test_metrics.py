@@ -28,10 +28,11 @@ from pti_ops.metrics.scores import (
 )
 from pti_ops.metrics.clip import clip_image_similarity, load_clip, try_load_clip
 from pti_ops.metrics.distance import distance_from_history, embedding_distance
-from pti_ops.metrics.evaluation import EvaluationConfig, Scorers, evaluate
+from pti_ops.metrics.evaluation import EvaluationConfig, Scorers, evaluate, evaluate_tuned, evaluation_batches
 from pti_ops.metrics.lpips_model import BACKBONE_FILES, load_lpips, lpips_matrix
 from pti_ops.metrics.sampling import SamplingConfig, apply_lora
 from pti_ops.models.tiny_model import TINY_WORDS, build_tiny_bundle
+from pti_ops.pivot import Pivot, family_name
 from helpers import kohya_lora
 
 
@@ -206,6 +207,29 @@ def test_evaluate_on_the_tiny_model(tiny_dataset, lpips_model):
     assert [name for name in result.samples] == ["reconstruction", "editability", "locality_tuned", "locality_base"]
     assert result.samples["reconstruction"].items == [("a picture of {}", 0), ("a picture of {}", 1)]
     assert result.grid().shape[-1] == 3
+
+
+def test_evaluate_tuned_applies_the_token_and_the_lora_and_counts_every_batch(tiny_dataset, lpips_model):
+    bundle = build_tiny_bundle()
+    config = EvaluationConfig(prompts=["a picture of {}"], edit_prompts=["a photo of {} on the beach"], placeholder="tok1",
+                              seeds=[0, 1, 2], sampling=SamplingConfig(steps=1, batch_size=2, resolution=32),
+                              locality_timesteps=(500,))  # fmt: skip
+    assert evaluation_batches(config, with_lora=False) == 4 and evaluation_batches(config, with_lora=True) == 10
+    calls = []
+    pivot = Pivot("tok1", "cat", torch.randn(1, 32, generator=torch.Generator().manual_seed(0)) * 0.1, family_name(bundle))
+    with pytest.raises(InvalidInputError, match="the evaluation's placeholder 'tok1' is not the trained token 'tok2'"):
+        evaluate_tuned(bundle, config, pivot=Pivot("tok2", "cat", pivot.vectors, pivot.family))
+    result = evaluate_tuned(bundle, config, Scorers(lpips=lpips_model), pivot=pivot,
+                            lora=kohya_lora(up_std=0.0), lora_strength=0.5, dataset=tiny_dataset,
+                            on_step=lambda done, total, logs: calls.append((done, total, logs["stage"])))  # fmt: skip
+    # One count over all four sets, set by set: 3 images per prompt set and 6 per locality set, in batches of 2.
+    assert [(done, total) for done, total, _ in calls] == [(i, 10) for i in range(1, 11)]
+    stages = [stage for *_, stage in calls]
+    assert stages == ["reconstruction"] * 2 + ["editability"] * 2 + ["locality_tuned"] * 3 + ["locality_base"] * 3
+    report = result.report
+    assert report.metrics["embedding_distance"].details["initializer"] == "cat" and report.value("embedding_distance") > 0
+    assert report.value("locality_eps_mse") == 0.0 and report.value("reconstruction_l2") is not None
+    assert "tok1" in bundle.tokenizer.get_added_vocab()
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 against diffusers' own `StableDiffusionXLPipeline.encode_prompt`), `tiny-sdxl`, the diffusers folder
 loader and `detect_family`."""
 
+import json
 import types
 
 import pytest
@@ -62,9 +63,10 @@ def test_sdxl_family_description():
     assert SDXL.text_encoders[1].pad_token == "!" and SDXL.text_encoders[1].with_projection
 
 
-def test_sdxl_lora_unet_names_are_not_written_yet():
-    with pytest.raises(NotImplementedError, match="original UNet block names"):
-        SDXL.unet_lora_name("down_blocks.1.attentions.0.proj_in")
+def test_sdxl_lora_unet_names_are_the_original_block_names():
+    config = json.loads((SDXL.config_dir / "unet_config.json").read_text())
+    assert SDXL.unet_lora_name("down_blocks.1.attentions.0.proj_in", config) == "lora_unet_input_blocks_4_1_proj_in"
+    assert [spec.lora_prefix for spec in SDXL.text_encoders] == ["lora_te1_", "lora_te2_"]
 
 
 def test_tiny_sdxl_bundle(tiny_xl):
@@ -314,3 +316,18 @@ def test_conditioning_batch_operations():
         Conditioning(hidden, pooled, (3, 3))
     with pytest.raises(ValueError, match="different blocks"):
         Conditioning.cat([cond, Conditioning(hidden, pooled, (4, 3))])
+
+
+def test_training_and_sampling_an_sdxl_bundle_is_refused_clearly(tiny_xl):
+    """Until the loops take two encoders, pooled and time-id conditioning, they refuse SDXL by name."""
+    from pti_ops.dataset import dataset_from_tensor
+    from pti_ops.errors import InvalidInputError
+    from pti_ops.inversion import InversionConfig, invert
+    from pti_ops.metrics.sampling import sample_images
+
+    dataset = dataset_from_tensor(torch.rand(2, 64, 64, 3), 64)
+    with pytest.raises(InvalidInputError, match="textual inversion is not available for SDXL models yet"):
+        invert(tiny_xl, dataset, InversionConfig(steps=1))
+    with pytest.raises(InvalidInputError, match="sampling is not available for SDXL models yet"):
+        sample_images(tiny_xl, ["a character"], [0])
+    assert tiny_xl.tokenizer.convert_tokens_to_ids("tok1") == tiny_xl.tokenizer.unk_token_id  # nothing was added

@@ -9,9 +9,8 @@ metrics as JSON and Markdown, and the embedding and LoRA files.
 
 import argparse
 import logging
-from pathlib import Path
 
-from ..errors import OutputExistsError
+from ..files import check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +28,7 @@ def add_demo_command(subparsers) -> None:
 def run_demo_command(args: argparse.Namespace) -> int:
     from ..toyworld import DemoConfig, run_demo
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise OutputExistsError(f"report folder {out} exists and is not empty: choose another --out or pass --overwrite.")
+    out = check_output_folder(args.out, args.overwrite, what="--out", hint="pass --overwrite")
     config = DemoConfig.quick(args.model) if args.quick else DemoConfig(model=args.model)
     run_demo(out, config)
     print(f"demo report in {out.resolve()}: metrics.md, grid_reconstruction.png, grid_edits.png, inversion.png, lora_*.png")

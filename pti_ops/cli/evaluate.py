@@ -11,18 +11,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..models import load_bundle
-from .options import add_model_options, write_json
+from ..checks import default_of
 from ..dataset import DatasetConfig, load_image_folder
-from ..files import load_embedding
-from ..errors import InvalidInputError, OutputExistsError
-from ..files import atomic_write
-from ..files import load_lora
-from ..metrics import dataset_images
-from ..metrics import try_load_clip
-from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, EvaluationConfig, Scorers, evaluate
-from ..metrics import load_lpips
-from ..metrics import SAMPLERS, SamplingConfig, apply_embedding, apply_lora
+from ..errors import InvalidInputError
+from ..files import atomic_write, check_output_folder, load_embedding, load_lora
+from ..pivot import Pivot
+from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, EvaluationConfig, Scorers, evaluate_tuned, load_lpips, try_load_clip
+from ..models import load_bundle
+from .options import add_model_options, add_sampling_options, sampling_config, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +45,9 @@ def add_evaluate_command(subparsers) -> None:
     p.add_argument("--prompts", action="append", default=None, help=f"training prompt with {{}} for the token; repeat for several (default: {DEFAULT_PROMPTS[0]!r}).")
     p.add_argument("--edit-prompts", action="append", default=None, help="edit prompt with {} for the token; repeat for several (default: three built-in edits).")
     p.add_argument("--locality-prompts", action="append", default=None, help="prompt without the token for locality; repeat (default: the prompts with the class word).")
-    p.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds, the same in every set (default: 0,1,2,3).")
-    p.add_argument("--steps", type=int, default=30, help="sampling steps (default: 30).")
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default: 5).")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim or euler (default: ddim).")
-    p.add_argument("--batch-size", type=int, default=4, help="images generated together (default: 4).")
-    p.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer, 2 = penultimate (default: 1).")
+    seeds = ",".join(map(str, default_of(EvaluationConfig, "seeds")))
+    p.add_argument("--seeds", default=seeds, help=f"comma-separated seeds, the same in every set (default: {seeds}).")
+    add_sampling_options(p)
     p.add_argument("--clip-model", default=None, help="local transformers CLIPModel folder for the CLIP scores (nothing is downloaded).")
     p.add_argument("--lpips", choices=LPIPS_CHOICES, default="alex",
                    help="LPIPS backbone: alex or vgg (torchvision weights from the torch hub cache); random = untrained "
@@ -89,12 +82,11 @@ def fill_names_from_embedding(args: argparse.Namespace) -> dict[str, str]:
 
 def build_config(args: argparse.Namespace) -> EvaluationConfig:
     """The evaluation settings from the command line (checked before any model is loaded)."""
-    sampling = SamplingConfig(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, batch_size=args.batch_size, clip_skip=args.clip_skip)
     return EvaluationConfig(
         prompts=args.prompts or list(DEFAULT_PROMPTS),
         edit_prompts=args.edit_prompts if args.edit_prompts is not None else list(DEFAULT_EDIT_PROMPTS),
         locality_prompts=args.locality_prompts, placeholder=args.token, class_word=args.init_word,
-        seeds=parse_seeds(args.seeds), sampling=sampling,
+        seeds=parse_seeds(args.seeds), sampling=sampling_config(args),
     )
 
 
@@ -110,27 +102,18 @@ def build_scorers(args: argparse.Namespace) -> Scorers:
 
 
 def run_evaluate_command(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    existing = [out / name for name in OUTPUT_FILES if (out / name).exists()]
-    if existing and not args.overwrite:
-        raise OutputExistsError(f"{existing[0]} already exists: choose another --out or pass --overwrite.")
+    out = check_output_folder(args.out, args.overwrite, what="--out", hint="pass --overwrite", files=OUTPUT_FILES)
     fill_names_from_embedding(args)
     config = build_config(args)
     scorers = build_scorers(args)
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
-    token = None
-    if args.embedding:
-        vectors = load_embedding(args.embedding).for_family(bundle.family, bundle.embedding_dim)
-        token = apply_embedding(bundle, vectors, args.token, args.init_word)
-    if args.lora:
-        apply_lora(bundle, load_lora(args.lora)[0], args.lora_strength)
+    pivot = Pivot.load(args.embedding, bundle, placeholder=args.token, initializer=args.init_word) if args.embedding else None
+    lora = load_lora(args.lora)[0] if args.lora else None
     side = config.sampling.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
-    training = None
-    if args.images:
-        dataset = load_image_folder(args.images, DatasetConfig(resolution=side))
-        training = dataset_images(dataset, (side, side))
+    dataset = load_image_folder(args.images, DatasetConfig(resolution=side)) if args.images else None
     logger.info("model %s: generating with %d seed(s) per prompt", bundle.name, len(config.seeds))
-    result = evaluate(bundle, config, scorers, training, token)
+    result = evaluate_tuned(bundle, config, scorers, pivot=pivot, lora=lora, lora_strength=args.lora_strength,
+                            dataset=dataset)  # fmt: skip
     result.report.settings.update(embedding=args.embedding, lora=args.lora, lora_strength=args.lora_strength,
                                   images=args.images, clip_model=args.clip_model, lpips=args.lpips)
     write_report(out, result, args.overwrite)

@@ -1,5 +1,5 @@
-"""Options and helpers that several commands share: model, dataset and precision options, the
-terminal progress bar, JSON output."""
+"""Options and helpers that several commands share: model, dataset, sampling and precision options,
+the terminal progress bar, JSON output."""
 
 import argparse
 import json
@@ -32,6 +32,38 @@ def add_precision_options(parser: argparse.ArgumentParser) -> None:
                         help="autocast the forward passes to bf16 or fp16 (fp16: GPU only); trained weights stay float32.")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute UNet activations in the backward pass: less memory, about 30%% slower.")
+
+
+def add_sampling_options(parser, steps_option: str = "--steps", batch_option: str = "--batch-size") -> None:
+    """How evaluation images are generated; the defaults are `SamplingConfig`'s.
+
+    Args:
+        parser: the command's parser or one of its argument groups.
+        steps_option (`str`): the option of the sampling steps (`--sample-steps` where `--steps` trains).
+        batch_option (`str`): the option of the sampling batch size (`--sample-batch-size` likewise).
+    """
+    from ..metrics import SAMPLERS, SamplingConfig
+
+    default = SamplingConfig()
+    parser.add_argument(steps_option, dest="sample_steps", type=int, default=default.steps,
+                        help=f"sampling steps per image (default: {default.steps}).")
+    parser.add_argument("--cfg", type=float, default=default.cfg_scale,
+                        help=f"classifier-free guidance scale (default: {default.cfg_scale:g}).")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=default.sampler,
+                        help=f"{' or '.join(SAMPLERS)} (default: {default.sampler}).")
+    parser.add_argument(batch_option, dest="sample_batch_size", type=int, default=default.batch_size,
+                        help=f"images generated together (default: {default.batch_size}).")
+    parser.add_argument("--clip-skip", type=int, default=default.clip_skip,
+                        help="1 = last text-encoder layer, 2 = penultimate, as the model is used; a sweep also trains "
+                             f"with it (default: {default.clip_skip}).")
+
+
+def sampling_config(args: argparse.Namespace):
+    """The `SamplingConfig` of the options `add_sampling_options` declared."""
+    from ..metrics import SamplingConfig
+
+    return SamplingConfig(steps=args.sample_steps, cfg_scale=args.cfg, sampler=args.sampler,
+                          batch_size=args.sample_batch_size, clip_skip=args.clip_skip)
 
 
 class TerminalProgress:

@@ -11,24 +11,38 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..checks import default_of
+from ..errors import InvalidInputError
+from ..files import check_output_folder, load_embedding
+from ..lora_tune import UNET_TARGETS
+from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS
 from ..models import load_bundle
-from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options
+from ..regularizer import REGULARIZER_MODES, RegularizerConfig
+from ..sweeps import (
+    DEFAULT_KNEE_THRESHOLD,
+    DEFAULT_ONSET_FRACTION,
+    SweepConfig,
+    check_fraction,
+    check_learning_rates,
+    check_sweep_kind,
+    regularizers_for_modes,
+    run_sweep,
+)
 from .evaluate import LPIPS_CHOICES, build_scorers, parse_seeds
 from .invert import load_dataset_for
-from ..files import load_embedding
-from ..errors import InvalidInputError, OutputExistsError
-from ..inversion import InversionConfig
-from ..lora_tune import UNET_TARGETS, TuneConfig
-from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, EvaluationConfig
-from ..regularizer import REGULARIZER_MODES, RegularizerConfig
-from ..metrics import SAMPLERS, SamplingConfig
-from ..sweeps import inversion_sweep, lora_sweep
-from ..sweeps import DEFAULT_KNEE_THRESHOLD, DEFAULT_ONSET_FRACTION, check_fraction, check_learning_rates
-from ..sweeps import check_sweep_kind
+from .options import (
+    TerminalProgress,
+    add_dataset_options,
+    add_model_options,
+    add_precision_options,
+    add_sampling_options,
+    sampling_config,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = "an anime illustration of {}"
+def _default(name: str):
+    return default_of(SweepConfig, name)
 
 
 def add_sweep_command(subparsers) -> None:
@@ -42,34 +56,38 @@ def add_sweep_command(subparsers) -> None:
     add_dataset_options(p)
     p.add_argument("--kind", required=True, help="inversion (token learning rates) or lora (LoRA learning rates; needs --embedding).")
     p.add_argument("--lrs", required=True, help="comma-separated learning rates, one run each, e.g. 1e-4,5e-4,2e-3,5e-3.")
-    p.add_argument("--steps", type=int, default=1000, help="optimiser steps of every run (the notes fix 1000; default: 1000).")
+    p.add_argument("--steps", type=int, default=_default("steps"),
+                   help=f"optimiser steps of every run (the notes fix 1000; default: {_default('steps')}).")
     p.add_argument("--embedding", default=None, help="lora: the trained token's embedding file (the pivot, from `invert`).")
     p.add_argument("--token", default=None, help="placeholder word (default: the embedding's, else tok1).")
     p.add_argument("--init-word", default=None, help="class word: the token's initializer and the edit prompts' reference (default: the embedding's, else character).")
-    p.add_argument("--num-vectors", type=int, default=1, help="inversion: embedding vectors behind the token (default: 1).")
-    p.add_argument("--template", action="append", default=None, help=f"training prompt template with {{}}; repeat for several (default: {DEFAULT_TEMPLATE!r}).")
-    p.add_argument("--seed", type=int, default=0, help="training seed, the same in every run (default: 0).")
-    p.add_argument("--batch-size", type=int, default=1, help="training images per step (default: 1).")
-    p.add_argument("--history-every", type=int, default=10, help="record distance and loss every N steps (the points of the distance fit; default: 10).")
+    p.add_argument("--num-vectors", type=int, default=_default("num_vectors"),
+                   help=f"inversion: embedding vectors behind the token (default: {_default('num_vectors')}).")
+    p.add_argument("--template", action="append", default=None, help=f"training prompt template with {{}}; repeat for several (default: {_default('templates')[0]!r}).")
+    p.add_argument("--seed", type=int, default=_default("seed"), help=f"training seed, the same in every run (default: {_default('seed')}).")
+    p.add_argument("--batch-size", type=int, default=_default("batch_size"),
+                   help=f"training images per step (default: {_default('batch_size')}).")
+    p.add_argument("--history-every", type=int, default=_default("history_every"),
+                   help=f"record distance and loss every N steps (the points of the distance fit; default: {_default('history_every')}).")
     p.add_argument("--eval-every", type=int, default=None,
                    help="inversion: evaluate the snapshots every N steps (a multiple of --history-every) and the last; "
                         "evaluation costs far more than training steps (default: the last step only).")
     g = p.add_argument_group("LoRA (--kind lora)")
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank (default: 4).")
+    g.add_argument("--rank", type=int, default=_default("rank"), help=f"LoRA rank (default: {_default('rank')}).")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank).")
-    g.add_argument("--targets", choices=tuple(UNET_TARGETS), default="attention", help="UNet layers that get LoRA (default: attention).")
+    g.add_argument("--targets", choices=tuple(UNET_TARGETS), default=_default("targets"),
+                   help=f"UNet layers that get LoRA (default: {_default('targets')}).")
     g.add_argument("--reg", default="none", help=f"comma-separated regularisers, each run at every lr: {', '.join(REGULARIZER_MODES)} (default: none).")
-    g.add_argument("--reg-weight", type=float, default=1.0, help="λ_R of every regulariser (default: 1.0).")
-    g.add_argument("--reg-t", type=float, default=0.5, help="position on the path, 0 = token prompt, 1 = class prompt (default: 0.5).")
+    g.add_argument("--reg-weight", type=float, default=default_of(RegularizerConfig, "weight"),
+                   help=f"λ_R of every regulariser (default: {default_of(RegularizerConfig, 'weight')}).")
+    g.add_argument("--reg-t", type=float, default=default_of(RegularizerConfig, "t"),
+                   help=f"position on the path, 0 = token prompt, 1 = class prompt (default: {default_of(RegularizerConfig, 't')}).")
     g = p.add_argument_group("evaluation")
     g.add_argument("--prompts", action="append", default=None, help=f"training prompt with {{}}; repeat (default: {DEFAULT_PROMPTS[0]!r}).")
     g.add_argument("--edit-prompts", action="append", default=None, help="edit prompt with {}; repeat (default: three built-in edits).")
-    g.add_argument("--seeds", default="0,1,2,3", help="comma-separated sampling seeds, the same for every run (default: 0,1,2,3).")
-    g.add_argument("--sample-steps", type=int, default=20, help="sampling steps per image (default: 20).")
-    g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default: 5).")
-    g.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim or euler (default: ddim).")
-    g.add_argument("--sample-batch-size", type=int, default=4, help="images generated together (default: 4).")
-    g.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer, 2 = penultimate, for training and sampling (default: 1).")
+    seeds = ",".join(map(str, _default("sample_seeds")))
+    g.add_argument("--seeds", default=seeds, help=f"comma-separated sampling seeds, the same for every run (default: {seeds}).")
+    add_sampling_options(g, steps_option="--sample-steps", batch_option="--sample-batch-size")
     g.add_argument("--clip-model", default=None, help="local transformers CLIPModel folder for the CLIP scores (nothing is downloaded).")
     g.add_argument("--lpips", choices=LPIPS_CHOICES, default="alex",
                    help="LPIPS backbone: alex or vgg (torchvision weights from the torch hub cache); random = untrained, "
@@ -93,56 +111,49 @@ def parse_learning_rates(text: str) -> list[float]:
     return check_learning_rates(values, "--lrs")
 
 
-def check_out_folder(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty report folder without --overwrite, and a file in its place."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file: give a folder for the report.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"--out {out} is not empty: choose another folder or pass --overwrite.")
-
-
 def run_sweep_command(args: argparse.Namespace) -> int:
     # 1. Check every input before loading or training anything.
-    kind = check_sweep_kind(args.kind)
-    out = Path(args.out)
-    check_out_folder(out, args.overwrite)
+    check_sweep_kind(args.kind)
+    check_output_folder(args.out, args.overwrite, what="--out", hint="pass --overwrite")
     lrs = parse_learning_rates(args.lrs)
     knee_threshold = check_fraction("--knee-threshold", args.knee_threshold)
     onset_fraction = check_fraction("--onset-fraction", args.onset_fraction)
-    vectors, token, init_word = _token_names(args, kind)
-    templates = args.template or [DEFAULT_TEMPLATE]
-    eval_config = _evaluation_config(args, token, init_word)
-    train_config = _train_config(args, kind, token, init_word, templates)
-    regularizers = _regularizers(args, init_word, templates) if kind == "lora" else None
-    if kind == "inversion" and args.reg != "none":
+    embedding, token, init_word = _token_names(args, args.kind)
+    templates = args.template or _default("templates")
+    if args.kind == "inversion" and args.reg != "none":
         logger.warning("--reg is ignored by the inversion sweep (it applies to --kind lora).")
-    if kind == "lora" and args.eval_every is not None:
-        logger.warning("--eval-every is ignored by the LoRA sweep: each tuned LoRA is evaluated once, at its last step.")
+    regularizers = [None]
+    if args.kind == "lora":
+        regularizers = regularizers_for_modes(args.reg.split(","), anchor=init_word, templates=templates, t=args.reg_t,
+                                              weight=args.reg_weight, what="--reg")  # fmt: skip
+    config = SweepConfig(
+        kind=args.kind, learning_rates=lrs, steps=args.steps, placeholder=token, initializer=init_word,
+        num_vectors=args.num_vectors, templates=templates, batch_size=args.batch_size, seed=args.seed,
+        clip_skip=args.clip_skip, history_every=args.history_every, eval_every=args.eval_every, rank=args.rank,
+        alpha=args.alpha, targets=args.targets, regularizers=regularizers,
+        prompts=args.prompts or list(DEFAULT_PROMPTS),
+        edit_prompts=args.edit_prompts if args.edit_prompts is not None else list(DEFAULT_EDIT_PROMPTS),
+        sample_seeds=parse_seeds(args.seeds), sampling=sampling_config(args), knee_threshold=knee_threshold,
+        onset_fraction=onset_fraction, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, out=Path(args.out), overwrite=args.overwrite,
+    )  # fmt: skip
     scorers = build_scorers(args)  # a missing LPIPS weight file stops here
     # 2. Load once for the dataset; that bundle serves the first run, later runs load fresh ones.
     first = [load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)]
     dataset = load_dataset_for(args, first[0])
-    if vectors is not None:
-        vectors = vectors.for_family(first[0].family, first[0].embedding_dim)
+    vectors = None if embedding is None else embedding.for_family(first[0].family, first[0].embedding_dim)
 
     def bundle_factory():
         return first.pop() if first else load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
 
-    runs = len(lrs) * (len(regularizers) if regularizers else 1)
-    progress = TerminalProgress(runs * args.steps, f"{kind} sweep, {runs} run(s)")
+    progress = TerminalProgress(config.total_steps, f"{config.kind} sweep, {config.runs} run(s)")
     try:
-        if kind == "inversion":
-            report = inversion_sweep(bundle_factory, dataset, train_config, lrs, eval_config, scorers, progress,
-                                     eval_every=args.eval_every, knee_threshold=knee_threshold)
-        else:
-            report = lora_sweep(bundle_factory, dataset, vectors, token, init_word, train_config, lrs, regularizers,
-                                eval_config, scorers, progress, onset_fraction=onset_fraction)
+        report = run_sweep(config, bundle_factory, dataset, scorers, token_vectors=vectors, on_progress=progress,
+                           settings={"model": args.model, "images": args.images, "embedding": args.embedding,
+                                     "clip_model": args.clip_model, "lpips": args.lpips})  # fmt: skip
     finally:
         progress.close()
-    report.settings.update(model=args.model, images=args.images, embedding=args.embedding, clip_model=args.clip_model, lpips=args.lpips)
-    written = report.save(out, overwrite=args.overwrite)
     logger.info("%s", "\n".join(f"{key}: {value}" for key, value in report.summary.items()))
-    logger.info("wrote %d file(s) into %s", len(written), out)
     return 0
 
 
@@ -158,31 +169,3 @@ def _token_names(args: argparse.Namespace, kind: str):
     token = args.token or embedding.metadata.get("placeholder") or "tok1"
     init_word = args.init_word or embedding.metadata.get("initializer") or "character"
     return embedding, token, init_word
-
-
-def _evaluation_config(args: argparse.Namespace, token: str, init_word: str) -> EvaluationConfig:
-    sampling = SamplingConfig(steps=args.sample_steps, cfg_scale=args.cfg, sampler=args.sampler,
-                              batch_size=args.sample_batch_size, clip_skip=args.clip_skip)
-    return EvaluationConfig(prompts=args.prompts or list(DEFAULT_PROMPTS),
-                            edit_prompts=args.edit_prompts if args.edit_prompts is not None else list(DEFAULT_EDIT_PROMPTS),
-                            placeholder=token, class_word=init_word, seeds=parse_seeds(args.seeds), sampling=sampling)
-
-
-def _train_config(args: argparse.Namespace, kind: str, token: str, init_word: str, templates: list[str]):
-    common = dict(templates=templates, steps=args.steps, batch_size=args.batch_size, seed=args.seed, clip_skip=args.clip_skip,
-                  history_every=args.history_every, mixed_precision=args.mixed_precision,
-                  gradient_checkpointing=args.gradient_checkpointing)
-    if kind == "inversion":
-        return InversionConfig(placeholder=token, initializer=init_word, num_vectors=args.num_vectors, **common)
-    return TuneConfig(rank=args.rank, alpha=args.alpha, targets=args.targets, **common)
-
-
-def _regularizers(args: argparse.Namespace, init_word: str, templates: list[str]) -> list[RegularizerConfig | None]:
-    modes = [m.strip() for m in args.reg.split(",") if m.strip()]
-    if not modes:
-        raise InvalidInputError(f"--reg {args.reg!r} names no regulariser: give e.g. none,path,class.")
-    unknown = [m for m in modes if m not in REGULARIZER_MODES]
-    if unknown:
-        raise InvalidInputError(f"--reg {unknown[0]!r} is not a regulariser; choose from {', '.join(REGULARIZER_MODES)}.")
-    return [None if m == "none" else RegularizerConfig(mode=m, anchor=init_word, templates=templates, t=args.reg_t, weight=args.reg_weight)
-            for m in modes]

@@ -1,10 +1,12 @@
 """The files we read and write: embeddings, LoRAs, and the atomic write both use."""
 
 from .embedding_file import EmbeddingFile, load_embedding, save_embedding
-from .lora_file import apply_kohya_lora, comfyui_lora_key_map, group_kohya_modules, load_lora, lora_state_dict_to_kohya, save_lora
-from ..safe_write import atomic_write, check_output_name, output_path
+from .comfy_lora_keys import comfyui_lora_key_map, comfyui_sdxl_lora_key_map
+from .lora_file import apply_kohya_lora, group_kohya_modules, load_lora, lora_state_dict_to_kohya, save_lora
+from ..safe_write import atomic_write, check_output_folder, check_output_name, output_path
 
 __all__ = [
-    "EmbeddingFile", "apply_kohya_lora", "atomic_write", "check_output_name", "comfyui_lora_key_map", "group_kohya_modules",
-    "load_embedding", "load_lora", "lora_state_dict_to_kohya", "output_path", "save_embedding", "save_lora",
+    "EmbeddingFile", "apply_kohya_lora", "atomic_write", "check_output_folder", "check_output_name", "comfyui_lora_key_map",
+    "comfyui_sdxl_lora_key_map", "group_kohya_modules", "load_embedding", "load_lora", "lora_state_dict_to_kohya",
+    "output_path", "save_embedding", "save_lora",
 ]

@@ -9,15 +9,18 @@ lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha      
 (conv modules keep 4-D weights: down `[rank, in, kh, kw]`, up `[out, rank, 1, 1]`). The update is
 `up @ down * alpha / rank`. Text-encoder modules are `lora_te_text_model_encoder_layers_N_…`.
 The module names are the model family's rule (`ModelFamily.unet_lora_name`, `TextEncoderSpec.lora_name`);
-the above is SD1.5's, what ComfyUI's stock LoraLoader and diffusers' `load_lora_weights` read. The
-PEFT spelling (`unet.….lora_A.weight`) is never written because ComfyUI skips it for attention.
+the above is SD1.5's, what ComfyUI's stock LoraLoader and diffusers' `load_lora_weights` read. SDXL files
+name UNet modules by the original UNet's blocks (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`)
+and its two encoders `lora_te1_…` / `lora_te2_…` (models/families/sdxl_lora.py). The PEFT spelling
+(`unet.….lora_A.weight`) is never written because ComfyUI skips it for attention. What ComfyUI accepts
+is re-derived in `comfy_lora_keys.py`.
 """
 
 import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -27,17 +30,26 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import InvalidInputError, MissingModelFileError
-from ..models import DEFAULT_FAMILY, FAMILIES, ModelFamily, get_family
+from ..models import DEFAULT_FAMILY, FAMILIES, ModelFamily, get_family, supported_families
+from ..models.families.sdxl_lora import CLIP_G_LORA_PREFIX, CLIP_L_LORA_PREFIX, LORA_UNET_PREFIX
 from ..safe_write import atomic_write
+# Re-exported: the key maps were defined here before they got their own module.
+from .comfy_lora_keys import comfyui_lora_key_map, comfyui_sdxl_lora_key_map  # noqa: F401
 
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 
-# A kohya key: the module prefix of a known family (`lora_unet_`, `lora_te_`…), then one of the three parts.
-KOHYA_PREFIXES = tuple(dict.fromkeys(prefix for family in FAMILIES.values() for prefix in family.lora_prefixes))
+# A kohya key: the module prefix of a known family (`lora_unet_`, `lora_te_`…) or of kohya's SDXL files
+# (`lora_te1_`, `lora_te2_`), then one of the three parts.
+_FAMILY_PREFIXES = tuple(prefix for family in FAMILIES.values() for prefix in family.lora_prefixes)
+KOHYA_PREFIXES = tuple(dict.fromkeys(_FAMILY_PREFIXES + (LORA_UNET_PREFIX, CLIP_L_LORA_PREFIX, CLIP_G_LORA_PREFIX)))
 _KOHYA_KEY = re.compile(
     rf"^((?:{'|'.join(map(re.escape, KOHYA_PREFIXES))})\w+)\.({re.escape(DOWN)}|{re.escape(UP)}|{ALPHA})$"
 )
 _EXPECTED_PREFIXES = " or ".join(f"`{prefix}…`" for prefix in KOHYA_PREFIXES)
+
+# The text encoder(s) a call reads or changes: one model (the family's first encoder), or one per encoder
+# of the family in its order, None where absent (SDXL: `[text_encoder, text_encoder_2]`).
+TextEncoders = torch.nn.Module | Sequence[torch.nn.Module | None] | None
 
 # Metadata keys the caller must give; rank and alpha are derived from the tensors if absent.
 REQUIRED_METADATA = ("pivotal.placeholder", "pivotal.base_model")
@@ -53,10 +65,21 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def _models(unet, text_encoder, family: ModelFamily) -> list[tuple[torch.nn.Module, Callable[[str], str]]]:
+def _models(unet, text_encoder: TextEncoders, family: ModelFamily) -> list[tuple[torch.nn.Module, Callable[[str], str]]]:
     """The given models, each with the family's function that names its modules' kohya prefixes."""
-    pairs = [(unet, family.unet_lora_name), (text_encoder, family.text_encoders[0].lora_name)]
-    return [(_unwrap(model), to_prefix) for model, to_prefix in pairs if model is not None]
+    pairs = []
+    if unet is not None:
+        unet = _unwrap(unet)
+        config = getattr(unet, "config", None)  # the block numbers of SDXL's names depend on it
+        pairs.append((unet, lambda name: family.unet_lora_name(name, config)))
+    encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    if len(encoders) > len(family.text_encoders):
+        raise InvalidInputError(
+            f"{len(encoders)} text encoders were given but {family.display_name} has {len(family.text_encoders)} "
+            f"({', '.join(family.embedding_keys)}): give one per encoder, in that order, None where not tuned."
+        )
+    pairs += [(_unwrap(model), spec.lora_name) for model, spec in zip(encoders, family.text_encoders) if model is not None]
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +89,7 @@ def _models(unet, text_encoder, family: ModelFamily) -> list[tuple[torch.nn.Modu
 
 def lora_state_dict_to_kohya(
     unet: torch.nn.Module | None = None,
-    text_encoder: torch.nn.Module | None = None,
+    text_encoder: TextEncoders = None,
     adapter_name: str = "default",
     family: ModelFamily | str = DEFAULT_FAMILY,
 ) -> dict[str, torch.Tensor]:
@@ -77,7 +100,9 @@ def lora_state_dict_to_kohya(
 
     Args:
         unet (`UNet2DConditionModel`, *optional*): the UNet carrying the adapter (or a `PeftModel` of it).
-        text_encoder (`CLIPTextModel`, *optional*): the text encoder carrying the adapter, if it was tuned.
+        text_encoder (`CLIPTextModel` or `list`, *optional*): the text encoder carrying the adapter, if it was
+            tuned; for a family with several (SDXL), a list with one per encoder in the family's order
+            (`[text_encoder, text_encoder_2]`), None where not tuned. A single model is the first encoder.
         adapter_name (`str`): the peft adapter to export.
         family (`ModelFamily` or `str`): the model family, whose rule names the modules.
     """
@@ -154,8 +179,8 @@ def group_kohya_modules(kohya_dict: dict[str, torch.Tensor], where: str = "LoRA"
         if match is None:
             raise InvalidInputError(
                 f"{where}: key {key!r} is not a kohya LoRA key (expected {_EXPECTED_PREFIXES} "
-                "followed by `.lora_down.weight`, `.lora_up.weight` or `.alpha`). Is this an SD1.5 LoRA "
-                "file in kohya format?"
+                f"followed by `.lora_down.weight`, `.lora_up.weight` or `.alpha`). Is this a kohya-format LoRA "
+                f"file for {supported_families()}?"
             )
         modules.setdefault(match.group(1), {})[match.group(2)] = kohya_dict[key]
     if not modules:
@@ -260,7 +285,7 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
 
 def apply_kohya_lora(
     unet: torch.nn.Module | None,
-    text_encoder: torch.nn.Module | None,
+    text_encoder: TextEncoders,
     kohya_dict: dict[str, torch.Tensor],
     adapter_name: str = "default",
     strict: bool = True,
@@ -273,7 +298,8 @@ def apply_kohya_lora(
 
     Args:
         unet (`UNet2DConditionModel`, *optional*): receives the `lora_unet_` modules.
-        text_encoder (`CLIPTextModel`, *optional*): receives the `lora_te_` modules.
+        text_encoder (`CLIPTextModel` or `list`, *optional*): receives the `lora_te_` modules; for SDXL a list
+            `[text_encoder, text_encoder_2]` receiving `lora_te1_` / `lora_te2_` (None where not wanted).
         kohya_dict (`dict[str, Tensor]`): from `load_lora`.
         adapter_name (`str`): name of the new peft adapter; must not exist yet.
         strict (`bool`): raise if any key matches no module, instead of returning them.
@@ -300,8 +326,10 @@ def _plan(unet, text_encoder, modules, adapter_name, family: ModelFamily):
         _check_adapter_free(model, adapter_name)
         targets = {}
         for name, module in model.named_modules():
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, LoraLayer)):
+                continue  # containers have no kohya name (and no LDM one in SDXL's rule)
             prefix = to_prefix(name)
-            if prefix in modules and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, LoraLayer)):
+            if prefix in modules:
                 _check_fits(prefix, modules[prefix], module)
                 targets[name] = modules[prefix]
                 found.add(prefix)
@@ -352,65 +380,3 @@ def _inject(model: torch.nn.Module, targets: dict[str, dict[str, torch.Tensor]],
             layer = model.get_submodule(name)
             layer.lora_A[adapter_name].weight.copy_(parts[DOWN])
             layer.lora_B[adapter_name].weight.copy_(parts[UP])
-
-
-# ---------------------------------------------------------------------------------------------
-# What ComfyUI accepts (re-derived from comfy/lora.py and comfy/utils.py, for tests and checks)
-# ---------------------------------------------------------------------------------------------
-
-# ComfyUI's `unet_to_diffusers` lists, per SD1.5 UNet part, the diffusers weights it knows; a LoRA
-# key is accepted for every one of them. Module-name suffixes of those weights:
-_RESNET_PARTS = r"(?:conv1|time_emb_proj|conv2|conv_shortcut|norm1|norm2)"
-_ATTENTION_PARTS = r"(?:proj_in|proj_out|norm)"
-_TRANSFORMER_PARTS = r"(?:norm[123]|attn[12]\.to_(?:q|k|v|out\.0)|ff\.net\.0\.proj|ff\.net\.2)"
-_UNET_MODULES = re.compile(
-    "|".join(
-        (
-            rf"(?:down_blocks|up_blocks)\.\d+\.resnets\.\d+\.{_RESNET_PARTS}",
-            rf"mid_block\.resnets\.[01]\.{_RESNET_PARTS}",
-            rf"(?:(?:down_blocks|up_blocks)\.\d+|mid_block)\.attentions\.\d+\.{_ATTENTION_PARTS}",
-            rf"(?:(?:down_blocks|up_blocks)\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.{_TRANSFORMER_PARTS}",
-            r"down_blocks\.\d+\.downsamplers\.0\.conv",
-            r"up_blocks\.\d+\.upsamplers\.0\.conv",
-            r"conv_in|conv_norm_out|conv_out|(?:time_embedding|class_embedding|add_embedding)\.linear_[12]",
-        )
-    )
-)
-# ComfyUI's LORA_CLIP_MAP, for layers 0..31 of the CLIP text model.
-_CLIP_MODULES = re.compile(r"encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])")
-_CLIP_MAX_LAYERS = 32
-
-
-def comfyui_lora_key_map(unet_module_names: Iterable[str], text_encoder_module_names: Iterable[str]) -> set[str]:
-    """The LoRA module prefixes stock ComfyUI maps for an SD1.5 model with these diffusers module names.
-
-    A re-derivation of `model_lora_keys_unet` / `model_lora_keys_clip` (comfy/lora.py) for the keys
-    spelled on diffusers names: kohya `lora_unet_…` / `lycoris_…`, diffusers' own (`unet.…processor.to_q`,
-    `to_out.0` → `to_out`), and CLIP `lora_te_` / `lora_te1_` / `text_encoder.text_model.…`. Keys spelled on
-    ComfyUI's internal LDM names, which we never write, are left out.
-
-    Args:
-        unet_module_names (`Iterable[str]`): `name for name, _ in unet.named_modules()`.
-        text_encoder_module_names (`Iterable[str]`): the same for the CLIP text encoder (4.x or 5.x names).
-    """
-    accepted = set()
-    for name in unet_module_names:
-        if _UNET_MODULES.fullmatch(name):
-            accepted.update(("lora_unet_" + name.replace(".", "_"), "lycoris_" + name.replace(".", "_")))
-            # diffusers' old attention-processor spelling, with and without the `unet.` prefix
-            diffusers_name = name.replace(".to_", ".processor.to_")
-            if diffusers_name.endswith(".to_out.0"):
-                diffusers_name = diffusers_name[: -len(".0")]
-            accepted.update((diffusers_name, "unet." + diffusers_name))
-    for name in text_encoder_module_names:
-        match = _CLIP_MODULES.fullmatch(name.removeprefix("text_model."))
-        if match and int(match.group(1)) < _CLIP_MAX_LAYERS:
-            flat = f"{match.group(1)}_{match.group(2).replace('.', '_')}"
-            accepted.update(
-                (
-                    f"lora_te_text_model_encoder_layers_{flat}",
-                    f"lora_te1_text_model_encoder_layers_{flat}",
-                    f"text_encoder.text_model.encoder.layers.{match.group(1)}.{match.group(2)}",
-                )
-            )
-    return accepted

@@ -8,11 +8,13 @@ without the regulariser) compare image for image:
 """
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
+from ..dataset import ImageDataset
 from ..models.bundle import ModelBundle
 from ..errors import InvalidInputError
 from .scores import (
@@ -20,6 +22,7 @@ from .scores import (
     LOCALITY_TIMESTEPS,
     EvaluationReport,
     Metric,
+    dataset_images,
     diversity_metrics,
     editability_metric,
     locality_eps_mse,
@@ -35,6 +38,7 @@ from ..training.recorder import StepCallback
 from .sampling import (
     SampleResult,
     SamplingConfig,
+    apply_lora,
     image_grid,
     sample_images,
 )
@@ -98,8 +102,8 @@ class Scorers:
     """The networks that score images, each None with the reason when unavailable.
 
     Args:
-        lpips (`lpips.LPIPS`, *optional*): from `metrics_lpips.load_lpips`.
-        clip (`ClipScorer`, *optional*): from `metrics_clip.try_load_clip`.
+        lpips (`lpips.LPIPS`, *optional*): from `metrics.lpips_model.load_lpips`.
+        clip (`ClipScorer`, *optional*): from `metrics.clip.try_load_clip`.
         lpips_reason (`str`): why `lpips` is None.
         clip_reason (`str`): why `clip` is None.
     """
@@ -153,7 +157,8 @@ def evaluate(
             (`metrics.dataset_images(dataset, size)`).
         token (`PlaceholderToken`, *optional*): the placeholder in the bundle (expands multi-vector
             prompts; its vectors give the distance metrics).
-        on_step (`callable`, *optional*): `on_step(done, total, {"stage": …})` per generated batch.
+        on_step (`callable`, *optional*): `on_step(done, total, {"stage": …})` per generated batch, counting
+            the batches of every set (`evaluation_batches`); may raise to stop.
     """
     scorers = scorers or Scorers()
     if token is None and config.placeholder not in bundle.tokenizer.get_vocab():
@@ -174,22 +179,72 @@ def evaluate(
     return EvaluationResult(EvaluationReport(metrics, settings), sets)
 
 
+def evaluate_tuned(
+    bundle: ModelBundle,
+    config: EvaluationConfig,
+    scorers: Scorers | None = None,
+    pivot=None,
+    lora: dict[str, torch.Tensor] | None = None,
+    lora_strength: float = 1.0,
+    dataset: ImageDataset | None = None,
+    on_step: StepCallback | None = None,
+) -> EvaluationResult:
+    """Put a trained token and a LoRA into `bundle` (in place; each optional), then `evaluate` it.
+
+    Args:
+        bundle (`ModelBundle`): the base model; the caller lets it be modified.
+        config (`EvaluationConfig`): prompts, seeds, sampling; its placeholder must be the pivot's.
+        scorers (`Scorers`, *optional*): LPIPS and CLIP networks.
+        pivot (`Pivot`, *optional*): the trained token (`pti_ops.pivot`; only its `placeholder` and
+            `apply(bundle)` are used); None: `{}` is filled with the placeholder as plain text.
+        lora (`dict[str, Tensor]`, *optional*): a kohya LoRA, applied at `lora_strength`.
+        lora_strength (`float`): 1 = as trained, 0 = the base model.
+        dataset (`ImageDataset`, *optional*): the training images, the reconstruction target (resized to
+            the generation size); None: reconstruction is not computed.
+        on_step (`callable`, *optional*): as in `evaluate`.
+    """
+    if pivot is not None and pivot.placeholder != config.placeholder:
+        raise InvalidInputError(f"the evaluation's placeholder {config.placeholder!r} is not the trained token "
+                                f"{pivot.placeholder!r}: set `placeholder` of the EvaluationConfig to {pivot.placeholder!r}.")
+    token = None if pivot is None else pivot.apply(bundle)
+    if lora is not None:
+        apply_lora(bundle, lora, lora_strength)
+    training = None
+    if dataset is not None:
+        side = config.sampling.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
+        training = dataset_images(dataset, (side, side))
+    return evaluate(bundle, config, scorers, training, token, on_step)
+
+
+def evaluation_batches(config: EvaluationConfig, with_lora: bool) -> int:
+    """Batches an evaluation generates (what `evaluate`'s `on_step` counts to); `with_lora` adds the locality sets."""
+    per_set = [len(prompts) * len(config.seeds) for _, prompts, _ in _plan(config, with_lora)]
+    return sum(math.ceil(images / config.sampling.batch_size) for images in per_set)
+
+
+def _plan(config: EvaluationConfig, with_lora: bool) -> list[tuple[str, list[str], bool]]:
+    """`(set name, prompts, fill {})` of every set with prompts; locality only with a LoRA."""
+    plan = [("reconstruction", config.prompts, True), ("editability", config.edit_prompts, True)]
+    if with_lora:
+        plan += [("locality_tuned", config.locality_prompts, False), ("locality_base", config.locality_prompts, False)]
+    return [(name, prompts, fill) for name, prompts, fill in plan if prompts]
+
+
 def _generate_sets(bundle, config: EvaluationConfig, token, on_step) -> dict[str, SampleResult]:
     """The image sets, keyed by name; prompts keep `{}` in `items` so reports show the template."""
-    plan = [("reconstruction", config.prompts, True), ("editability", config.edit_prompts, True)]
-    if lora_layers(bundle):
-        plan += [("locality_tuned", config.locality_prompts, False), ("locality_base", config.locality_prompts, False)]
-    sets = {}
-    for name, prompts, fill in plan:
-        if not prompts:
-            continue
+    with_lora = bool(lora_layers(bundle))
+    total, done, sets = evaluation_batches(config, with_lora), 0, {}
+    for name, prompts, fill in _plan(config, with_lora):
         texts = [fill_placeholder(p, config.placeholder) for p in prompts] if fill else list(prompts)
-        progress = None if on_step is None else (lambda d, t, logs, name=name: on_step(d, t, {"stage": name}))
+        progress = None
+        if on_step is not None:  # this set's batches as batches of the whole evaluation
+            progress = lambda d, t, logs, name=name, start=done: on_step(start + d, total, {"stage": name})  # noqa: E731
         if name == "locality_base":
             with adapters_disabled(bundle):
                 result = sample_images(bundle, texts, config.seeds, config.sampling, token, progress)
         else:
             result = sample_images(bundle, texts, config.seeds, config.sampling, token, progress)
+        done += math.ceil(len(texts) * len(config.seeds) / config.sampling.batch_size)
         # Keep the user's template in the items (with {}), the image order is the same.
         result.items = [(p, s) for p in prompts for s in config.seeds]
         sets[name] = result

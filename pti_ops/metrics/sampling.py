@@ -142,6 +142,7 @@ def sample_images(
         token (`PlaceholderToken`, *optional*): expands a multi-vector placeholder in the prompts.
         on_step (`callable`, *optional*): `on_step(done_batches, total_batches, {})`; may raise to stop.
     """
+    bundle.check_trainable("sampling")
     config = config or SamplingConfig()
     if not prompts or not seeds:
         raise InvalidInputError("sampling needs at least one prompt and one seed.")
@@ -259,7 +260,7 @@ def apply_lora(bundle: ModelBundle, kohya_dict: dict[str, torch.Tensor], strengt
         strength (`float`): multiplier of the LoRA update (1 = as trained, 0 = base model).
         adapter_name (`str`): peft adapter name; must not exist yet.
     """
-    apply_kohya_lora(bundle.unet, bundle.text_encoder, kohya_dict, adapter_name=adapter_name, strict=True)
+    apply_kohya_lora(bundle.unet, bundle.text_encoder, kohya_dict, adapter_name=adapter_name, strict=True, family=bundle.family)
     for layer in lora_layers(bundle):
         layer.requires_grad_(False)
     set_lora_strength(bundle, strength, adapter_name)

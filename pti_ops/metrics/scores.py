@@ -3,8 +3,8 @@
 Every metric is one named number with a one-line description of what it measures
 (`METRIC_DESCRIPTIONS`), or `None` with the reason it was not computed (no CLIP model, no training
 images, no LoRA): never a crash and never a stand-in number. Images are float `[N, H, W, 3]` in
-[0, 1] (ComfyUI's IMAGE layout). LPIPS lives in `metrics_lpips.py`, CLIP in `metrics_clip.py`, the
-placeholder's distance in `metrics_distance.py`, the whole evaluation run in `metrics_evaluate.py`.
+[0, 1] (ComfyUI's IMAGE layout). LPIPS lives in `lpips_model.py`, CLIP in `clip.py`, the
+placeholder's distance in `distance.py`, the whole evaluation run in `evaluation.py`.
 """
 
 import json

@@ -5,7 +5,7 @@ The method's modules never branch on a family name; they read what they need fro
 the registry `FAMILIES`, `get_family` and `detect_family`.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,8 +53,9 @@ class TextEncoderSpec:
 
         transformers 5.x flattened `CLIPTextModel` (`encoder.layers.0…`), 4.x has `text_model.encoder…`;
         ComfyUI and diffusers both expect the `text_model_` part in the key, so it is added when absent.
+        `CLIPTextModelWithProjection`'s `text_projection` sits beside `text_model` (`lora_te2_text_projection`).
         """
-        if not module_name.startswith("text_model."):
+        if not module_name.startswith(("text_model.", "text_projection")):
             module_name = "text_model." + module_name
         return self.lora_prefix + module_name.replace(".", "_")
 
@@ -77,7 +78,9 @@ class ModelFamily:
         unet_addition_embed_type (`str`, *optional*): the UNet config's `addition_embed_type` for this
             family (None: conditioning on text alone); `detect_family` matches on it.
         lora_unet_prefix (`str`): kohya LoRA prefix of UNet modules (`lora_unet_`).
-        unet_lora_module (`Callable[[str], str]`): diffusers UNet module name → the rest of its kohya name.
+        unet_lora_module (`Callable[[str, Mapping | None], str]`): (diffusers UNet module name, the UNet's
+            diffusers config) → the rest of its kohya name. SD1.5 keeps diffusers' names and ignores the
+            config; SDXL's LDM block numbers depend on it (`families/sdxl_lora.py`).
         encode_tokens (`Callable`): `(text_encoder, input_ids [b, tokens], clip_skip) -> [b, tokens, dim]`,
             how one encoder's token ids become its block of the cross-attention conditioning.
         encode_conditioning (`Callable`): `(text_encoders, input_ids, clip_skip) -> Conditioning`, the
@@ -100,7 +103,7 @@ class ModelFamily:
     vae_prefix: str
     unet_addition_embed_type: str | None
     lora_unet_prefix: str
-    unet_lora_module: Callable[[str], str] = field(repr=False)
+    unet_lora_module: Callable[[str, Mapping | None], str] = field(repr=False)
     encode_tokens: Callable[[torch.nn.Module, torch.Tensor, int], torch.Tensor] = field(repr=False)
     encode_conditioning: Callable[[Sequence[torch.nn.Module], Sequence[torch.Tensor], int], Conditioning] = field(repr=False)
     default_clip_skip: int = 1
@@ -150,6 +153,12 @@ class ModelFamily:
         """Every kohya module prefix a LoRA of this family uses (UNet first)."""
         return (self.lora_unet_prefix,) + tuple(encoder.lora_prefix for encoder in self.text_encoders)
 
-    def unet_lora_name(self, module_name: str) -> str:
-        """Kohya module name of a diffusers UNet module (`lora_unet_down_blocks_0_…_to_q` for SD1.5)."""
-        return self.lora_unet_prefix + self.unet_lora_module(module_name)
+    def unet_lora_name(self, module_name: str, unet_config: Mapping | None = None) -> str:
+        """Kohya module name of a diffusers UNet module (`lora_unet_down_blocks_0_…_to_q` for SD1.5).
+
+        Args:
+            module_name (`str`): as `unet.named_modules()` gives it.
+            unet_config (`dict`, *optional*): the UNet's diffusers config (`unet.config`), which families that
+                rename blocks (SDXL) need.
+        """
+        return self.lora_unet_prefix + self.unet_lora_module(module_name, unet_config)

@@ -12,8 +12,8 @@ SDXL's (that of `sd_xl_base_1.0.safetensors`) has the same UNet (plus `label_emb
                                                     `attn.in_proj_*`, `text_projection` as `x @ P`)
   v_pred, ztsnr                                     empty marker tensors, only for v-prediction / zero SNR
 The renames work for any number of UNet/VAE levels, any (integer) `layers_per_block` and any number
-of transformer blocks per res block, so the tiny test models and SDXL's variants round-trip. The
-reverse direction is diffusers' own converters (`single_file.py`), so a file written here is checked
+of transformer blocks per res block, so the tiny test models and SDXL's variants round-trip; the
+UNet's live in `ldm_unet_names.py` (SDXL's LoRA names use them too). The reverse direction is diffusers' own converters (`single_file.py`), so a file written here is checked
 against an independent implementation.
 """
 
@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from .bundle import ModelBundle
 from .families import DEFAULT_FAMILY
 from .family import ModelFamily
+from .ldm_unet_names import ldm_unet_key, uniform_layers_per_block, unet_prefix_map
 from ..errors import InvalidInputError, OutputExistsError
 from ..safe_write import atomic_write
 
@@ -50,24 +51,6 @@ MAX_EMBEDDED_VOCAB = 4096
 
 SAVE_DTYPES = (torch.float16, torch.float32)
 
-# diffusers ResnetBlock2D names -> LDM ResBlock names (UNet only; the VAE keeps diffusers' inner names).
-_UNET_RESNET_RENAMES = (
-    ("norm1.", "in_layers.0."),
-    ("conv1.", "in_layers.2."),
-    ("norm2.", "out_layers.0."),
-    ("conv2.", "out_layers.3."),
-    ("time_emb_proj.", "emb_layers.1."),
-    ("conv_shortcut.", "skip_connection."),
-)
-_UNET_TOP_LEVEL = {
-    "time_embedding.linear_1.": "time_embed.0.",
-    "time_embedding.linear_2.": "time_embed.2.",
-    "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's added conditioning
-    "add_embedding.linear_2.": "label_emb.0.2.",
-    "conv_in.": "input_blocks.0.0.",
-    "conv_norm_out.": "out.0.",
-    "conv_out.": "out.2.",
-}
 # diffusers Attention names -> LDM AttnBlock names in the VAE's middle block.
 _VAE_ATTENTION_RENAMES = (
     ("group_norm.", "norm."),
@@ -76,57 +59,6 @@ _VAE_ATTENTION_RENAMES = (
     ("to_v.", "v."),
     ("to_out.0.", "proj_out."),
 )
-
-
-def _layers_per_block(config: dict, what: str) -> int:
-    layers = config["layers_per_block"]
-    if not isinstance(layers, int):
-        raise ValueError(f"{what} has per-level layers_per_block {layers!r}; the LDM layout needs one integer.")
-    return layers
-
-
-def unet_prefix_map(config: dict) -> dict[str, tuple[str, bool]]:
-    """diffusers UNet prefix -> (LDM prefix, whether the block is a resnet), for any number of levels.
-
-    Args:
-        config (`dict`): the UNet's diffusers config (`block_out_channels`, `layers_per_block`, `up_block_types`).
-    """
-    n_levels = len(config["block_out_channels"])
-    r = _layers_per_block(config, "the UNet")
-    # LDM numbers blocks flat: input block 0 is conv_in, then per level r (resnet, attention) pairs and
-    # a downsampler; output blocks are r + 1 per level, the upsampler sitting in the level's last one.
-    prefixes = {}
-    for i in range(n_levels):
-        for j in range(r):
-            prefixes[f"down_blocks.{i}.resnets.{j}."] = (f"input_blocks.{1 + i * (r + 1) + j}.0.", True)
-            prefixes[f"down_blocks.{i}.attentions.{j}."] = (f"input_blocks.{1 + i * (r + 1) + j}.1.", False)
-        if i < n_levels - 1:
-            prefixes[f"down_blocks.{i}.downsamplers.0.conv."] = (f"input_blocks.{(i + 1) * (r + 1)}.0.op.", False)
-    for u in range(n_levels):
-        # The upsampler follows the attention when the level has one: index 2, else 1.
-        upsampler_index = 2 if "CrossAttn" in config["up_block_types"][u] else 1
-        for j in range(r + 1):
-            prefixes[f"up_blocks.{u}.resnets.{j}."] = (f"output_blocks.{u * (r + 1) + j}.0.", True)
-            prefixes[f"up_blocks.{u}.attentions.{j}."] = (f"output_blocks.{u * (r + 1) + j}.1.", False)
-        if u < n_levels - 1:
-            prefixes[f"up_blocks.{u}.upsamplers.0."] = (f"output_blocks.{u * (r + 1) + r}.{upsampler_index}.", False)
-    prefixes["mid_block.resnets.0."] = ("middle_block.0.", True)
-    prefixes["mid_block.attentions.0."] = ("middle_block.1.", False)
-    prefixes["mid_block.resnets.1."] = ("middle_block.2.", True)
-    return prefixes
-
-
-def _unet_key_to_ldm(key: str, prefixes: dict[str, tuple[str, bool]]) -> str:
-    for old, new in _UNET_TOP_LEVEL.items():
-        if key.startswith(old):
-            return new + key[len(old):]
-    for old, (new, is_resnet) in prefixes.items():
-        if key.startswith(old):
-            rest = key[len(old):]
-            if is_resnet:
-                rest = next((b + rest[len(a):] for a, b in _UNET_RESNET_RENAMES if rest.startswith(a)), rest)
-            return new + rest
-    raise ValueError(f"UNet weight {key!r} has no place in the LDM layout (class embeddings?).")
 
 
 def unet_to_ldm(state: dict[str, torch.Tensor], config: dict, family: ModelFamily = DEFAULT_FAMILY) -> dict[str, torch.Tensor]:
@@ -138,7 +70,7 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict, family: ModelFamil
         family (`ModelFamily`): gives the single-file prefix.
     """
     prefixes = unet_prefix_map(config)
-    return {family.unet_prefix + _unet_key_to_ldm(key, prefixes): value for key, value in state.items()}
+    return {family.unet_prefix + ldm_unet_key(key, prefixes): value for key, value in state.items()}
 
 
 def vae_prefix_map(config: dict) -> dict[str, str]:
@@ -148,7 +80,7 @@ def vae_prefix_map(config: dict) -> dict[str, str]:
         config (`dict`): the VAE's diffusers config (`block_out_channels`, `layers_per_block`).
     """
     n_levels = len(config["block_out_channels"])
-    r = _layers_per_block(config, "the VAE")
+    r = uniform_layers_per_block(config, "the VAE")
     prefixes = {"encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out."}
     for part in ("encoder", "decoder"):
         prefixes[f"{part}.mid_block.resnets.0."] = f"{part}.mid.block_1."

@@ -11,12 +11,12 @@ centred one is worked out in docs/norm-stats.md.
 
 This module holds what a caller uses: `NormStatsConfig`, `NormStats` and `compute_norm_stats`,
 and re-exports the parts, which live in one module per concept:
-- norm_stats_spaces.py: the spaces (`SPACES`, `EOS`) and how each is read from an encoder;
-- norm_stats_captions.py: caption files, tokenizing, the token position per caption;
-- norm_stats_geometry.py: `ShellStats`, the held-out spread around a fitted or given centre;
-- norm_stats_endpoints.py: SLERP endpoints and SLERP/vSLERP gaps;
-- norm_stats_report.py: summary, report, JSON, plot;
-- norm_stats_synthetic.py: synthetic shells and LayerNorm outputs with known answers.
+- spaces.py: the spaces (`SPACES`, `EOS`) and how each is read from an encoder;
+- captions.py: caption files, tokenizing, the token position per caption;
+- geometry.py: `ShellStats`, the held-out spread around a fitted or given centre;
+- endpoints.py: SLERP endpoints and SLERP/vSLERP gaps;
+- report.py: summary, report, JSON, plot;
+- synthetic.py: synthetic shells and LayerNorm outputs with known answers.
 """
 
 import json
@@ -68,7 +68,7 @@ class NormStatsConfig:
     """What to measure.
 
     Args:
-        space (`str`): one of `SPACES` (see norm_stats_spaces.py).
+        space (`str`): one of `SPACES` (see spaces.py).
         position (`int` or `str`, *optional*): a token index (5 is `tok1` in `an anime illustration
             of tok1`; 0 is the start token), `"eos"`, or a word whose first occurrence is located in
             each caption (captions without it are left out with a warning). Default: the template's

@@ -3,7 +3,7 @@
 A row is one evaluated model (inversion: one learning rate at one recorded step; LoRA: one
 learning rate with one regulariser) with flat values, a value of None meaning "not computed" and
 `row["reasons"][column]` saying why. Plots and grids are float `[H, W, 3]` arrays in [0, 1] (one
-ComfyUI IMAGE each), made by `sweeps_plots.py`.
+ComfyUI IMAGE each), made by `plots.py`.
 """
 
 import csv

@@ -1,7 +1,7 @@
 """Learning-rate sweeps of the notes (METHOD.md, "Experiments"): inversion and LoRA.
 
 Each run trains a fresh bundle from `bundle_factory` (training mutates its bundle), then the
-evaluation generates fixed prompts × fixed seeds and scores them (`metrics_evaluate.evaluate`).
+evaluation generates fixed prompts × fixed seeds and scores them (`metrics.evaluation.evaluate`).
 Nothing is validated during training: evaluation happens after each run, on the inversion's
 snapshots (every `eval_every` steps, or only the last step by default) or on the tuned LoRA.
 
@@ -11,8 +11,8 @@ snapshots (every `eval_every` steps, or only the last step by default) or on the
   diversity, position spread and locality; the onset of position learning per regulariser.
 
 Editability is CLIP's (TI protocol) when a CLIP model is given; the inversion sweep also always
-reports the CLIP-free edit drift (`sweeps_rows.py`). Rows, summaries: `sweeps_rows.py`; the fit,
-knee and onset: `sweeps_analysis.py`; files: `sweeps_report.py`; plots and grids: `sweeps_plots.py`.
+reports the CLIP-free edit drift (`rows.py`). Rows, summaries: `rows.py`; the fit,
+knee and onset: `analysis.py`; files: `report.py`; plots and grids: `plots.py`.
 """
 
 import gc
@@ -88,7 +88,7 @@ def inversion_sweep(
             the sweep; `logs` has `run` and `stage` (`train`/`evaluate`). It may raise to stop.
         eval_every (`int`, *optional*): evaluate every this many steps (a multiple of the config's
             `history_every`) and at the last; None = the last step only (evaluation is the costly part).
-        knee_threshold (`float`): see `sweeps_analysis.find_knee`.
+        knee_threshold (`float`): see `sweeps.analysis.find_knee`.
         evaluate_initial (`bool`): also evaluate the initializer's embedding (distance 0), once.
     """
     lrs = check_learning_rates(learning_rates)

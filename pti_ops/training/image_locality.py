@@ -31,7 +31,7 @@ def image_locality_loss(
 
     Args:
         bundle (`ModelBundle`): the model, for its scheduler and VAE.
-        lpips_model (`lpips.LPIPS`): see `metrics_lpips.load_lpips`.
+        lpips_model (`lpips.LPIPS`): see `metrics.lpips_model.load_lpips`.
         batch (`NoisedBatch`): the regularisation batch the predictions were made on.
         tuned (`torch.Tensor`): the tuned UNet's prediction (carries the gradient).
         base (`torch.Tensor`): the original UNet's prediction (the target).

@@ -4,7 +4,7 @@
 2 the penultimate; the final LayerNorm is applied in every case, as A1111 and ComfyUI do for SD1.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -43,8 +43,9 @@ def encode_clip_conditioning(
     return Conditioning(hidden, None, (hidden.shape[-1],))
 
 
-def diffusers_module_lora_name(module_name: str) -> str:
-    """Kohya names on diffusers module names: `down_blocks.0.….to_out.0` → `down_blocks_0_…_to_out_0`."""
+def diffusers_module_lora_name(module_name: str, unet_config: Mapping | None = None) -> str:
+    """Kohya names on diffusers module names: `down_blocks.0.….to_out.0` → `down_blocks_0_…_to_out_0`
+    (kohya's sd-scripts trains SD1.5 on the diffusers UNet; the config is not needed)."""
     return module_name.replace(".", "_")
 
 

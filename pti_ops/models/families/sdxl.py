@@ -25,6 +25,7 @@ from ...errors import InvalidInputError
 from ..conditioning import NUM_TIME_IDS, Conditioning
 from ..family import ModelFamily, TextEncoderSpec
 from ..ldm_shapes import unet_config_from_shapes
+from .sdxl_lora import CLIP_G_LORA_PREFIX, CLIP_L_LORA_PREFIX, LORA_UNET_PREFIX, sdxl_unet_lora_module
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sdxl"
 PENULTIMATE = 2
@@ -32,14 +33,14 @@ PENULTIMATE = 2
 CLIP_L = TextEncoderSpec(
     name="clip_l",
     width=768,
-    lora_prefix="lora_te1_",
+    lora_prefix=CLIP_L_LORA_PREFIX,
     single_file_prefix="conditioner.embedders.0.transformer.",
     comfy_tokenizer="sd1_tokenizer",
 )
 CLIP_G = TextEncoderSpec(
     name="clip_g",
     width=1280,
-    lora_prefix="lora_te2_",
+    lora_prefix=CLIP_G_LORA_PREFIX,
     single_file_prefix="conditioner.embedders.1.model.",
     comfy_tokenizer="sd1_tokenizer",  # ComfyUI's SDXLClipGTokenizer reads CLIP-L's BPE files, padding with id 0
     pad_token="!",
@@ -86,14 +87,6 @@ def encode_sdxl_conditioning(
     return Conditioning.from_blocks((out_l.hidden_states[-clip_skip], out_g.hidden_states[-clip_skip]), out_g.text_embeds)
 
 
-def unet_lora_module_not_yet(module_name: str) -> str:
-    """SDXL's kohya UNet names use the original block names (`input_blocks_4_1_…`): not written yet."""
-    raise NotImplementedError(
-        f"SDXL LoRA key names (original UNet block names, e.g. lora_unet_input_blocks_4_1_…) are not implemented yet; "
-        f"asked for {module_name!r}."
-    )
-
-
 def derive_sdxl_unet_config(state: dict[str, torch.Tensor], shipped: dict) -> dict:
     """The UNet config of an SDXL-family single file from its tensor shapes (`ldm_shapes`)."""
     unet = {k[len(UNET_PREFIX) :]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
@@ -111,8 +104,8 @@ SDXL = ModelFamily(
     unet_prefix=UNET_PREFIX,
     vae_prefix="first_stage_model.",
     unet_addition_embed_type="text_time",
-    lora_unet_prefix="lora_unet_",
-    unet_lora_module=unet_lora_module_not_yet,
+    lora_unet_prefix=LORA_UNET_PREFIX,
+    unet_lora_module=sdxl_unet_lora_module,
     encode_tokens=encode_hidden_tokens,
     encode_conditioning=encode_sdxl_conditioning,
     default_clip_skip=PENULTIMATE,

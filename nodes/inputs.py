@@ -1,0 +1,97 @@
+"""Widget specs: short constructors, the inputs several nodes share, and defaults read from the core's configs.
+
+A node's `INPUT_TYPES` reads as a list of named widgets: `"steps": int_input(default_of(TuneConfig,
+"steps"), 1, 100000, "...")`. A default comes from the config field the widget fills, so the node,
+the CLI and the core cannot disagree. Input names, types and order are what workflows store (by
+position): never rename or reorder them.
+"""
+
+from ..pti_ops.checks import default_of
+from ..pti_ops.inversion import InversionConfig
+from ..pti_ops.training import MIXED_PRECISION_MODES
+
+__all__ = ["default_of"]  # re-exported: the node modules read their widgets' defaults through it
+
+# ComfyUI's widest INT (seeds).
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def link(kind: str, tooltip: str, **options) -> tuple:
+    """A socket fed by another node's output (MODEL, PIVOTAL_DATASET, …)."""
+    return (kind, {**options, "tooltip": tooltip})
+
+
+def int_input(default: int, min: int, max: int, tooltip: str, **options) -> tuple:
+    return ("INT", {"default": default, "min": min, "max": max, **options, "tooltip": tooltip})
+
+
+def float_input(default: float, min: float, max: float, step: float, tooltip: str, **options) -> tuple:
+    return ("FLOAT", {"default": default, "min": min, "max": max, "step": step, **options, "tooltip": tooltip})
+
+
+def string_input(default: str, tooltip: str, multiline: bool = False, **options) -> tuple:
+    return ("STRING", {"default": default, **({"multiline": True} if multiline else {}), **options, "tooltip": tooltip})
+
+
+def lines_input(lines, tooltip: str) -> tuple:
+    """A multiline STRING widget holding one entry per line (templates, prompts)."""
+    return string_input("\n".join(lines), tooltip, multiline=True)
+
+
+def bool_input(default: bool, tooltip: str) -> tuple:
+    return ("BOOLEAN", {"default": default, "tooltip": tooltip})
+
+
+def combo(values, default: str, tooltip: str) -> tuple:
+    return (list(values), {"default": default, "tooltip": tooltip})
+
+
+def retooltip(spec: tuple, tooltip: str) -> tuple:
+    """`spec` with another tooltip (a shared widget whose meaning a node narrows)."""
+    return (spec[0], {**spec[1], "tooltip": tooltip})
+
+
+def format_numbers(values) -> str:
+    """`[1e-4, 5e-4, 0.5]` → `"1e-4, 5e-4, 0.5"`: a comma list as people write learning rates."""
+
+    def short(value: float) -> str:
+        mantissa, exponent = f"{value:e}".split("e")
+        if abs(int(exponent)) < 3:
+            return f"{value:g}"
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+    return ", ".join(short(value) for value in values)
+
+
+# --- inputs several nodes share ---------------------------------------------------------------
+
+MODEL_INPUTS = {
+    "model": link("MODEL", "The SD1.5 model (from Load Checkpoint). It is only read: the core works on a converted copy."),
+    "clip": link("CLIP", "The model's CLIP text encoder. It is only read; CLIPSetLastLayer is honoured."),
+    "vae": link("VAE", "The model's VAE (training images in, generated images out). It is only read."),
+}
+# The models and the training images: the first inputs of every node that trains.
+TRAINING_INPUTS = {
+    **MODEL_INPUTS,
+    "dataset": link("PIVOTAL_DATASET", "The character's training images (PivotalDatasetFromFolder or FromImages)."),
+}
+SEED = int_input(
+    0, 0, MAX_SEED, "Fixes the noise, timesteps, image order, flips and caption choice: the same seed and inputs give "
+    "the same result on the same device.", control_after_generate=True,
+)  # fmt: skip
+OVERWRITE = bool_input(
+    False, "Replace an existing file of the same name. Off: an existing file stops the run before training, so a "
+    "finished result is never lost by accident.",
+)  # fmt: skip
+TEMPLATES_TOOLTIP = (
+    "Prompt templates, one per line, with {} where the placeholder goes; used for images without their own caption. "
+    "Describe what is constant in the images (style, framing), not the character."
+)
+# Memory options of the training nodes (optional inputs: older workflows keep the defaults).
+MEMORY_OPTIONS = {
+    "mixed_precision": combo(MIXED_PRECISION_MODES, default_of(InversionConfig, "mixed_precision"), "no: float32. "
+        "bf16 (GPU or CPU) / fp16 (GPU only): forward passes in half precision, about half the activation memory and "
+        "faster on GPUs; the trained tensors stay float32."),
+    "gradient_checkpointing": bool_input(default_of(InversionConfig, "gradient_checkpointing"), "Recompute the UNet's "
+        "activations during the backward pass instead of storing them: much less memory, about 30% slower."),
+}  # fmt: skip
