@@ -136,3 +136,21 @@ def test_evaluate_and_sweep_share_the_sampling_options_and_defaults():
                                "--steps", "50", "--sample-steps", "7", "--sample-batch-size", "2", "--cfg", "3"])  # fmt: skip
     assert sampling_config(evaluate) == sampling_config(sweep) == SamplingConfig(steps=7, batch_size=2, cfg_scale=3.0)
     assert sweep.steps == 50  # the sweep's --steps trains
+
+
+def test_the_same_run_gives_byte_identical_files_across_processes(tmp_path, image_folder):
+    """Reproducibility a user can check with sha256sum: `run` twice, each in a fresh interpreter."""
+    import hashlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    digests = []
+    for run in ("a", "b"):
+        folder = tmp_path / run
+        args = ["run", *_tune_common(image_folder), "--token", "tok1", "--init-word", "character", "--ti-steps", "3",
+                "--ti-lr", "0.01", "--out-embedding", str(folder / "tok1.safetensors"), "--out-lora", str(folder / "lora.safetensors")]
+        repo = Path(__file__).resolve().parents[1]
+        subprocess.run([sys.executable, "-m", "pti_ops", *args], check=True, cwd=repo, capture_output=True)
+        digests.append([hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in ("tok1.safetensors", "lora.safetensors")])
+    assert digests[0] == digests[1]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
 from ..errors import InvalidInputError
 from ..models import DEFAULT_FAMILY, FAMILIES, ModelFamily, get_family
-from ..safe_write import atomic_write
+from ..safe_write import write_safetensors
 
 FORMAT_VERSION = "1"
 
@@ -138,7 +138,7 @@ def save_embedding(
         raise InvalidInputError(f"embedding has a different number of vectors per text encoder {counts}; they must match.")
     meta = {"format": "pt", "pivotal.format_version": FORMAT_VERSION, "model_family": family.name}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite)
+    return write_safetensors(path, tensors, meta, overwrite=overwrite)
 
 
 def load_embedding(path: str | os.PathLike) -> EmbeddingFile:

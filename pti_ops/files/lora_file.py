@@ -27,12 +27,11 @@ import torch
 from peft import LoraConfig, PeftModel, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..errors import InvalidInputError, MissingModelFileError
 from ..models import DEFAULT_FAMILY, FAMILIES, ModelFamily, get_family, supported_families
 from ..models.families.sdxl_lora import CLIP_G_LORA_PREFIX, CLIP_L_LORA_PREFIX, LORA_UNET_PREFIX
-from ..safe_write import atomic_write
+from ..safe_write import write_safetensors
 # Re-exported: the key maps were defined here before they got their own module.
 from .comfy_lora_keys import comfyui_lora_key_map, comfyui_sdxl_lora_key_map  # noqa: F401
 
@@ -247,7 +246,7 @@ def save_lora(
     file_metadata = {"pivotal.rank": rank, "pivotal.alpha": alpha, **metadata}
     file_metadata.update(ss_network_module="networks.lora", ss_network_dim=rank, ss_network_alpha=alpha)
     tensors = {key: value.detach().contiguous() for key, value in kohya_dict.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=file_metadata), overwrite=overwrite)
+    return write_safetensors(path, tensors, file_metadata, overwrite=overwrite)
 
 
 def _summary(modules: dict[str, dict[str, torch.Tensor]]) -> tuple[str, str]:
