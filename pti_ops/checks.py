@@ -73,3 +73,15 @@ def default_of(config_class: type, name: str) -> Any:
                 return f.default_factory()
             raise KeyError(f"{config_class.__name__}.{name} has no default")
     raise KeyError(f"{config_class.__name__} has no field {name!r}")
+
+
+def check_finite(tensor, what: str) -> None:
+    """Raise unless every value of `tensor` is finite; `what` names the tensor and the file it came from."""
+    import torch
+
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise InvalidInputError(
+            f"{what} holds {bad} NaN or infinite value(s): the file is damaged or comes from a diverged run, "
+            "so it is not used."
+        )

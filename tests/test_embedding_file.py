@@ -172,3 +172,18 @@ def test_diffusers_loads_our_sdxl_file_into_both_encoders(tmp_path):
     for key, tokenizer, encoder in (("clip_l", pipe.tokenizer, pipe.text_encoder), ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2)):
         ids = tokenizer(pipe.maybe_convert_prompt("a tok1", tokenizer), add_special_tokens=False).input_ids[1:]
         assert torch.equal(encoder.get_input_embeddings().weight[ids], vectors[key])
+
+
+def test_embedding_with_nan_is_refused_at_load_naming_file_and_tensor(tmp_path, capsys):
+    path = save_embedding(tmp_path / "bad.safetensors", torch.tensor([[1.0, float("nan"), 2.0]]))
+    with pytest.raises(InvalidInputError, match=r"embedding 'clip_l' in .*bad\.safetensors holds 1 NaN or infinite value"):
+        load_embedding(path)
+    # Through the CLI: exit 2 with that message, not a divergence blamed on the learning rate.
+    from pti_ops.cli import main
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red character\na blue character\na character in the city\n")
+    code = main(["norm-stats", "--model", "tiny", "--captions", str(captions), "--template", "a drawing of {}",
+                 "--class-word", "character", "--embedding", str(path), "--out", str(tmp_path / "s.json")])
+    assert code == 2 and "NaN or infinite" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()

@@ -249,3 +249,16 @@ def test_predicted_x0_inverts_the_noising():
     timesteps = torch.tensor([10, 500, 990])
     noisy = bundle.noise_scheduler.add_noise(latents, noise, timesteps)
     assert torch.allclose(predicted_x0(bundle.noise_scheduler, noisy, timesteps, noise), latents, atol=1e-3)
+
+
+def test_a_checkpoint_with_nan_is_refused_naming_the_tensor(tmp_path):
+    bundle, dataset, token = _setup()
+    with pytest.raises(KeyboardInterrupt):
+        run_tuning(bundle, dataset, token, _config(steps=5), on_step=lambda s, t, l: (_ for _ in ()).throw(KeyboardInterrupt),
+                   checkpoint=str(tmp_path / "c.ckpt"))
+    state = torch.load(str(tmp_path / "c.ckpt"), weights_only=True)
+    state["trained"][1][0] = float("inf")
+    torch.save(state, str(tmp_path / "c.ckpt"))
+    bundle, dataset, token = _setup()
+    with pytest.raises(InvalidInputError, match=r"trained tensor 1 of checkpoint .*c\.ckpt holds \d+ NaN or infinite"):
+        run_tuning(bundle, dataset, token, _config(steps=5), resume_from=str(tmp_path / "c.ckpt"))

@@ -342,6 +342,15 @@ def test_layernorm_bias_centre_round_trips_through_json(tmp_path):
     assert NormStats.load_json(data).centre == "mean"
 
 
+def test_norm_statistics_with_nan_centres_are_refused(tmp_path):
+    bundle, _, _ = tiny_with_final_layernorm(uniform=False)
+    stats = compute_norm_stats(bundle.tokenizer, bundle.text_encoder, tiny_captions(20), NormStatsConfig(space="hidden", position=5))
+    data = stats.to_json()
+    data["centres"][3][0] = float("nan")
+    with pytest.raises(InvalidInputError, match="vSLERP centres of norm statistics .* NaN or infinite"):
+        NormStats.load_json(data)
+
+
 # --- captions -------------------------------------------------------------------------------------
 
 

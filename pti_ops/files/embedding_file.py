@@ -18,6 +18,7 @@ from safetensors.torch import load_file, safe_open
 
 from ..errors import InvalidInputError
 from ..models import DEFAULT_FAMILY, FAMILIES, ModelFamily, get_family
+from ..checks import check_finite
 from ..safe_write import write_safetensors
 
 FORMAT_VERSION = "1"
@@ -189,6 +190,7 @@ def _embedding_tensors(state, path: Path) -> dict[str, torch.Tensor]:
             value = value[None]
         if value.ndim != 2:
             raise InvalidInputError(f"embedding {key!r} in {path} has shape {tuple(value.shape)}, expected [n_vectors, dim].")
+        check_finite(value, f"embedding {key!r} in {path}")
         tensors[key] = value.contiguous()
     if not tensors:
         raise InvalidInputError(f"embedding file {path} contains no embedding tensor.")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import check_finite
 from ..errors import InvalidInputError
 from .endpoints import EndpointStats
 from .geometry import ROUNDING, ShellStats
@@ -189,9 +190,11 @@ def fields_from_json(source) -> dict:
             f"(expected format {JSON_FORMAT!r} version {JSON_VERSION}): write one with `norm-stats --out`."
         )
     try:
-        return _fields_from_dict(data)
+        found = _fields_from_dict(data)
     except (KeyError, TypeError, ValueError) as err:
         raise InvalidInputError(f"norm statistics {source if not isinstance(source, dict) else 'data'} are incomplete or damaged: {err!r}.") from err
+    check_finite(found["centres"], f"the vSLERP centres of norm statistics {source if not isinstance(source, dict) else 'data'}")
+    return found
 
 
 def _fields_from_dict(data: dict) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import check_finite
 from ..errors import InvalidInputError
 from ..safe_write import atomic_write
 
@@ -50,6 +51,8 @@ def load_checkpoint(path: str | os.PathLike, config: dict) -> dict:
             f"checkpoint {path} was made with other settings ({', '.join(changed)} differ): resume with the same "
             f"settings; only {', '.join(RESUMABLE_CHANGES)} may change."
         )
+    for index, tensor in enumerate(state["trained"]):
+        check_finite(tensor, f"trained tensor {index} of checkpoint {path}")
     if state["step"] > config["steps"]:
         raise InvalidInputError(f"checkpoint {path} is at step {state['step']}, past the {config['steps']} steps asked.")
     return state
