@@ -10,7 +10,7 @@ import math
 import torch
 
 from ..pti_ops.errors import InvalidInputError
-from ..pti_ops.files import check_output_name
+from ..pti_ops.files import check_if_exists, check_output_name
 from ..pti_ops.metrics import figure_to_array, history_figure
 from . import bridge
 
@@ -57,6 +57,11 @@ def validate_name(value, what: str):
     if value is None:  # fed by a link: checked when the node runs
         return True
     return validation_message(lambda: check_output_name(value, what))
+
+
+def if_exists_policy(overwrite: bool, if_exists: str) -> str:
+    """The file-name policy of a node: its older `overwrite` switch, when on, wins over `if_exists`."""
+    return "overwrite" if overwrite else check_if_exists(if_exists)
 
 
 def history_every(steps: int, eval_every: int = 0) -> int:

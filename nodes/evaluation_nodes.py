@@ -8,15 +8,15 @@ reason; nothing is downloaded.
 import logging
 
 from ..pti_ops.errors import InvalidInputError, ModelLoadError
-from ..pti_ops.files import check_output_folder, check_output_name
+from ..pti_ops.files import check_output_name, output_folder
 from ..pti_ops.metrics import LPIPS_NETS, SAMPLERS, EvaluationConfig, SamplingConfig, Scorers, evaluate_tuned
 from ..pti_ops.metrics import evaluation_batches, load_lpips, try_load_clip
 from ..pti_ops.pivot import Pivot
 from ..pti_ops.sweeps import SWEEP_KINDS, SweepConfig, check_learning_rates, run_sweep
 from . import bridge
 from .common import converted, core_run, history_every, parse_floats, parse_ints, split_lines
-from .common import validation_message
-from .inputs import MEMORY_OPTIONS, MODEL_INPUTS, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, bool_input, combo
+from .common import if_exists_policy, validation_message
+from .inputs import IF_EXISTS, MEMORY_OPTIONS, MODEL_INPUTS, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, bool_input, combo
 from .inputs import default_of, float_input, format_numbers, int_input, lines_input, link, retooltip, string_input
 
 logger = logging.getLogger(__name__)
@@ -244,8 +244,8 @@ class PivotalSweep:
                 "output_folder": string_input("pivotal_lr_sweep", "Folder name inside ComfyUI's output folder for the "
                     "report: sweep.csv/json/md, plots/, grids/ and every evaluated embedding or LoRA (letters, digits, "
                     "_ - .)."),
-                "overwrite": retooltip(OVERWRITE, "Write into a non-empty output folder, replacing the report's files. "
-                    "Off: a non-empty folder stops the sweep before any training."),
+                "overwrite": retooltip(OVERWRITE, "On: write into a non-empty output folder, replacing the report's "
+                    "files (as if_exists = overwrite; kept so that saved workflows keep working). Off: if_exists decides."),
             },
             "optional": {
                 "embedding": link("PIVOTAL_EMBEDDING", "lora: the trained token the LoRAs are tuned around "
@@ -253,6 +253,10 @@ class PivotalSweep:
                 "regularizer": link("PIVOTAL_REGULARIZER", "lora: the locality regulariser (SlerpRegularizer) of the "
                     "runs; see compare_without_regularizer. Ignored by inversion."),
                 **MEMORY_OPTIONS,
+                "if_exists": retooltip(IF_EXISTS, "When output_folder already holds files: increment writes the report "
+                    "to OUTPUT_FOLDER_00001, _00002, … (so the workflow can be queued again and again), overwrite "
+                    "replaces the report's files in it, error stops before any training. With overwrite on, its "
+                    "files are replaced whatever this says."),
             },
         }  # fmt: skip
 
@@ -276,7 +280,8 @@ class PivotalSweep:
               templates, batch_size, seed, lora_rank, compare_without_regularizer, prompts, edit_prompts, sample_seeds,
               sample_steps, cfg, sampler, resolution, lpips, clip_model_folder, output_folder, overwrite,
               embedding: Pivot | None = None, regularizer=None, mixed_precision="no",
-              gradient_checkpointing=False):  # fmt: skip
+              gradient_checkpointing=False, if_exists="increment"):  # fmt: skip
+        policy = if_exists_policy(overwrite, if_exists)
         placeholder, initializer, templates, vectors = _sweep_token(kind, embedding, placeholder, initializer, templates)
         config = SweepConfig(
             kind=kind, learning_rates=parse_floats(learning_rates, "learning_rates"), steps=steps,
@@ -286,7 +291,8 @@ class PivotalSweep:
             regularizers=_regularizers(regularizer, compare_without_regularizer), prompts=split_lines(prompts),
             edit_prompts=split_lines(edit_prompts), sample_seeds=parse_ints(sample_seeds, "sample_seeds"),
             sampling=sampling_config(clip, sample_steps, cfg, sampler, resolution), mixed_precision=mixed_precision,
-            gradient_checkpointing=gradient_checkpointing, out=_report_folder(output_folder, overwrite), overwrite=overwrite,
+            gradient_checkpointing=gradient_checkpointing, out=_report_folder(output_folder, policy),
+            overwrite=policy == "overwrite",
         )  # fmt: skip
         settings = {"output_folder": str(config.out), "lpips": lpips, "clip_model_folder": clip_model_folder}
         with core_run():
@@ -330,11 +336,9 @@ def _regularizers(regularizer, compare_without: bool) -> list:
     return [None, regularizer] if compare_without else [regularizer]
 
 
-def _report_folder(name: str, overwrite: bool):
-    """`output/NAME`, refused when it is a file, or not empty without `overwrite`."""
-    folder = bridge.output_directory() / check_output_name(name, "output_folder")
-    return check_output_folder(folder, overwrite, what="`output_folder`",
-                               hint="set `overwrite` to replace the report's files")  # fmt: skip
+def _report_folder(name: str, policy: str):
+    """`output/NAME` by the file-name policy (`increment`: `NAME_00001`, … when it holds files)."""
+    return output_folder(bridge.output_directory(), name, policy, what="`output_folder`")
 
 
 NODE_CLASS_MAPPINGS = {"PivotalEvaluate": PivotalEvaluate, "PivotalSweep": PivotalSweep}

@@ -195,11 +195,21 @@ def test_inversion_sweep_writes_the_report_and_returns_table_plots_grids(nodes, 
     assert state.progress_bars >= 1 and state.progress[-1] == (4, 4)
     assert [done for done, _ in state.progress] == sorted(done for done, _ in state.progress)
     assert model.patches == {} and clip.patcher.patches == {}
-    # The folder is now taken: refused before any training, unless overwrite.
+    # The folder is now taken: refused before any training with if_exists error.
     bars = state.progress_bars
-    with pytest.raises(FileExistsError, match="is not empty"):
-        sweep(nodes, fake_models, dataset, output_folder="inversion_sweep")
+    with pytest.raises(FileExistsError, match="is not empty: choose another folder or set `if_exists` to increment"):
+        sweep(nodes, fake_models, dataset, output_folder="inversion_sweep", if_exists="error")
     assert state.progress_bars == bars
+
+
+def test_requeued_sweep_writes_a_numbered_report_folder(nodes, comfy_env, fake_models, dataset, random_lpips):
+    """A saved sweep workflow (overwrite off, no if_exists widget) queued again: the next report goes to NAME_00001."""
+    output = comfy_env[1].folders["output"]
+    for _ in range(2):
+        sweep(nodes, fake_models, dataset, learning_rates="1e-2", steps=1, output_folder="requeued")
+    assert (output / "requeued" / "sweep.json").is_file() and (output / "requeued_00001" / "sweep.json").is_file()
+    settings = json.loads((output / "requeued_00001" / "sweep.json").read_text())["settings"]
+    assert settings["output_folder"] == str(output / "requeued_00001")
 
 
 def test_inversion_sweep_eval_every_adds_intermediate_rows(nodes, comfy_env, fake_models, dataset, random_lpips):
@@ -247,8 +257,9 @@ def test_sweep_refuses_bad_inputs_before_training(nodes, comfy_env, fake_models,
     with pytest.raises(ValueError, match="lists 0.01 twice"):
         sweep(nodes, fake_models, dataset, learning_rates="1e-2, 0.01", output_folder="twice")
     (state.folders["output"] / "a_file").write_text("user file")
-    with pytest.raises(FileExistsError, match="is a file"):
-        sweep(nodes, fake_models, dataset, output_folder="a_file")
+    for policy in ("error", "overwrite"):
+        with pytest.raises(FileExistsError, match="is a file"):
+            sweep(nodes, fake_models, dataset, output_folder="a_file", if_exists=policy)
     assert state.progress_bars == 0
     node = nodes["PivotalSweep"]
     assert "path separator" in node.VALIDATE_INPUTS(output_folder="../elsewhere")
