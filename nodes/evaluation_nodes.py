@@ -12,11 +12,12 @@ from ..pti_ops.files import check_output_name, output_folder
 from ..pti_ops.metrics import LPIPS_NETS, SAMPLERS, EvaluationConfig, SamplingConfig, Scorers, evaluate_tuned
 from ..pti_ops.metrics import evaluation_batches, load_lpips, try_load_clip
 from ..pti_ops.pivot import Pivot
+from ..pti_ops.user_warnings import warn_user
 from ..pti_ops.sweeps import SWEEP_KINDS, SweepConfig, check_learning_rates, run_sweep
 from . import bridge
 from .common import converted, core_run, history_every, parse_floats, parse_ints, split_lines
-from .common import if_exists_policy, validation_message
-from .inputs import IF_EXISTS, MEMORY_OPTIONS, MODEL_INPUTS, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, bool_input, combo
+from .common import if_exists_policy, node_result, node_warnings, validation_message, with_warnings
+from .inputs import IF_EXISTS, MEMORY_OPTIONS, MODEL_INPUTS, NODE_ID, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, bool_input, combo
 from .inputs import default_of, float_input, format_numbers, int_input, lines_input, link, retooltip, string_input
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class PivotalEvaluate:
                     "similarity) compares each generation of the prompts with its closest training image. Not "
                     "connected: not computed."),
             },
+            "hidden": NODE_ID,
         }  # fmt: skip
 
     RETURN_TYPES = ("STRING", "STRING", "IMAGE")
@@ -152,11 +154,11 @@ class PivotalEvaluate:
 
     def evaluate(self, model, clip, vae, prompts, edit_prompts, class_word, seeds, steps, cfg, sampler, resolution,
                  batch_size, lpips, clip_model_folder, embedding: Pivot | None = None, lora=None,
-                 lora_strength=1.0, dataset=None):  # fmt: skip
+                 lora_strength=1.0, dataset=None, unique_id=None):  # fmt: skip
         config = _evaluation_config(class_word, embedding, lora, prompts=split_lines(prompts),
                                     edit_prompts=split_lines(edit_prompts), seeds=parse_ints(seeds, "seeds"),
                                     sampling=sampling_config(clip, steps, cfg, sampler, resolution, batch_size))  # fmt: skip
-        with core_run(train=False):
+        with node_warnings(dataset) as warned, core_run(train=False):
             result = evaluate_tuned(
                 converted(model, clip, vae), config, load_scorers(lpips, clip_model_folder), pivot=embedding,
                 lora=None if lora is None else {key: value.clone() for key, value in lora.items()},
@@ -165,7 +167,8 @@ class PivotalEvaluate:
             )  # fmt: skip
         result.report.settings.update(lora=lora is not None, lora_strength=lora_strength if lora is not None else None,
                                       dataset=dataset is not None, lpips=lpips, clip_model_folder=clip_model_folder)  # fmt: skip
-        return (result.report.to_markdown(), result.report.to_json(), bridge.image_from_array(result.grid()))
+        outputs = (with_warnings(result.report.to_markdown(), warned), result.report.to_json(), bridge.image_from_array(result.grid()))
+        return node_result(outputs, warned, unique_id)
 
     @classmethod
     def VALIDATE_INPUTS(cls, seeds=None):
@@ -258,6 +261,7 @@ class PivotalSweep:
                     "replaces the report's files in it, error stops before any training. With overwrite on, its "
                     "files are replaced whatever this says."),
             },
+            "hidden": NODE_ID,
         }  # fmt: skip
 
     RETURN_TYPES = ("STRING", "IMAGE", "IMAGE")
@@ -280,26 +284,27 @@ class PivotalSweep:
               templates, batch_size, seed, lora_rank, compare_without_regularizer, prompts, edit_prompts, sample_seeds,
               sample_steps, cfg, sampler, resolution, lpips, clip_model_folder, output_folder, overwrite,
               embedding: Pivot | None = None, regularizer=None, mixed_precision="no",
-              gradient_checkpointing=False, if_exists="increment"):  # fmt: skip
+              gradient_checkpointing=False, if_exists="increment", unique_id=None):  # fmt: skip
         policy = if_exists_policy(overwrite, if_exists)
-        placeholder, initializer, templates, vectors = _sweep_token(kind, embedding, placeholder, initializer, templates)
-        config = SweepConfig(
-            kind=kind, learning_rates=parse_floats(learning_rates, "learning_rates"), steps=steps,
-            eval_every=eval_every or None, placeholder=placeholder, initializer=initializer, templates=templates,
-            batch_size=batch_size, seed=seed, clip_skip=bridge.clip_skip(clip),
-            history_every=history_every(steps, eval_every), rank=lora_rank,
-            regularizers=_regularizers(regularizer, compare_without_regularizer), prompts=split_lines(prompts),
-            edit_prompts=split_lines(edit_prompts), sample_seeds=parse_ints(sample_seeds, "sample_seeds"),
-            sampling=sampling_config(clip, sample_steps, cfg, sampler, resolution), mixed_precision=mixed_precision,
-            gradient_checkpointing=gradient_checkpointing, out=_report_folder(output_folder, policy),
-            overwrite=policy == "overwrite",
-        )  # fmt: skip
-        settings = {"output_folder": str(config.out), "lpips": lpips, "clip_model_folder": clip_model_folder}
-        with core_run():
-            report = run_sweep(config, lambda: converted(model, clip, vae), dataset, load_scorers(lpips, clip_model_folder),
-                               token_vectors=vectors, on_progress=bridge.progress(config.total_steps), settings=settings)
+        with node_warnings(dataset) as warned:  # the settings' warnings (ignored inputs) too
+            placeholder, initializer, templates, vectors = _sweep_token(kind, embedding, placeholder, initializer, templates)
+            config = SweepConfig(
+                kind=kind, learning_rates=parse_floats(learning_rates, "learning_rates"), steps=steps,
+                eval_every=eval_every or None, placeholder=placeholder, initializer=initializer, templates=templates,
+                batch_size=batch_size, seed=seed, clip_skip=bridge.clip_skip(clip),
+                history_every=history_every(steps, eval_every), rank=lora_rank,
+                regularizers=_regularizers(regularizer, compare_without_regularizer), prompts=split_lines(prompts),
+                edit_prompts=split_lines(edit_prompts), sample_seeds=parse_ints(sample_seeds, "sample_seeds"),
+                sampling=sampling_config(clip, sample_steps, cfg, sampler, resolution), mixed_precision=mixed_precision,
+                gradient_checkpointing=gradient_checkpointing, out=_report_folder(output_folder, policy),
+                overwrite=policy == "overwrite",
+            )  # fmt: skip
+            settings = {"output_folder": str(config.out), "lpips": lpips, "clip_model_folder": clip_model_folder}
+            with core_run():
+                report = run_sweep(config, lambda: converted(model, clip, vae), dataset, load_scorers(lpips, clip_model_folder),
+                                   token_vectors=vectors, on_progress=bridge.progress(config.total_steps), settings=settings)
         plot, grid = (bridge.images_from_arrays(list(images.values())) for images in (report.plots, report.grids))
-        return (report.to_markdown(), plot, grid)
+        return node_result((with_warnings(report.to_markdown(), warned), plot, grid), warned, unique_id)
 
     @classmethod
     def VALIDATE_INPUTS(cls, learning_rates=None, sample_seeds=None, output_folder=None):
@@ -321,7 +326,7 @@ def _sweep_token(kind: str, embedding, placeholder: str, initializer: str, templ
     """`(placeholder, initializer, templates, vectors or None)`: the widgets', or the embedding's for `lora`."""
     if kind != "lora":
         if embedding is not None:
-            logger.warning("PivotalSweep: the inversion sweep ignores the connected embedding (it is for kind lora).")
+            warn_user("PivotalSweep: the inversion sweep ignores the connected embedding (it is for kind lora).")
         return placeholder.strip(), initializer.strip(), split_lines(templates), None
     if embedding is None:
         raise InvalidInputError("kind `lora` needs `embedding`: connect the trained token (TokenInversion) the LoRAs "

@@ -89,6 +89,8 @@ IF_EXISTS = combo(IF_EXISTS_POLICIES, "increment", "When a file of that name alr
     "NAME_00001, NAME_00002, … (as Save Image numbers its files; the trigger and file-name outputs name the file "
     "written, so the workflow can be queued again and again), overwrite replaces it, error stops before training. "
     "With overwrite on, the file is replaced whatever this says.")  # fmt: skip
+# The hidden input through which ComfyUI tells a node its id (to show its warnings on it).
+NODE_ID = {"unique_id": "UNIQUE_ID"}
 TEMPLATES_TOOLTIP = (
     "Prompt templates, one per line, with {} where the placeholder goes; used for images without their own caption. "
     "Describe what is constant in the images (style, framing), not the character."

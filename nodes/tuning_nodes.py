@@ -7,9 +7,10 @@ from ..pti_ops.metrics import BACKBONE_URLS, backbone_path
 from ..pti_ops.pivot import Pivot
 from ..pti_ops.regularizer import INTERPOLATION_MODES, REGULARIZER_MODES, RegularizerConfig
 from . import bridge
-from .common import converted, core_run, history_every, history_plot, if_exists_policy, split_lines, validate_name
-from .inputs import IF_EXISTS, MEMORY_OPTIONS, OVERWRITE, SEED, TRAINING_INPUTS, bool_input, combo, default_of, float_input
-from .inputs import int_input, lines_input, link, string_input
+from .common import converted, core_run, history_every, history_plot, if_exists_policy, node_result, node_warnings
+from .common import split_lines, validate_name
+from .inputs import IF_EXISTS, MEMORY_OPTIONS, NODE_ID, OVERWRITE, SEED, TRAINING_INPUTS, bool_input, combo, default_of
+from .inputs import float_input, int_input, lines_input, link, string_input
 
 # The DDPM schedule of SD1.x has 1000 training timesteps, 0…999.
 LAST_TIMESTEP = 999
@@ -165,6 +166,7 @@ class PivotalLoRATune:
                 **MEMORY_OPTIONS,
                 "if_exists": IF_EXISTS,
             },
+            "hidden": NODE_ID,
         }  # fmt: skip
 
     RETURN_TYPES = ("MODEL", "CLIP", "LORA_MODEL", "LOSS_MAP", "IMAGE", "STRING", "STRING")
@@ -188,7 +190,7 @@ class PivotalLoRATune:
 
     def tune(self, model, clip, vae, dataset, embedding: Pivot, rank, alpha, targets, learning_rate,
              steps, batch_size, seed, schedule, train_text_encoder, lora_name, overwrite, regularizer=None,
-             mixed_precision="no", gradient_checkpointing=False, if_exists="increment"):  # fmt: skip
+             mixed_precision="no", gradient_checkpointing=False, if_exists="increment", unique_id=None):  # fmt: skip
         config = TuneConfig(
             rank=rank, alpha=alpha or None, targets=targets, train_text_encoder=train_text_encoder,
             learning_rate=learning_rate, steps=steps, batch_size=batch_size, seed=seed, schedule=schedule,
@@ -198,7 +200,7 @@ class PivotalLoRATune:
         )  # fmt: skip
         policy = if_exists_policy(overwrite, if_exists)
         lora_path, joint_path = _output_paths(lora_name, schedule, policy)
-        with core_run():
+        with node_warnings(dataset) as warned, core_run():
             result = tune_around(converted(model, clip, vae), dataset, embedding, config, regularizer,
                                  on_step=bridge.progress(steps))  # fmt: skip
         result.lora = {key: value.cpu() for key, value in result.lora.items()}
@@ -207,8 +209,9 @@ class PivotalLoRATune:
             result.pivot.save(joint_path, overwrite=policy == "overwrite")
         model_out, clip_out = bridge.apply_lora(model, clip, result.lora)
         plot = history_plot(result.history, "loss", "reg_loss", f"PivotalLoRATune {lora_path.name}")
-        return (model_out, clip_out, result.lora, bridge.loss_map(result.history), plot, lora_path.name,
-                result.pivot.trigger)  # fmt: skip
+        outputs = (model_out, clip_out, result.lora, bridge.loss_map(result.history), plot, lora_path.name,
+                   result.pivot.trigger)  # fmt: skip
+        return node_result(outputs, warned, unique_id)
 
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name=None):

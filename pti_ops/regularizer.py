@@ -20,7 +20,6 @@ they are computed once, by one text-encoder call; only the cheap interpolation i
 when t is sampled or the mode is random.
 """
 
-import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal, Mapping, get_args
 
@@ -32,6 +31,7 @@ from .interpolation import rotate_towards_random, slerp, vslerp
 from .checks import check_choice, check_number, check_positive_int, check_range
 from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, check_templates, fill_placeholder
 from .training.text_conditioning import encode_prompts, tokenize
+from .user_warnings import warn_user
 
 InterpolationMode = Literal["slerp", "vslerp"]
 INTERPOLATION_MODES: tuple[str, ...] = get_args(InterpolationMode)
@@ -143,7 +143,7 @@ class RegularizerConfig:
         if self.t_range is not None:
             self.t_range = check_range("t_range", self.t_range, 0.0, 1.0, float)
             if self.t != DEFAULT_T:
-                warnings.warn(f"`t`={self.t} is ignored because `t_range` {self.t_range} is given.", stacklevel=3)
+                warn_user(f"`t`={self.t} is ignored because `t_range` {self.t_range} is given.")
         self.weight = check_number("weight", self.weight, 0.0)
         self.every = check_positive_int("every", self.every)
         self.samples = check_positive_int("samples", self.samples)
@@ -178,7 +178,7 @@ class RegularizerConfig:
                 f"`centre` must be a finite [tokens, dim] or [dim] tensor, got shape {tuple(self.centre.shape)}."
             )
         if self.interpolation != "vslerp":
-            warnings.warn("`centre` is ignored because `interpolation` is not `vslerp`.", stacklevel=4)
+            warn_user("`centre` is ignored because `interpolation` is not `vslerp`.")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RegularizerConfig":

@@ -1,10 +1,22 @@
 """Small builders shared by several test modules."""
 
+import contextlib
+import re
+
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from pti_ops.files.lora_file import lora_state_dict_to_kohya
 from pti_ops.models.tiny_model import build_tiny_bundle
+from pti_ops.user_warnings import collect_warnings
+
+
+@contextlib.contextmanager
+def warns_user(match: str):
+    """Like `pytest.warns`, for the core's `warn_user`: some warning given inside the block matches `match`."""
+    with collect_warnings() as collected:
+        yield collected
+    assert any(re.search(match, message) for message in collected), f"no warning matches {match!r}: {collected}"
 
 
 def kohya_lora(up_std: float = 0.05, text_encoder: bool = False) -> dict[str, torch.Tensor]:

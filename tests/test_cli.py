@@ -136,3 +136,16 @@ def test_evaluate_and_sweep_share_the_sampling_options_and_defaults():
                                "--steps", "50", "--sample-steps", "7", "--sample-batch-size", "2", "--cfg", "3"])  # fmt: skip
     assert sampling_config(evaluate) == sampling_config(sweep) == SamplingConfig(steps=7, batch_size=2, cfg_scale=3.0)
     assert sweep.steps == 50  # the sweep's --steps trains
+
+
+def test_skipped_images_are_reported_on_every_run(tmp_path, image_folder, capsys, caplog):
+    """Issue #16: the second run in the same process says it again (logged, and listed at the end of the output)."""
+    (image_folder / "corrupt.png").write_bytes(b"garbage")
+    for run in range(2):
+        out = tmp_path / f"tok{run}.safetensors"
+        with caplog.at_level("WARNING"):
+            assert main(_invert_args(image_folder, out, "--skip-bad-images", "--steps", "1")) == 0
+        err = capsys.readouterr().err
+        assert "1 warning(s) during this run:" in err and "skipped 1 unreadable image(s)" in err and "corrupt.png" in err
+    assert sum("corrupt.png" in record.getMessage() for record in caplog.records) == 2
+    (image_folder / "corrupt.png").unlink()

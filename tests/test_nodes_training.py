@@ -3,6 +3,7 @@
 import pytest
 import torch
 from comfy_stubs import InterruptProcessingException, comfy_env, fake_models, nodes, run_node  # noqa: F401
+from comfy_stubs import run_node_with_ui
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -224,3 +225,27 @@ def test_regularizer_image_space_needs_the_lpips_weights(nodes, tmp_path, monkey
     (tmp_path / "checkpoints" / "alexnet-owt-7be5be79.pth").write_bytes(b"")
     reg = regularizer(nodes, image_space=True, image_l2_weight=0.2)
     assert reg.image_space is True and reg.image_l2_weight == pytest.approx(0.2)
+
+
+def test_training_on_a_dataset_with_skipped_images_says_so_every_run(nodes, comfy_env, fake_models, tmp_path, caplog):
+    """The dataset node ran once (ComfyUI caches it); each TokenInversion run repeats its warning (issue #16)."""
+    state = comfy_env[1]
+    write_example_images(tmp_path, count=2, size=32)
+    (tmp_path / "corrupt.png").write_bytes(b"garbage")
+    data = load_image_folder(tmp_path, DatasetConfig(resolution=32, on_bad_image="skip"))
+    model, clip, vae = fake_models
+    inputs = dict(model=model, clip=clip, vae=vae, dataset=data, placeholder="tok1", initializer="character",
+                  num_vectors=1, templates=TEMPLATE, steps=1, learning_rate=1e-2, batch_size=1, seed=0,
+                  norm_mode="none", embedding_name="skipped", overwrite=False, unique_id="4")  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        for run in range(2):
+            (embedding, *_), ui = run_node_with_ui(nodes["TokenInversion"], **inputs)
+            assert "the training images: skipped 1 unreadable image(s)" in ui["text"][0] and "corrupt.png" in ui["text"][0]
+            assert state.node_texts[-1] == ("4", ui["text"][0])
+    assert sum("corrupt.png" in record.getMessage() for record in caplog.records) == 2
+    *_, ui = run_node_with_ui(nodes["PivotalLoRATune"], model=model, clip=clip, vae=vae, dataset=data,
+                              embedding=embedding, rank=2, alpha=0.0, targets="attention", learning_rate=1e-3,
+                              steps=1, batch_size=1, seed=0, schedule="sequential", train_text_encoder=False,
+                              lora_name="skipped_lora", overwrite=False)  # fmt: skip
+    assert "corrupt.png" in ui["text"][0]
