@@ -125,9 +125,11 @@ class PivotalEvaluate:
             "optional": {
                 "embedding": link("PIVOTAL_EMBEDDING", "The trained token (TokenInversion): fills {} in the prompts; its "
                     "distance from the initializer is reported. Not connected: {} is the class word."),
-                "lora": link("LORA_MODEL", "The tuned LoRA (PivotalLoRATune's lora output, kohya keys), applied on top of "
-                    "`model` so that locality (tuned vs base on prompts without the token) can be measured. A LoRA "
-                    "already inside MODEL (LoraLoader) is evaluated too, but without locality."),
+                "lora": link("LORA_MODEL", "The tuned LoRA, applied on top of `model` so that locality (tuned vs base on "
+                    "prompts without the token) can be measured: PivotalLoRATune's lora output, or the stock Train LoRA "
+                    "node's (ComfyUI's own keys, its .diff/.diff_b deltas included; diffusers/PEFT keys work too). "
+                    "Locality needs the embedding too. A LoRA already inside MODEL (LoraLoader) is evaluated, but "
+                    "without locality."),
                 "lora_strength": float_input(1.0, -10.0, 10.0, 0.05, "Multiplier of the connected `lora`: 1 = as "
                     "trained, 0 = the base model."),
                 "dataset": link("PIVOTAL_DATASET", "The training images: reconstruction (LPIPS, L2, CLIP image "
@@ -182,12 +184,8 @@ class PivotalEvaluate:
 
 
 def _evaluation_config(class_word: str, embedding, lora, prompts, edit_prompts, seeds, sampling) -> EvaluationConfig:
-    """The evaluation's settings. Without an embedding {} is the class word: no prompt is without it (no locality)."""
-    if lora is not None and embedding is None:
-        raise InvalidInputError(
-            "`lora` is connected without its `embedding`: connect the embedding the LoRA was tuned around (the one "
-            "PivotalLoRATune received); locality needs prompts without it."
-        )
+    """The evaluation's settings. Without an embedding {} is the class word: no prompt is without it (no locality;
+    a LoRA without an embedding, such as the stock Train LoRA node's, is measured on everything else)."""
     class_word = class_word.strip() or (embedding.initializer if embedding is not None else DEFAULT_CLASS_WORD)
     return EvaluationConfig(
         prompts=prompts, edit_prompts=edit_prompts, class_word=class_word, seeds=seeds, sampling=sampling,

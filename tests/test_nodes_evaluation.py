@@ -165,9 +165,20 @@ def test_evaluate_with_a_clip_folder_in_clip_vision(nodes, fake_models, dataset,
     assert node.IS_CHANGED(clip_model_folder="tiny-clip") != before
 
 
-def test_evaluate_refuses_a_lora_without_its_embedding_and_bad_seeds(nodes, fake_models, trained):
-    with pytest.raises(ValueError, match="`lora` is connected without its `embedding`"):
-        evaluate(nodes, fake_models, lora=trained[1])
+def test_evaluate_a_stock_train_lora_model_without_an_embedding(nodes, fake_models, random_lpips):
+    """The stock Train LoRA node's LORA_MODEL (ComfyUI's own keys, .diff/.diff_b): measured, locality not computed."""
+    from helpers import stock_trainer_lora
+
+    from pti_ops.models.tiny_model import build_tiny_bundle
+
+    lora = stock_trainer_lora(build_tiny_bundle().unet)
+    text, text_json, _ = evaluate(nodes, fake_models, lora=lora)
+    metrics = metrics_of(text_json)
+    assert "no prompts without the placeholder: connect the embedding" in metrics["locality_eps_mse"]["reason"]
+    assert metrics["diversity_lpips"]["value"] is not None or metrics["diversity_lpips"]["reason"]
+
+
+def test_evaluate_refuses_bad_seeds(nodes):
     assert "comma-separated whole numbers" in nodes["PivotalEvaluate"].VALIDATE_INPUTS(seeds="0,x")
     assert nodes["PivotalEvaluate"].VALIDATE_INPUTS(seeds="0, 1") is True
 
