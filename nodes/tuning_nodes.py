@@ -5,12 +5,16 @@ from ..pti_ops.files import output_path, output_paths
 from ..pti_ops.lora_tune import SCHEDULES, UNET_TARGETS, TuneConfig, tune_around
 from ..pti_ops.metrics import BACKBONE_URLS, backbone_path
 from ..pti_ops.pivot import Pivot
-from ..pti_ops.regularizer import INTERPOLATION_MODES, REGULARIZER_MODES, RegularizerConfig
+from ..pti_ops.regularizer import INTERPOLATION_MODES, MODES, REGULARIZER_MODES, RegularizerConfig
 from . import bridge
 from .common import converted, core_run, history_every, history_plot, if_exists_policy, node_result, node_warnings
 from .common import split_lines, validate_name
 from .inputs import IF_EXISTS, MEMORY_OPTIONS, NODE_ID, OVERWRITE, SEED, TRAINING_INPUTS, bool_input, combo, default_of
 from .inputs import float_input, int_input, lines_input, link, string_input
+
+# The mode combo's tooltip, from the registry's one-line summaries (the CLI's --reg help reads the same).
+MODE_TOOLTIP = "Which prompts must keep the original model's predictions while the LoRA learns: " + "; ".join(
+    f"{name}: {spec.summary}" for name, spec in MODES.items()) + "."
 
 # The DDPM schedule of SD1.x has 1000 training timesteps, 0…999.
 LAST_TIMESTEP = 999
@@ -31,10 +35,7 @@ class SlerpRegularizer:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "mode": combo(REGULARIZER_MODES, _reg("mode"), "Which prompts must keep their original images: path (the "
-                    "method's default: halfway between the token's prompt and the class word's, per token position), "
-                    "sphere (random points at the same angle), class (the class-word prompt), empty (the empty prompt), "
-                    "none (off)."),
+                "mode": combo(REGULARIZER_MODES, _reg("mode"), MODE_TOOLTIP),
                 "anchor": string_input(_reg("anchor"), "The class word that replaces the token in the regularisation "
                     "prompts; normally the inversion's initializer. Must be as many tokens as the token has vectors."),
                 "templates": lines_input(_reg("templates"), "Regularisation prompt templates, one per line, with {} where "

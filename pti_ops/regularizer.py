@@ -6,8 +6,11 @@ those conditionings; the trainer compares the two UNets' predictions there (`loc
 
 Modes (`REGULARIZER_MODES`):
 - `none`: no regularisation.
-- `empty`: the encoding of the empty prompt `""` (PTI's "random image" baseline).
-- `class`: the template with the class word (`anchor`) instead of the placeholder.
+- `empty`: the encoding of the empty prompt `""` (PTI's "random image" baseline); other trainers call
+  this blank-prompt preservation.
+- `class`: the template with the class word (`anchor`) instead of the placeholder: the tuned model
+  must give the base model's prediction there. This is the idea of Differential Output Preservation
+  (DOP), as ai-toolkit and kohya-style trainers name it (trigger word replaced by the class word).
 - `path`: per token position, SLERP (or vSLERP around a centre) between the encoding of the
   template with the placeholder and with the class word, at t. Positions before the placeholder
   are identical in both prompts under CLIP's causal mask; they are copied from the placeholder
@@ -78,9 +81,11 @@ class RegularizerModeSpec:
 # The registry: adding a mode is one entry here.
 MODES: dict[str, RegularizerModeSpec] = {spec.name: spec for spec in (
     RegularizerModeSpec("none", "no regularisation"),
-    RegularizerModeSpec("empty", "the empty prompt (PTI's 'random image' baseline; blank-prompt preservation)", "empty"),
-    RegularizerModeSpec("class", "the class-word prompt (kohya's Differential Output Preservation, ai-toolkit's DOP)", "anchor"),
-    RegularizerModeSpec("path", "SLERP halfway between the token's prompt and the class word's, per position", "both", _path_point),
+    RegularizerModeSpec("empty", "the empty prompt: blank-prompt preservation (PTI's 'random image' baseline)", "empty"),
+    RegularizerModeSpec("class", "the class-word prompt: Differential Output Preservation (DOP, as ai-toolkit and "
+                        "kohya-style trainers call it)", "anchor"),
+    RegularizerModeSpec("path", "SLERP halfway between the token's prompt and the class word's, per position (the "
+                        "method's default)", "both", _path_point),
     RegularizerModeSpec("sphere", "random points at the path point's angle from the token's prompt", "both", _sphere_point,
                         always_random=True),
 )}

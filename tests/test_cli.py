@@ -149,3 +149,10 @@ def test_skipped_images_are_reported_on_every_run(tmp_path, image_folder, capsys
         assert "1 warning(s) during this run:" in err and "skipped 1 unreadable image(s)" in err and "corrupt.png" in err
     assert sum("corrupt.png" in record.getMessage() for record in caplog.records) == 2
     (image_folder / "corrupt.png").unlink()
+
+
+def test_reg_help_names_the_modes_as_other_trainers_do(capsys):
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Differential Output Preservation (DOP" in text and "blank-prompt preservation" in text

@@ -249,3 +249,12 @@ def test_training_on_a_dataset_with_skipped_images_says_so_every_run(nodes, comf
                               steps=1, batch_size=1, seed=0, schedule="sequential", train_text_encoder=False,
                               lora_name="skipped_lora", overwrite=False)  # fmt: skip
     assert "corrupt.png" in ui["text"][0]
+
+
+def test_mode_tooltip_uses_the_registry_and_the_names_users_know(nodes):
+    from pti_ops.regularizer import MODES
+
+    tooltip = nodes["SlerpRegularizer"].INPUT_TYPES()["required"]["mode"][1]["tooltip"]
+    assert all(f"{name}: {spec.summary}" in tooltip for name, spec in MODES.items())
+    assert "class: the class-word prompt: Differential Output Preservation (DOP" in tooltip
+    assert "empty: the empty prompt: blank-prompt preservation" in tooltip
