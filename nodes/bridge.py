@@ -253,6 +253,22 @@ def progress(total: int):
     return on_step
 
 
+def show_text(node_id, text: str) -> None:
+    """Show `text` on the node in ComfyUI's window (the progress text its frontend draws under the node).
+
+    ComfyUI's `PromptServer.send_progress_text` (0.3.4x and later); without a server or that method, nothing.
+    """
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    send = getattr(getattr(PromptServer, "instance", None), "send_progress_text", None)
+    if send is not None:
+        send(text, str(node_id))
+
+
 def check_interrupted() -> None:
     """Raise ComfyUI's interrupt exception if the user pressed Cancel."""
     comfy.model_management.throw_exception_if_processing_interrupted()

@@ -1,4 +1,4 @@
-"""What several nodes share: input parsing, and running the core on ComfyUI's models.
+"""What several nodes share: input parsing, running the core on ComfyUI's models, and telling the user its warnings.
 
 The `PIVOTAL_EMBEDDING` value is the core's `Pivot` (`pti_ops.pivot`): placeholder, initializer, vectors,
 templates, history, and the file it was saved to (`pivot.trigger` is its `embedding:NAME`).
@@ -10,8 +10,9 @@ import math
 import torch
 
 from ..pti_ops.errors import InvalidInputError
-from ..pti_ops.files import check_output_name
+from ..pti_ops.files import check_if_exists, check_output_name
 from ..pti_ops.metrics import figure_to_array, history_figure
+from ..pti_ops.user_warnings import collect_warnings, warn_user, warnings_section
 from . import bridge
 
 
@@ -59,6 +60,11 @@ def validate_name(value, what: str):
     return validation_message(lambda: check_output_name(value, what))
 
 
+def if_exists_policy(overwrite: bool, if_exists: str) -> str:
+    """The file-name policy of a node: its older `overwrite` switch, when on, wins over `if_exists`."""
+    return "overwrite" if overwrite else check_if_exists(if_exists)
+
+
 def history_every(steps: int, eval_every: int = 0) -> int:
     """Record interval giving one point per step for short runs and ~100 points for long ones.
 
@@ -94,3 +100,38 @@ def converted(model, clip, vae):
 def history_plot(history: list[dict], left: str, right: str, title: str) -> torch.Tensor:
     """A training history's two curves as a ComfyUI IMAGE."""
     return bridge.image_from_array(figure_to_array(history_figure(history, left, right, title)))
+
+
+# --- warnings, on every run ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def node_warnings(dataset=None):
+    """The warnings of one node run, collected (and logged as they happen, on every run).
+
+    A connected dataset's own warnings (skipped files, upscaled images) are said again first: ComfyUI may
+    serve the dataset node from its cache, and this run trains on those images all the same.
+    """
+    with collect_warnings() as warned:
+        for message in getattr(dataset, "warnings", None) or []:
+            warn_user(f"the training images: {message}")
+        yield warned
+
+
+def node_result(outputs: tuple, warned: list[str], node_id=None) -> tuple | dict:
+    """The node's return value: `outputs`, plus its run's warnings where the user looks.
+
+    With warnings, they are shown on the node (ComfyUI's progress text) and returned as the node's UI text
+    (kept in the prompt's history); the server log has them already.
+    """
+    if not warned:
+        return outputs
+    text = warnings_section(warned, title=f"{len(set(warned))} warning(s)")
+    bridge.show_text(node_id, text)
+    return {"ui": {"text": [text]}, "result": outputs}
+
+
+def with_warnings(text: str, warned: list[str]) -> str:
+    """A Markdown text output (summary, metrics, table) with the run's warnings at its end."""
+    section = warnings_section(warned)
+    return f"{text.rstrip()}\n\n{section}" if section else text

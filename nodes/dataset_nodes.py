@@ -10,8 +10,8 @@ from ..pti_ops.dataset import (
 )
 from ..pti_ops.errors import DatasetError
 from . import bridge
-from .common import split_lines
-from .inputs import bool_input, combo, default_of, int_input, link, string_input
+from .common import node_result, node_warnings, split_lines
+from .inputs import NODE_ID, bool_input, combo, default_of, int_input, link, string_input
 
 CATEGORY = "pivotal_tuning/dataset"
 RESOLUTION = int_input(default_of(DatasetConfig, "resolution"), 64, 2048, "Side of the square training images in "
@@ -38,8 +38,10 @@ class PivotalDatasetFromFolder:
                     "if one is missing). files_or_template: the caption file where there is one, the templates "
                     "elsewhere."),
                 "on_bad_image": combo(BAD_IMAGE_POLICIES, default_of(DatasetConfig, "on_bad_image"), "error: stop on "
-                    "an unreadable image file. skip: leave it out and list it in the log."),
-            }
+                    "an unreadable image file. skip: leave it out with a warning (on this node, in the log, and on "
+                    "every training node using these images, on every run)."),
+            },
+            "hidden": NODE_ID,
         }  # fmt: skip
 
     RETURN_TYPES = ("PIVOTAL_DATASET",)
@@ -52,9 +54,11 @@ class PivotalDatasetFromFolder:
         "path), converted to RGB and cropped to a square of the given resolution."
     )
 
-    def load(self, folder, resolution, flip, caption_source, on_bad_image):
+    def load(self, folder, resolution, flip, caption_source, on_bad_image, unique_id=None):
         config = DatasetConfig(resolution=resolution, flip=flip, caption_source=caption_source, on_bad_image=on_bad_image)
-        return (load_image_folder(bridge.resolve_input_path(folder), config),)
+        with node_warnings() as warned:
+            dataset = load_image_folder(bridge.resolve_input_path(folder), config)
+        return node_result((dataset,), warned, unique_id)
 
     @classmethod
     def IS_CHANGED(cls, folder, **_):
@@ -88,7 +92,8 @@ class PivotalDatasetFromImages:
                 "flip": FLIP,
                 "captions": string_input("", "Optional: one caption per image, one per line, in batch order, with {} "
                     "where the placeholder goes. Empty: the training node's prompt templates are used.", multiline=True),
-            }
+            },
+            "hidden": NODE_ID,
         }  # fmt: skip
 
     RETURN_TYPES = ("PIVOTAL_DATASET",)
@@ -98,8 +103,10 @@ class PivotalDatasetFromImages:
     CATEGORY = CATEGORY
     DESCRIPTION = "Turns an IMAGE batch into training images, cropped to a square of the given resolution."
 
-    def build(self, images, resolution, flip, captions):
-        return (dataset_from_tensor(images, resolution, flip=flip, captions=_captions(captions, len(images))),)
+    def build(self, images, resolution, flip, captions, unique_id=None):
+        with node_warnings() as warned:
+            dataset = dataset_from_tensor(images, resolution, flip=flip, captions=_captions(captions, len(images)))
+        return node_result((dataset,), warned, unique_id)
 
 
 def _captions(text: str, count: int) -> list[str] | None:

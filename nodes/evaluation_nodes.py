@@ -8,15 +8,16 @@ reason; nothing is downloaded.
 import logging
 
 from ..pti_ops.errors import InvalidInputError, ModelLoadError
-from ..pti_ops.files import check_output_folder, check_output_name
+from ..pti_ops.files import check_output_name, output_folder
 from ..pti_ops.metrics import LPIPS_NETS, SAMPLERS, EvaluationConfig, SamplingConfig, Scorers, evaluate_tuned
 from ..pti_ops.metrics import evaluation_batches, load_lpips, try_load_clip
 from ..pti_ops.pivot import Pivot
+from ..pti_ops.user_warnings import warn_user
 from ..pti_ops.sweeps import SWEEP_KINDS, SweepConfig, check_learning_rates, run_sweep
 from . import bridge
 from .common import converted, core_run, history_every, parse_floats, parse_ints, split_lines
-from .common import validation_message
-from .inputs import MEMORY_OPTIONS, MODEL_INPUTS, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, bool_input, combo
+from .common import if_exists_policy, node_result, node_warnings, validation_message, with_warnings
+from .inputs import IF_EXISTS, MEMORY_OPTIONS, MODEL_INPUTS, NODE_ID, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, bool_input, combo
 from .inputs import default_of, float_input, format_numbers, int_input, lines_input, link, retooltip, string_input
 
 logger = logging.getLogger(__name__)
@@ -124,15 +125,18 @@ class PivotalEvaluate:
             "optional": {
                 "embedding": link("PIVOTAL_EMBEDDING", "The trained token (TokenInversion): fills {} in the prompts; its "
                     "distance from the initializer is reported. Not connected: {} is the class word."),
-                "lora": link("LORA_MODEL", "The tuned LoRA (PivotalLoRATune's lora output, kohya keys), applied on top of "
-                    "`model` so that locality (tuned vs base on prompts without the token) can be measured. A LoRA "
-                    "already inside MODEL (LoraLoader) is evaluated too, but without locality."),
+                "lora": link("LORA_MODEL", "The tuned LoRA, applied on top of `model` so that locality (tuned vs base on "
+                    "prompts without the token) can be measured: PivotalLoRATune's lora output, or the stock Train LoRA "
+                    "node's (ComfyUI's own keys, its .diff/.diff_b deltas included; diffusers/PEFT keys work too). "
+                    "Locality needs the embedding too. A LoRA already inside MODEL (LoraLoader) is evaluated, but "
+                    "without locality."),
                 "lora_strength": float_input(1.0, -10.0, 10.0, 0.05, "Multiplier of the connected `lora`: 1 = as "
                     "trained, 0 = the base model."),
                 "dataset": link("PIVOTAL_DATASET", "The training images: reconstruction (LPIPS, L2, CLIP image "
                     "similarity) compares each generation of the prompts with its closest training image. Not "
                     "connected: not computed."),
             },
+            "hidden": NODE_ID,
         }  # fmt: skip
 
     RETURN_TYPES = ("STRING", "STRING", "IMAGE")
@@ -152,11 +156,11 @@ class PivotalEvaluate:
 
     def evaluate(self, model, clip, vae, prompts, edit_prompts, class_word, seeds, steps, cfg, sampler, resolution,
                  batch_size, lpips, clip_model_folder, embedding: Pivot | None = None, lora=None,
-                 lora_strength=1.0, dataset=None):  # fmt: skip
+                 lora_strength=1.0, dataset=None, unique_id=None):  # fmt: skip
         config = _evaluation_config(class_word, embedding, lora, prompts=split_lines(prompts),
                                     edit_prompts=split_lines(edit_prompts), seeds=parse_ints(seeds, "seeds"),
                                     sampling=sampling_config(clip, steps, cfg, sampler, resolution, batch_size))  # fmt: skip
-        with core_run(train=False):
+        with node_warnings(dataset) as warned, core_run(train=False):
             result = evaluate_tuned(
                 converted(model, clip, vae), config, load_scorers(lpips, clip_model_folder), pivot=embedding,
                 lora=None if lora is None else {key: value.clone() for key, value in lora.items()},
@@ -165,7 +169,8 @@ class PivotalEvaluate:
             )  # fmt: skip
         result.report.settings.update(lora=lora is not None, lora_strength=lora_strength if lora is not None else None,
                                       dataset=dataset is not None, lpips=lpips, clip_model_folder=clip_model_folder)  # fmt: skip
-        return (result.report.to_markdown(), result.report.to_json(), bridge.image_from_array(result.grid()))
+        outputs = (with_warnings(result.report.to_markdown(), warned), result.report.to_json(), bridge.image_from_array(result.grid()))
+        return node_result(outputs, warned, unique_id)
 
     @classmethod
     def VALIDATE_INPUTS(cls, seeds=None):
@@ -179,12 +184,8 @@ class PivotalEvaluate:
 
 
 def _evaluation_config(class_word: str, embedding, lora, prompts, edit_prompts, seeds, sampling) -> EvaluationConfig:
-    """The evaluation's settings. Without an embedding {} is the class word: no prompt is without it (no locality)."""
-    if lora is not None and embedding is None:
-        raise InvalidInputError(
-            "`lora` is connected without its `embedding`: connect the embedding the LoRA was tuned around (the one "
-            "PivotalLoRATune received); locality needs prompts without it."
-        )
+    """The evaluation's settings. Without an embedding {} is the class word: no prompt is without it (no locality;
+    a LoRA without an embedding, such as the stock Train LoRA node's, is measured on everything else)."""
     class_word = class_word.strip() or (embedding.initializer if embedding is not None else DEFAULT_CLASS_WORD)
     return EvaluationConfig(
         prompts=prompts, edit_prompts=edit_prompts, class_word=class_word, seeds=seeds, sampling=sampling,
@@ -244,8 +245,8 @@ class PivotalSweep:
                 "output_folder": string_input("pivotal_lr_sweep", "Folder name inside ComfyUI's output folder for the "
                     "report: sweep.csv/json/md, plots/, grids/ and every evaluated embedding or LoRA (letters, digits, "
                     "_ - .)."),
-                "overwrite": retooltip(OVERWRITE, "Write into a non-empty output folder, replacing the report's files. "
-                    "Off: a non-empty folder stops the sweep before any training."),
+                "overwrite": retooltip(OVERWRITE, "On: write into a non-empty output folder, replacing the report's "
+                    "files (as if_exists = overwrite; kept so that saved workflows keep working). Off: if_exists decides."),
             },
             "optional": {
                 "embedding": link("PIVOTAL_EMBEDDING", "lora: the trained token the LoRAs are tuned around "
@@ -253,7 +254,12 @@ class PivotalSweep:
                 "regularizer": link("PIVOTAL_REGULARIZER", "lora: the locality regulariser (SlerpRegularizer) of the "
                     "runs; see compare_without_regularizer. Ignored by inversion."),
                 **MEMORY_OPTIONS,
+                "if_exists": retooltip(IF_EXISTS, "When output_folder already holds files: increment writes the report "
+                    "to OUTPUT_FOLDER_00001, _00002, … (so the workflow can be queued again and again), overwrite "
+                    "replaces the report's files in it, error stops before any training. With overwrite on, its "
+                    "files are replaced whatever this says."),
             },
+            "hidden": NODE_ID,
         }  # fmt: skip
 
     RETURN_TYPES = ("STRING", "IMAGE", "IMAGE")
@@ -276,24 +282,27 @@ class PivotalSweep:
               templates, batch_size, seed, lora_rank, compare_without_regularizer, prompts, edit_prompts, sample_seeds,
               sample_steps, cfg, sampler, resolution, lpips, clip_model_folder, output_folder, overwrite,
               embedding: Pivot | None = None, regularizer=None, mixed_precision="no",
-              gradient_checkpointing=False):  # fmt: skip
-        placeholder, initializer, templates, vectors = _sweep_token(kind, embedding, placeholder, initializer, templates)
-        config = SweepConfig(
-            kind=kind, learning_rates=parse_floats(learning_rates, "learning_rates"), steps=steps,
-            eval_every=eval_every or None, placeholder=placeholder, initializer=initializer, templates=templates,
-            batch_size=batch_size, seed=seed, clip_skip=bridge.clip_skip(clip),
-            history_every=history_every(steps, eval_every), rank=lora_rank,
-            regularizers=_regularizers(regularizer, compare_without_regularizer), prompts=split_lines(prompts),
-            edit_prompts=split_lines(edit_prompts), sample_seeds=parse_ints(sample_seeds, "sample_seeds"),
-            sampling=sampling_config(clip, sample_steps, cfg, sampler, resolution), mixed_precision=mixed_precision,
-            gradient_checkpointing=gradient_checkpointing, out=_report_folder(output_folder, overwrite), overwrite=overwrite,
-        )  # fmt: skip
-        settings = {"output_folder": str(config.out), "lpips": lpips, "clip_model_folder": clip_model_folder}
-        with core_run():
-            report = run_sweep(config, lambda: converted(model, clip, vae), dataset, load_scorers(lpips, clip_model_folder),
-                               token_vectors=vectors, on_progress=bridge.progress(config.total_steps), settings=settings)
+              gradient_checkpointing=False, if_exists="increment", unique_id=None):  # fmt: skip
+        policy = if_exists_policy(overwrite, if_exists)
+        with node_warnings(dataset) as warned:  # the settings' warnings (ignored inputs) too
+            placeholder, initializer, templates, vectors = _sweep_token(kind, embedding, placeholder, initializer, templates)
+            config = SweepConfig(
+                kind=kind, learning_rates=parse_floats(learning_rates, "learning_rates"), steps=steps,
+                eval_every=eval_every or None, placeholder=placeholder, initializer=initializer, templates=templates,
+                batch_size=batch_size, seed=seed, clip_skip=bridge.clip_skip(clip),
+                history_every=history_every(steps, eval_every), rank=lora_rank,
+                regularizers=_regularizers(regularizer, compare_without_regularizer), prompts=split_lines(prompts),
+                edit_prompts=split_lines(edit_prompts), sample_seeds=parse_ints(sample_seeds, "sample_seeds"),
+                sampling=sampling_config(clip, sample_steps, cfg, sampler, resolution), mixed_precision=mixed_precision,
+                gradient_checkpointing=gradient_checkpointing, out=_report_folder(output_folder, policy),
+                overwrite=policy == "overwrite",
+            )  # fmt: skip
+            settings = {"output_folder": str(config.out), "lpips": lpips, "clip_model_folder": clip_model_folder}
+            with core_run():
+                report = run_sweep(config, lambda: converted(model, clip, vae), dataset, load_scorers(lpips, clip_model_folder),
+                                   token_vectors=vectors, on_progress=bridge.progress(config.total_steps), settings=settings)
         plot, grid = (bridge.images_from_arrays(list(images.values())) for images in (report.plots, report.grids))
-        return (report.to_markdown(), plot, grid)
+        return node_result((with_warnings(report.to_markdown(), warned), plot, grid), warned, unique_id)
 
     @classmethod
     def VALIDATE_INPUTS(cls, learning_rates=None, sample_seeds=None, output_folder=None):
@@ -315,7 +324,7 @@ def _sweep_token(kind: str, embedding, placeholder: str, initializer: str, templ
     """`(placeholder, initializer, templates, vectors or None)`: the widgets', or the embedding's for `lora`."""
     if kind != "lora":
         if embedding is not None:
-            logger.warning("PivotalSweep: the inversion sweep ignores the connected embedding (it is for kind lora).")
+            warn_user("PivotalSweep: the inversion sweep ignores the connected embedding (it is for kind lora).")
         return placeholder.strip(), initializer.strip(), split_lines(templates), None
     if embedding is None:
         raise InvalidInputError("kind `lora` needs `embedding`: connect the trained token (TokenInversion) the LoRAs "
@@ -330,11 +339,9 @@ def _regularizers(regularizer, compare_without: bool) -> list:
     return [None, regularizer] if compare_without else [regularizer]
 
 
-def _report_folder(name: str, overwrite: bool):
-    """`output/NAME`, refused when it is a file, or not empty without `overwrite`."""
-    folder = bridge.output_directory() / check_output_name(name, "output_folder")
-    return check_output_folder(folder, overwrite, what="`output_folder`",
-                               hint="set `overwrite` to replace the report's files")  # fmt: skip
+def _report_folder(name: str, policy: str):
+    """`output/NAME` by the file-name policy (`increment`: `NAME_00001`, … when it holds files)."""
+    return output_folder(bridge.output_directory(), name, policy, what="`output_folder`")
 
 
 NODE_CLASS_MAPPINGS = {"PivotalEvaluate": PivotalEvaluate, "PivotalSweep": PivotalSweep}

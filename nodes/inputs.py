@@ -7,6 +7,7 @@ position): never rename or reorder them.
 """
 
 from ..pti_ops.checks import default_of
+from ..pti_ops.files import IF_EXISTS_POLICIES
 from ..pti_ops.inversion import InversionConfig
 from ..pti_ops.training import MIXED_PRECISION_MODES
 
@@ -80,9 +81,16 @@ SEED = int_input(
     "the same result on the same device.", control_after_generate=True,
 )  # fmt: skip
 OVERWRITE = bool_input(
-    False, "Replace an existing file of the same name. Off: an existing file stops the run before training, so a "
-    "finished result is never lost by accident.",
+    False, "On: replace an existing file of the same name (as if_exists = overwrite; kept so that saved workflows "
+    "keep working). Off: if_exists decides.",
 )  # fmt: skip
+# The file-name policy, as ComfyUI's save nodes have one: an optional input (saved workflows get the default).
+IF_EXISTS = combo(IF_EXISTS_POLICIES, "increment", "When a file of that name already exists: increment writes "
+    "NAME_00001, NAME_00002, … (as Save Image numbers its files; the trigger and file-name outputs name the file "
+    "written, so the workflow can be queued again and again), overwrite replaces it, error stops before training. "
+    "With overwrite on, the file is replaced whatever this says.")  # fmt: skip
+# The hidden input through which ComfyUI tells a node its id (to show its warnings on it).
+NODE_ID = {"unique_id": "UNIQUE_ID"}
 TEMPLATES_TOOLTIP = (
     "Prompt templates, one per line, with {} where the placeholder goes; used for images without their own caption. "
     "Describe what is constant in the images (style, framing), not the character."

@@ -4,8 +4,9 @@ from ..pti_ops.files import output_path
 from ..pti_ops.inversion import NORM_MODES, InversionConfig, invert
 from ..pti_ops.placeholder import MAX_VECTORS
 from . import bridge
-from .common import converted, core_run, history_every, history_plot, split_lines, validate_name
-from .inputs import MEMORY_OPTIONS, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, combo, default_of
+from .common import converted, core_run, history_every, history_plot, if_exists_policy, node_result, node_warnings
+from .common import split_lines, validate_name
+from .inputs import IF_EXISTS, MEMORY_OPTIONS, NODE_ID, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, combo, default_of
 from .inputs import float_input, int_input, lines_input, string_input
 
 
@@ -14,7 +15,7 @@ def _default(name: str):
 
 
 class TokenInversion:
-    """Textual inversion of a new token on the dataset; writes `models/embeddings/NAME.safetensors`."""
+    """Textual inversion of a new token on the dataset; writes `models/embeddings/NAME.safetensors` (or `NAME_00001`…)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -39,10 +40,12 @@ class TokenInversion:
                     "straying from the vocabulary's mean norm (keeps it editable). fixed: learn the direction only, "
                     "norm held at that mean."),
                 "embedding_name": string_input("tok1", "File name in ComfyUI's embeddings folder (letters, digits, _ - .); "
-                    "prompts use it as embedding:NAME (the trigger output)."),
+                    "prompts use it as embedding:NAME (the trigger output names the file written, e.g. tok1_00001 "
+                    "when tok1 exists and if_exists is increment)."),
                 "overwrite": OVERWRITE,
             },
-            "optional": dict(MEMORY_OPTIONS),
+            "optional": {**MEMORY_OPTIONS, "if_exists": IF_EXISTS},
+            "hidden": NODE_ID,
         }  # fmt: skip
 
     RETURN_TYPES = ("PIVOTAL_EMBEDDING", "CLIP", "STRING", "LOSS_MAP", "IMAGE")
@@ -64,20 +67,21 @@ class TokenInversion:
 
     def invert(self, model, clip, vae, dataset, placeholder, initializer, num_vectors, templates, steps,
                learning_rate, batch_size, seed, norm_mode, embedding_name, overwrite, mixed_precision="no",
-               gradient_checkpointing=False):  # fmt: skip
+               gradient_checkpointing=False, if_exists="increment", unique_id=None):  # fmt: skip
         config = InversionConfig(
             placeholder=placeholder.strip(), initializer=initializer.strip(), num_vectors=num_vectors,
             templates=split_lines(templates), steps=steps, learning_rate=learning_rate, batch_size=batch_size,
             seed=seed, norm_mode=norm_mode, clip_skip=bridge.clip_skip(clip), history_every=history_every(steps),
             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
-        path = output_path(bridge.embeddings_folder(), embedding_name, ".safetensors", overwrite, "embedding_name")
-        with core_run():
+        policy = if_exists_policy(overwrite, if_exists)
+        path = output_path(bridge.embeddings_folder(), embedding_name, ".safetensors", policy, "embedding_name")
+        with node_warnings(dataset) as warned, core_run():
             result = invert(converted(model, clip, vae), dataset, config, on_step=bridge.progress(steps))
-        result.save(path, overwrite=overwrite)
+        result.save(path, overwrite=policy == "overwrite")
         pivot = result.pivot
         plot = history_plot(result.history, "loss", "distance", f"TokenInversion {pivot.trigger}")
-        return (pivot, clip.clone(), pivot.trigger, bridge.loss_map(result.history), plot)
+        return node_result((pivot, clip.clone(), pivot.trigger, bridge.loss_map(result.history), plot), warned, unique_id)
 
     @classmethod
     def VALIDATE_INPUTS(cls, embedding_name=None):

@@ -5,8 +5,8 @@ from ..pti_ops.inversion import InversionConfig
 from ..pti_ops.norm_stats import EOS, PER_TOKEN_SPACES, SPACES, NormStats, NormStatsConfig, compute_norm_stats
 from ..pti_ops.placeholder import DEFAULT_TEMPLATES, add_placeholder
 from . import bridge
-from .common import core_run, split_lines
-from .inputs import combo, default_of, link, string_input
+from .common import core_run, node_result, node_warnings, split_lines, with_warnings
+from .inputs import NODE_ID, combo, default_of, link, string_input
 
 DEFAULT_CLASS_WORD = default_of(InversionConfig, "initializer")
 
@@ -52,6 +52,7 @@ class EmbeddingNormStats:
                 "embedding": link("PIVOTAL_EMBEDDING", "A trained token (TokenInversion): the endpoints compare it with the "
                     "class word. Not connected: the class word is compared with itself."),
             },
+            "hidden": NODE_ID,
         }  # fmt: skip
 
     RETURN_TYPES = ("PIVOTAL_NORM_STATS", "STRING", "IMAGE")
@@ -68,17 +69,19 @@ class EmbeddingNormStats:
         "origin (then vSLERP around the centre differs from SLERP), and the per-position centres vSLERP uses."
     )
 
-    def measure(self, clip, captions, captions_file, space, position, template, class_word, embedding=None):
+    def measure(self, clip, captions, captions_file, space, position, template, class_word, embedding=None,
+                unique_id=None):  # fmt: skip
         source = _captions(captions, captions_file)
         template = template.strip() or None
-        config = NormStatsConfig(
-            space=space, position=_parse_position(position), template=template,
-            clip_skip=bridge.clip_skip(clip) if space in PER_TOKEN_SPACES else 1,
-            class_word=(class_word.strip() or None) if template else None,
-        )  # fmt: skip
-        with core_run(train=False):  # the encoder gains the placeholder's rows in place
+        with node_warnings() as warned, core_run(train=False):  # the encoder gains the placeholder's rows in place
+            config = NormStatsConfig(
+                space=space, position=_parse_position(position), template=template,
+                clip_skip=bridge.clip_skip(clip) if space in PER_TOKEN_SPACES else 1,
+                class_word=(class_word.strip() or None) if template else None,
+            )  # fmt: skip
             stats = _measure(*bridge.text_encoder_from_comfy(clip), source, config, embedding if template else None)
-        return (stats, stats.report(), bridge.image_from_array(stats.plot_image()))
+        outputs = (stats, with_warnings(stats.report(), warned), bridge.image_from_array(stats.plot_image()))
+        return node_result(outputs, warned, unique_id)
 
     @classmethod
     def IS_CHANGED(cls, captions_file="", **_):

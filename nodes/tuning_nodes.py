@@ -1,15 +1,20 @@
 """SlerpRegularizer and PivotalLoRATune: steps 2 and 3 of pivotal tuning (LoRA around the frozen pivot)."""
 
 from ..pti_ops.errors import InvalidInputError, MissingModelFileError
-from ..pti_ops.files import output_path
+from ..pti_ops.files import output_path, output_paths
 from ..pti_ops.lora_tune import SCHEDULES, UNET_TARGETS, TuneConfig, tune_around
 from ..pti_ops.metrics import BACKBONE_URLS, backbone_path
 from ..pti_ops.pivot import Pivot
-from ..pti_ops.regularizer import INTERPOLATION_MODES, REGULARIZER_MODES, RegularizerConfig
+from ..pti_ops.regularizer import INTERPOLATION_MODES, MODES, REGULARIZER_MODES, RegularizerConfig
 from . import bridge
-from .common import converted, core_run, history_every, history_plot, split_lines, validate_name
-from .inputs import MEMORY_OPTIONS, OVERWRITE, SEED, TRAINING_INPUTS, bool_input, combo, default_of, float_input
-from .inputs import int_input, lines_input, link, string_input
+from .common import converted, core_run, history_every, history_plot, if_exists_policy, node_result, node_warnings
+from .common import split_lines, validate_name
+from .inputs import IF_EXISTS, MEMORY_OPTIONS, NODE_ID, OVERWRITE, SEED, TRAINING_INPUTS, bool_input, combo, default_of
+from .inputs import float_input, int_input, lines_input, link, string_input
+
+# The mode combo's tooltip, from the registry's one-line summaries (the CLI's --reg help reads the same).
+MODE_TOOLTIP = "Which prompts must keep the original model's predictions while the LoRA learns: " + "; ".join(
+    f"{name}: {spec.summary}" for name, spec in MODES.items()) + "."
 
 # The DDPM schedule of SD1.x has 1000 training timesteps, 0…999.
 LAST_TIMESTEP = 999
@@ -30,10 +35,7 @@ class SlerpRegularizer:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "mode": combo(REGULARIZER_MODES, _reg("mode"), "Which prompts must keep their original images: path (the "
-                    "method's default: halfway between the token's prompt and the class word's, per token position), "
-                    "sphere (random points at the same angle), class (the class-word prompt), empty (the empty prompt), "
-                    "none (off)."),
+                "mode": combo(REGULARIZER_MODES, _reg("mode"), MODE_TOOLTIP),
                 "anchor": string_input(_reg("anchor"), "The class word that replaces the token in the regularisation "
                     "prompts; normally the inversion's initializer. Must be as many tokens as the token has vectors."),
                 "templates": lines_input(_reg("templates"), "Regularisation prompt templates, one per line, with {} where "
@@ -155,14 +157,17 @@ class PivotalLoRATune:
                 "train_text_encoder": bool_input(_tune("train_text_encoder"), "Also put LoRA on the text encoder's "
                     "attention: more likeness, less editability; the CLIP output then carries it too."),
                 "lora_name": string_input("tok1_lora", "File name in ComfyUI's loras folder (letters, digits, _ - .), for "
-                    "LoraLoader in later workflows."),
+                    "LoraLoader in later workflows (the lora_file output names the file written, e.g. "
+                    "tok1_lora_00001.safetensors when tok1_lora exists and if_exists is increment)."),
                 "overwrite": OVERWRITE,
             },
             "optional": {
                 "regularizer": link("PIVOTAL_REGULARIZER", "Locality regulariser (SlerpRegularizer). Not connected: no "
                     "regularisation."),
                 **MEMORY_OPTIONS,
+                "if_exists": IF_EXISTS,
             },
+            "hidden": NODE_ID,
         }  # fmt: skip
 
     RETURN_TYPES = ("MODEL", "CLIP", "LORA_MODEL", "LOSS_MAP", "IMAGE", "STRING", "STRING")
@@ -173,7 +178,7 @@ class PivotalLoRATune:
         "The LoRA as a kohya-keyed dict (stock LoraModelLoader / SaveLoRA read it).",
         "Training loss per record ({'loss': [...]}, as stock LossGraph reads it).",
         "Plot of the training loss and the locality loss against the step.",
-        "The LoRA file name in models/loras.",
+        "The name of the LoRA file written in models/loras (with its counter when if_exists incremented it).",
         "embedding:NAME of the token to prompt with (the joint schedule's own embedding when joint).",
     )
     FUNCTION = "tune"
@@ -186,7 +191,7 @@ class PivotalLoRATune:
 
     def tune(self, model, clip, vae, dataset, embedding: Pivot, rank, alpha, targets, learning_rate,
              steps, batch_size, seed, schedule, train_text_encoder, lora_name, overwrite, regularizer=None,
-             mixed_precision="no", gradient_checkpointing=False):  # fmt: skip
+             mixed_precision="no", gradient_checkpointing=False, if_exists="increment", unique_id=None):  # fmt: skip
         config = TuneConfig(
             rank=rank, alpha=alpha or None, targets=targets, train_text_encoder=train_text_encoder,
             learning_rate=learning_rate, steps=steps, batch_size=batch_size, seed=seed, schedule=schedule,
@@ -194,30 +199,36 @@ class PivotalLoRATune:
             history_every=history_every(steps), mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
-        lora_path, joint_path = _output_paths(lora_name, schedule, overwrite)
-        with core_run():
+        policy = if_exists_policy(overwrite, if_exists)
+        lora_path, joint_path = _output_paths(lora_name, schedule, policy)
+        with node_warnings(dataset) as warned, core_run():
             result = tune_around(converted(model, clip, vae), dataset, embedding, config, regularizer,
                                  on_step=bridge.progress(steps))  # fmt: skip
         result.lora = {key: value.cpu() for key, value in result.lora.items()}
-        result.save(lora_path, overwrite=overwrite)
+        result.save(lora_path, overwrite=policy == "overwrite")
         if joint_path is not None:  # the token was retrained with the LoRA: it gets its own file
-            result.pivot.save(joint_path, overwrite=overwrite)
+            result.pivot.save(joint_path, overwrite=policy == "overwrite")
         model_out, clip_out = bridge.apply_lora(model, clip, result.lora)
         plot = history_plot(result.history, "loss", "reg_loss", f"PivotalLoRATune {lora_path.name}")
-        return (model_out, clip_out, result.lora, bridge.loss_map(result.history), plot, lora_path.name,
-                result.pivot.trigger)  # fmt: skip
+        outputs = (model_out, clip_out, result.lora, bridge.loss_map(result.history), plot, lora_path.name,
+                   result.pivot.trigger)  # fmt: skip
+        return node_result(outputs, warned, unique_id)
 
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name=None):
         return validate_name(lora_name, "lora_name")
 
 
-def _output_paths(lora_name: str, schedule: str, overwrite: bool):
-    """`(LoRA file, joint embedding file or None)`, refused before training when taken (unless `overwrite`)."""
-    lora_path = output_path(bridge.loras_folder(), lora_name, ".safetensors", overwrite, "lora_name")
+def _output_paths(lora_name: str, schedule: str, policy: str):
+    """`(LoRA file, joint embedding file or None)` by the file-name policy, decided before training.
+
+    The joint embedding shares the LoRA's name (and counter: `NAME_00001` in both folders).
+    """
     if schedule != "joint":
-        return lora_path, None
-    return lora_path, output_path(bridge.embeddings_folder(), lora_name, ".safetensors", overwrite, "lora_name")
+        return output_path(bridge.loras_folder(), lora_name, ".safetensors", policy, "lora_name"), None
+    lora_path, joint_path = output_paths([bridge.loras_folder(), bridge.embeddings_folder()], lora_name, ".safetensors",
+                                         policy, "lora_name")  # fmt: skip
+    return lora_path, joint_path
 
 
 NODE_CLASS_MAPPINGS = {"SlerpRegularizer": SlerpRegularizer, "PivotalLoRATune": PivotalLoRATune}

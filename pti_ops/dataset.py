@@ -6,7 +6,6 @@ resized so the shorter side equals the resolution, centre-cropped to a square an
 """
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,6 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DatasetError, InvalidInputError
+from .user_warnings import warn_user
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class DatasetConfig:
             reads `NAME.txt` beside each image (an error if one is missing); `"files_or_template"`
             uses the file where there is one and the templates elsewhere.
         on_bad_image (`str`): `"error"` stops on an unreadable image; `"skip"` leaves it out with a
-            warning that lists the files.
+            warning that lists the files (logged, and kept in the dataset's `warnings`).
     """
 
     resolution: int = 512
@@ -64,12 +64,15 @@ class ImageDataset:
         captions (`list[str | None]`): per-image caption with `{}` for the placeholder, or None
             where the prompt templates are used.
         flip (`bool`): whether mirrored copies are trained on too.
+        warnings (`list[str]`): what the user should know about these images (skipped files, upscaled
+            images), given when they were loaded; kept so that every run training on them can say it again.
     """
 
     images: torch.Tensor
     names: list[str]
     captions: list[str | None] = field(default_factory=list)
     flip: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.captions:
@@ -171,10 +174,10 @@ def load_image_folder(folder: str | Path, config: DatasetConfig | None = None) -
         images[len(names)] = image_to_tensor(resize_and_crop(rgb, config.resolution))
         names.append(path.name)
         kept_captions.append(caption)
-    _report_problems(folder, bad, small, config, n_good=len(names))
+    problems = _report_problems(folder, bad, small, config, n_good=len(names))
     if len(names) < len(files):
         images = images[: len(names)].clone()
-    return ImageDataset(images, names, kept_captions, flip=config.flip)
+    return ImageDataset(images, names, kept_captions, flip=config.flip, warnings=problems)
 
 
 def _captions_for(files: list[Path], source: CaptionSource) -> list[str | None]:
@@ -191,20 +194,27 @@ def _captions_for(files: list[Path], source: CaptionSource) -> list[str | None]:
     return [read_caption(p) if p.is_file() else None for p in paths]
 
 
-def _report_problems(folder: Path, bad: list[str], small: list[str], config: DatasetConfig, n_good: int) -> None:
+def _report_problems(folder: Path, bad: list[str], small: list[str], config: DatasetConfig, n_good: int) -> list[str]:
+    """Raise for unreadable images unless skipped; otherwise warn (every time) and return the warnings."""
     if bad and (config.on_bad_image == "error" or n_good == 0):
         raise DatasetError(
             f"{len(bad)} file(s) in {folder} could not be read as images: {'; '.join(bad[:5])}. "
             + ("No readable image is left." if n_good == 0 else "Fix or remove them, or set on_bad_image to `skip`.")
         )
+    problems = []
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {folder}: {'; '.join(bad)}", stacklevel=3)
+        problems.append(f"skipped {len(bad)} unreadable image(s) in {folder}, training on the other {n_good}: "
+                        f"{'; '.join(bad)}")  # fmt: skip
     if small:
-        warnings.warn(
-            f"{len(small)} image(s) are smaller than the training resolution {config.resolution} and were "
-            f"upscaled, which blurs them: {', '.join(small[:5])}",
-            stacklevel=3,
-        )
+        problems.append(_upscaled_warning(small, config.resolution))
+    return [warn_user(message) for message in problems]
+
+
+def _upscaled_warning(small: list[str], resolution: int) -> str:
+    return (
+        f"{len(small)} image(s) are smaller than the training resolution {resolution} and were upscaled, which "
+        f"blurs them: {', '.join(small[:5])}" + (" …" if len(small) > 5 else "")
+    )
 
 
 def dataset_from_tensor(images: torch.Tensor, resolution: int, flip: bool = False, captions: list[str | None] | None = None) -> ImageDataset:
@@ -217,4 +227,6 @@ def dataset_from_tensor(images: torch.Tensor, resolution: int, flip: bool = Fals
     ]
     tensors = [image_to_tensor(resize_and_crop(img, resolution)) for img in pil_images]
     names = [f"image_{i:04d}" for i in range(len(tensors))]
-    return ImageDataset(torch.stack(tensors), names, captions or [None] * len(names), flip=flip)
+    small = [f"{name} {img.size[0]}x{img.size[1]}" for name, img in zip(names, pil_images) if min(img.size) < resolution]
+    problems = [warn_user(_upscaled_warning(small, resolution))] if small else []
+    return ImageDataset(torch.stack(tensors), names, captions or [None] * len(names), flip=flip, warnings=problems)

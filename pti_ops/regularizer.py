@@ -6,8 +6,11 @@ those conditionings; the trainer compares the two UNets' predictions there (`loc
 
 Modes (`REGULARIZER_MODES`):
 - `none`: no regularisation.
-- `empty`: the encoding of the empty prompt `""` (PTI's "random image" baseline).
-- `class`: the template with the class word (`anchor`) instead of the placeholder.
+- `empty`: the encoding of the empty prompt `""` (PTI's "random image" baseline); other trainers call
+  this blank-prompt preservation.
+- `class`: the template with the class word (`anchor`) instead of the placeholder: the tuned model
+  must give the base model's prediction there. This is the idea of Differential Output Preservation
+  (DOP), as ai-toolkit and kohya-style trainers name it (trigger word replaced by the class word).
 - `path`: per token position, SLERP (or vSLERP around a centre) between the encoding of the
   template with the placeholder and with the class word, at t. Positions before the placeholder
   are identical in both prompts under CLIP's causal mask; they are copied from the placeholder
@@ -20,7 +23,6 @@ they are computed once, by one text-encoder call; only the cheap interpolation i
 when t is sampled or the mode is random.
 """
 
-import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal, Mapping, get_args
 
@@ -32,6 +34,7 @@ from .interpolation import rotate_towards_random, slerp, vslerp
 from .checks import check_choice, check_number, check_positive_int, check_range
 from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, check_templates, fill_placeholder
 from .training.text_conditioning import encode_prompts, tokenize
+from .user_warnings import warn_user
 
 InterpolationMode = Literal["slerp", "vslerp"]
 INTERPOLATION_MODES: tuple[str, ...] = get_args(InterpolationMode)
@@ -78,9 +81,11 @@ class RegularizerModeSpec:
 # The registry: adding a mode is one entry here.
 MODES: dict[str, RegularizerModeSpec] = {spec.name: spec for spec in (
     RegularizerModeSpec("none", "no regularisation"),
-    RegularizerModeSpec("empty", "the empty prompt (PTI's 'random image' baseline; blank-prompt preservation)", "empty"),
-    RegularizerModeSpec("class", "the class-word prompt (kohya's Differential Output Preservation, ai-toolkit's DOP)", "anchor"),
-    RegularizerModeSpec("path", "SLERP halfway between the token's prompt and the class word's, per position", "both", _path_point),
+    RegularizerModeSpec("empty", "the empty prompt: blank-prompt preservation (PTI's 'random image' baseline)", "empty"),
+    RegularizerModeSpec("class", "the class-word prompt: Differential Output Preservation (DOP, as ai-toolkit and "
+                        "kohya-style trainers call it)", "anchor"),
+    RegularizerModeSpec("path", "SLERP halfway between the token's prompt and the class word's, per position (the "
+                        "method's default)", "both", _path_point),
     RegularizerModeSpec("sphere", "random points at the path point's angle from the token's prompt", "both", _sphere_point,
                         always_random=True),
 )}
@@ -143,7 +148,7 @@ class RegularizerConfig:
         if self.t_range is not None:
             self.t_range = check_range("t_range", self.t_range, 0.0, 1.0, float)
             if self.t != DEFAULT_T:
-                warnings.warn(f"`t`={self.t} is ignored because `t_range` {self.t_range} is given.", stacklevel=3)
+                warn_user(f"`t`={self.t} is ignored because `t_range` {self.t_range} is given.")
         self.weight = check_number("weight", self.weight, 0.0)
         self.every = check_positive_int("every", self.every)
         self.samples = check_positive_int("samples", self.samples)
@@ -178,7 +183,7 @@ class RegularizerConfig:
                 f"`centre` must be a finite [tokens, dim] or [dim] tensor, got shape {tuple(self.centre.shape)}."
             )
         if self.interpolation != "vslerp":
-            warnings.warn("`centre` is ignored because `interpolation` is not `vslerp`.", stacklevel=4)
+            warn_user("`centre` is ignored because `interpolation` is not `vslerp`.")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RegularizerConfig":

@@ -1,10 +1,11 @@
-"""Safe output files: name checks, no silent overwrite, atomic writes (temp file + rename)."""
+"""Safe output files: name checks, a policy for names already taken (increment, overwrite, error), atomic
+writes (temp file + rename)."""
 
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence, get_args
 
 from .errors import InvalidInputError, OutputExistsError
 
@@ -35,17 +36,83 @@ def check_output_name(name: str, what: str = "name") -> str:
     return name
 
 
-def output_path(folder: str | os.PathLike, name: str, extension: str, overwrite: bool, what: str = "name") -> Path:
-    """Path of a new output file `folder/name.extension`, refusing to replace a file unless `overwrite`."""
+IfExists = Literal["increment", "overwrite", "error"]
+IF_EXISTS_POLICIES: tuple[str, ...] = get_args(IfExists)
+# `NAME_00001`, … as ComfyUI's SaveImage numbers its files (five digits, counting up from the highest).
+COUNTER_DIGITS = 5
+
+
+def check_if_exists(value: str | bool, what: str = "if_exists") -> str:
+    """One of `IF_EXISTS_POLICIES` (a bool is the older `overwrite` switch: `overwrite` / `error`), else
+    `InvalidInputError` naming the input."""
+    if isinstance(value, bool):
+        return "overwrite" if value else "error"
+    if value not in IF_EXISTS_POLICIES:
+        raise InvalidInputError(f"`{what}` must be one of {', '.join(IF_EXISTS_POLICIES)}; got {value!r}.")
+    return value
+
+
+def output_path(folder: str | os.PathLike, name: str, extension: str, if_exists: IfExists | bool = "error",
+                what: str = "name") -> Path:
+    """Path of a new output file `folder/NAME.extension`, by the policy for a name already taken.
+
+    Args:
+        folder (`str` or `PathLike`): the folder the file goes into.
+        name (`str`): the name the user gave (an extension is allowed).
+        extension (`str`): e.g. `.safetensors`.
+        if_exists (`str`): `increment` (`NAME_00001.ext`, then `_00002`, … after the highest number present,
+            as ComfyUI's SaveImage counts), `overwrite` (the same path; the file is replaced when written) or
+            `error` (`OutputExistsError` before anything runs). A bool is the old `overwrite` switch.
+        what (`str`): the input as the user sees it, for messages.
+    """
+    return output_paths([folder], name, extension, if_exists, what)[0]
+
+
+def output_paths(folders: Sequence[str | os.PathLike], name: str, extension: str, if_exists: IfExists | bool = "error",
+                 what: str = "name") -> list[Path]:
+    """`folder/NAME.extension` in each folder, with one name free in all of them (see `output_path`).
+
+    Files written together (a LoRA and its `joint` embedding) share their name, and with it the counter.
+    """
+    if_exists = check_if_exists(if_exists)
     check_output_name(name, what)
-    if not name.endswith(extension):
-        name = name + extension
-    path = Path(folder) / name
-    if path.exists() and not overwrite:
+    stem = name[: -len(extension)] if name.endswith(extension) else name
+    folders = [Path(folder) for folder in folders]
+    paths = [folder / (stem + extension) for folder in folders]
+    taken = [path for path in paths if path.exists()]
+    if not taken or if_exists == "overwrite":
+        return paths
+    if if_exists == "error":
         raise OutputExistsError(
-            f"{path} already exists. Choose another `{what}` or set `overwrite` to replace it."
+            f"{taken[0]} already exists. Choose another `{what}`, set `if_exists` to increment (a new numbered "
+            "file) or overwrite, or set `overwrite` to replace it."
         )
-    return path
+    number = 1 + max(_highest_counter(folder, stem, extension) for folder in folders)
+    return [folder / f"{stem}_{number:0{COUNTER_DIGITS}d}{extension}" for folder in folders]
+
+
+def _highest_counter(folder: Path, stem: str, extension: str) -> int:
+    """The highest N of the `STEM_N.extension` files (and `STEM_N` folders) in `folder`; 0 if none."""
+    pattern = re.compile(rf"^{re.escape(stem)}_(\d{{{COUNTER_DIGITS},}}){re.escape(extension)}$")
+    if not folder.is_dir():
+        return 0
+    numbers = [int(match.group(1)) for entry in folder.iterdir() if (match := pattern.match(entry.name))]
+    return max(numbers, default=0)
+
+
+def output_folder(parent: str | os.PathLike, name: str, if_exists: IfExists | bool = "error",
+                  what: str = "the output folder") -> Path:
+    """A report folder `parent/NAME` by the policy for one already holding files (see `output_path`).
+
+    A missing or empty folder is used as it is; `increment` picks `NAME_00001`, … (the first one free
+    after the highest number present); `overwrite` writes into it; `error` refuses.
+    """
+    if_exists = check_if_exists(if_exists)
+    folder = Path(parent) / check_output_name(name, what)
+    if if_exists == "increment" and folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
+        folder = Path(parent) / f"{name}_{1 + _highest_counter(Path(parent), name, ''):0{COUNTER_DIGITS}d}"
+    hint = "set `if_exists` to increment (a new numbered folder) or overwrite, or set `overwrite` to replace its files"
+    return check_output_folder(folder, if_exists == "overwrite", what=what, hint=hint)
 
 
 def check_output_folder(

@@ -44,6 +44,7 @@ class StubState:
     interrupt_at_step: int | None = None  # raise InterruptProcessingException at this progress value
     unloads: int = 0
     not_loaded: list = field(default_factory=list)  # keys load_lora_for_models would log "NOT LOADED"
+    node_texts: list = field(default_factory=list)  # (node id, text) sent with PromptServer.send_progress_text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +277,17 @@ def make_stub_modules(state: StubState, tokenizer_root: Path) -> dict[str, types
     sd = _module("comfy.sd", load_lora_for_models=load_lora_for_models)
     sd1_clip = _module("comfy.sd1_clip", __file__=str(tokenizer_root / "sd1_clip.py"))
     comfy = _module("comfy", __path__=[], utils=utils, model_management=model_management, sd=sd, lora=lora, sd1_clip=sd1_clip)
+
+    class PromptServer:
+        instance = None
+
+        def send_progress_text(self, text, node_id, sid=None):
+            state.node_texts.append((node_id, text))
+
+    PromptServer.instance = PromptServer()
+    server = _module("server", PromptServer=PromptServer)
     return {
+        "server": server,
         "folder_paths": folder_paths,
         "comfy": comfy,
         "comfy.utils": utils,
@@ -321,9 +332,17 @@ def comfy_pack(root: Path, name: str = PACK_NAME, extra_modules: dict | None = N
 
 
 def run_node(cls, **inputs):
-    """Run a node's FUNCTION the way ComfyUI does: a fresh instance, inside `torch.inference_mode()`."""
+    """Run a node's FUNCTION the way ComfyUI does: a fresh instance, inside `torch.inference_mode()`; its outputs."""
+    return run_node_with_ui(cls, **inputs)[0]
+
+
+def run_node_with_ui(cls, **inputs):
+    """`(outputs, ui)`: a node's outputs and the UI part of its answer (None when it returned a plain tuple)."""
     with torch.inference_mode():
-        return getattr(cls(), cls.FUNCTION)(**inputs)
+        answer = getattr(cls(), cls.FUNCTION)(**inputs)
+    if isinstance(answer, dict):  # ComfyUI's {"ui": ..., "result": ...}
+        return answer["result"], answer.get("ui")
+    return answer, None
 
 
 # ---------------------------------------------------------------------------------------------

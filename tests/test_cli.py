@@ -154,3 +154,23 @@ def test_the_same_run_gives_byte_identical_files_across_processes(tmp_path, imag
         subprocess.run([sys.executable, "-m", "pti_ops", *args], check=True, cwd=repo, capture_output=True)
         digests.append([hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in ("tok1.safetensors", "lora.safetensors")])
     assert digests[0] == digests[1]
+
+
+def test_skipped_images_are_reported_on_every_run(tmp_path, image_folder, capsys, caplog):
+    """Issue #16: the second run in the same process says it again (logged, and listed at the end of the output)."""
+    (image_folder / "corrupt.png").write_bytes(b"garbage")
+    for run in range(2):
+        out = tmp_path / f"tok{run}.safetensors"
+        with caplog.at_level("WARNING"):
+            assert main(_invert_args(image_folder, out, "--skip-bad-images", "--steps", "1")) == 0
+        err = capsys.readouterr().err
+        assert "1 warning(s) during this run:" in err and "skipped 1 unreadable image(s)" in err and "corrupt.png" in err
+    assert sum("corrupt.png" in record.getMessage() for record in caplog.records) == 2
+    (image_folder / "corrupt.png").unlink()
+
+
+def test_reg_help_names_the_modes_as_other_trainers_do(capsys):
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Differential Output Preservation (DOP" in text and "blank-prompt preservation" in text

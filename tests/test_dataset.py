@@ -5,6 +5,7 @@ from PIL import Image
 
 from pti_ops.dataset import DatasetConfig, dataset_from_tensor, load_image_folder
 from pti_ops.errors import DatasetError, InvalidInputError
+from helpers import warns_user
 
 
 def _save(folder, name, image):
@@ -66,9 +67,20 @@ def test_unreadable_image_stops_or_is_skipped(tmp_path, image_folder):
     (image_folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(DatasetError, match="could not be read as images: broken.png"):
         load_image_folder(image_folder, DatasetConfig(resolution=32))
-    with pytest.warns(UserWarning, match="skipped 1 unreadable image.*broken.png"):
+    with warns_user("skipped 1 unreadable image.*training on the other 4: broken.png"):
         data = load_image_folder(image_folder, DatasetConfig(resolution=32, on_bad_image="skip"))
     assert len(data) == 4 and "broken.png" not in data.names
+    assert len(data.warnings) == 1 and "broken.png" in data.warnings[0]
+
+
+def test_skipped_images_are_reported_on_every_load_in_the_log(image_folder, caplog):
+    """Not Python's once-per-place warning: the second load in the same process says it again (issue #16)."""
+    (image_folder / "broken.png").write_bytes(b"garbage")
+    config = DatasetConfig(resolution=32, on_bad_image="skip")
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            assert load_image_folder(image_folder, config).warnings
+    assert [r.levelname for r in caplog.records if "broken.png" in r.getMessage()] == ["WARNING", "WARNING"]
 
 
 def test_folder_with_only_unreadable_images_is_an_error_even_when_skipping(tmp_path):
@@ -79,9 +91,12 @@ def test_folder_with_only_unreadable_images_is_an_error_even_when_skipping(tmp_p
 
 def test_small_images_are_upscaled_with_a_warning(tmp_path):
     _save(tmp_path, "small.png", Image.new("RGB", (16, 16), (10, 20, 30)))
-    with pytest.warns(UserWarning, match="smaller than the training resolution 32.*small.png 16x16"):
+    with warns_user("smaller than the training resolution 32.*small.png 16x16"):
         data = load_image_folder(tmp_path, DatasetConfig(resolution=32))
-    assert data.images.shape[-1] == 32
+    assert data.images.shape[-1] == 32 and "upscaled" in data.warnings[0]
+    with warns_user("1 image\\(s\\) are smaller than the training resolution 32.*image_0000 16x16"):
+        data = dataset_from_tensor(torch.rand(1, 16, 16, 3), 32)
+    assert data.warnings and not dataset_from_tensor(torch.rand(1, 32, 40, 3), 32).warnings
 
 
 def test_caption_files(tmp_path, image_folder):

@@ -1,7 +1,7 @@
 import pytest
 
 from pti_ops.errors import InvalidInputError, OutputExistsError
-from pti_ops.safe_write import atomic_write, check_output_folder, check_output_name, output_path
+from pti_ops.safe_write import atomic_write, check_output_folder, check_output_name, output_folder, output_path, output_paths
 
 
 @pytest.mark.parametrize("name", ["my_char", "tok1-v2", "A.b_c"])
@@ -27,11 +27,58 @@ def test_unsafe_names_are_refused(name, message):
         check_output_name(name, "embedding name")
 
 
-def test_output_path_refuses_existing_file_without_overwrite(tmp_path):
+def test_output_path_refuses_existing_file_with_error_policy(tmp_path):
     (tmp_path / "x.safetensors").write_text("mine")
-    with pytest.raises(OutputExistsError, match="set `overwrite`"):
-        output_path(tmp_path, "x", ".safetensors", overwrite=False)
-    assert output_path(tmp_path, "x", ".safetensors", overwrite=True) == tmp_path / "x.safetensors"
+    with pytest.raises(OutputExistsError, match="x.safetensors already exists. Choose another `name`, set `if_exists` to "
+                       "increment .* or set `overwrite`"):
+        output_path(tmp_path, "x", ".safetensors", "error")
+    assert output_path(tmp_path, "x", ".safetensors", "overwrite") == tmp_path / "x.safetensors"
+    # the older bool: True = overwrite, False = error
+    assert output_path(tmp_path, "x", ".safetensors", True) == tmp_path / "x.safetensors"
+    with pytest.raises(OutputExistsError):
+        output_path(tmp_path, "x", ".safetensors", False)
+
+
+def test_output_path_increments_like_saveimage(tmp_path):
+    assert output_path(tmp_path, "tok1", ".safetensors", "increment") == tmp_path / "tok1.safetensors"
+    (tmp_path / "tok1.safetensors").write_text("first")
+    assert output_path(tmp_path, "tok1", ".safetensors", "increment") == tmp_path / "tok1_00001.safetensors"
+    (tmp_path / "tok1_00001.safetensors").write_text("second")
+    assert output_path(tmp_path, "tok1.safetensors", ".safetensors", "increment") == tmp_path / "tok1_00002.safetensors"
+    # counted on from the highest number present (a gap is not filled), other names do not count
+    (tmp_path / "tok1_00007.safetensors").write_text("seventh")
+    (tmp_path / "tok10_00020.safetensors").write_text("another name")
+    (tmp_path / "tok1_00009.pt").write_text("another extension")
+    assert output_path(tmp_path, "tok1", ".safetensors", "increment") == tmp_path / "tok1_00008.safetensors"
+
+
+def test_output_paths_share_one_counter_across_folders(tmp_path):
+    loras, embeddings = tmp_path / "loras", tmp_path / "embeddings"
+    loras.mkdir(), embeddings.mkdir()
+    (embeddings / "run.safetensors").write_text("x")  # only one of the two is taken
+    (loras / "run_00003.safetensors").write_text("x")
+    assert output_paths([loras, embeddings], "run", ".safetensors", "increment") == [
+        loras / "run_00004.safetensors", embeddings / "run_00004.safetensors"]
+
+
+def test_if_exists_policy_is_checked(tmp_path):
+    with pytest.raises(InvalidInputError, match="`if_exists` must be one of increment, overwrite, error; got 'keep'"):
+        output_path(tmp_path, "x", ".safetensors", "keep")
+
+
+def test_output_folder_policy(tmp_path):
+    assert output_folder(tmp_path, "report", "error") == tmp_path / "report"
+    (tmp_path / "report").mkdir()
+    assert output_folder(tmp_path, "report", "increment") == tmp_path / "report"  # empty: used as it is
+    (tmp_path / "report" / "sweep.csv").write_text("x")
+    assert output_folder(tmp_path, "report", "increment") == tmp_path / "report_00001"
+    (tmp_path / "report_00001").mkdir()
+    (tmp_path / "report_00001" / "sweep.csv").write_text("x")
+    assert output_folder(tmp_path, "report", "increment") == tmp_path / "report_00002"
+    assert output_folder(tmp_path, "report", "overwrite") == tmp_path / "report"
+    with pytest.raises(OutputExistsError, match="`output_folder` .*report is not empty: choose another folder or set "
+                       "`if_exists` to increment"):
+        output_folder(tmp_path, "report", "error", what="`output_folder`")
 
 
 def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):

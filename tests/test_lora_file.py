@@ -216,8 +216,8 @@ def good_file_tensors():
         (lambda d: d.pop(f"{Q_PREFIX}.alpha"), r"`lora_unet_.*_attn1_to_q\.alpha` is missing"),
         (lambda d: d.update({f"{Q_PREFIX}.lora_up.weight": torch.zeros(32, 3)}), r"has shape \[32, 3\] and `\.lora_down\.weight` \[4, 32\]"),
         (lambda d: d.update({f"{Q_PREFIX}.alpha": torch.ones(2)}), r"`lora_unet_.*_to_q\.alpha` must be a single number"),
-        (lambda d: d.update({"model.diffusion_model.out.2.weight": torch.zeros(1)}), r"'model\.diffusion_model\.out\.2\.weight' is not a kohya LoRA key"),
-        (lambda d: d.clear() or d.update({"other": torch.zeros(1)}), r"'other' is not a kohya LoRA key"),
+        (lambda d: d.update({"model.diffusion_model.out.2.weight": torch.zeros(1)}), r"'model\.diffusion_model\.out\.2\.weight' is not a LoRA key"),
+        (lambda d: d.clear() or d.update({"other": torch.zeros(1)}), r"'other' is not a LoRA key"),
     ],
 )
 def test_bad_files_raise_naming_the_key(tmp_path, good_file_tensors, damage, message):

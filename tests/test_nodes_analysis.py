@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_stubs import comfy_env, fake_models, nodes, run_node  # noqa: F401  (fixtures)
+from comfy_stubs import comfy_env, fake_models, nodes, run_node, run_node_with_ui  # noqa: F401  (fixtures)
 
 CAPTIONS = "a photo of a cat\na drawing of a dog\nan anime illustration of a girl with a hat\na boy in the city"
 
@@ -38,6 +38,17 @@ def test_norm_stats_compare_a_trained_embedding(nodes, fake_models):
     embedding = core.Pivot("tok1", "character", torch.randn(1, 32), "sd15")
     stats = measure(nodes, fake_models[1], embedding=embedding)[0]
     assert stats.endpoints.trained and "tok1" in stats.endpoints.placeholder_prompt
+
+
+def test_norm_stats_warnings_end_the_summary_on_every_run(nodes, fake_models, comfy_env):
+    """Captions that end before the position: said in the summary, on the node and in the log, every run."""
+    for _ in range(2):
+        (stats, summary, _), ui = run_node_with_ui(
+            nodes["EmbeddingNormStats"], clip=fake_models[1], captions="a cat\na drawing of a dog on the beach at night",
+            captions_file="", space="hidden", position="6", template="", class_word="character", unique_id="3",
+        )  # fmt: skip
+        assert "## Warnings" in summary and "1 caption(s) end before position 6" in summary.split("## Warnings")[1]
+        assert "end before position 6" in ui["text"][0] and comfy_env[1].node_texts[-1][0] == "3"
 
 
 def test_norm_stats_errors_name_the_input(nodes, fake_models):

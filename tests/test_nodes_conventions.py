@@ -57,9 +57,14 @@ def test_seeds_have_the_control_widget(mappings):
         assert mappings[node_id].INPUT_TYPES()["required"]["seed"][1]["control_after_generate"] is True
 
 
-def test_training_nodes_write_only_with_overwrite_or_a_new_name(mappings):
+def test_training_nodes_never_replace_a_file_by_default(mappings):
+    """`overwrite` (kept for saved workflows) is off; the optional `if_exists` defaults to a new numbered file."""
     for node_id in ("TokenInversion", "PivotalLoRATune", "PivotalSweep"):
-        assert mappings[node_id].INPUT_TYPES()["required"]["overwrite"][1]["default"] is False
+        spec = mappings[node_id].INPUT_TYPES()
+        assert spec["required"]["overwrite"][1]["default"] is False
+        choices, options = spec["optional"]["if_exists"]
+        assert choices == ["increment", "overwrite", "error"] and options["default"] == "increment"
+        assert list(spec["optional"])[-1] == "if_exists"  # last: saved workflows' widget positions are unchanged
 
 
 def test_imported_as_a_plain_module_it_registers_nothing():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_stubs import comfy_env, nodes, run_node  # noqa: F401  (fixtures)
+from comfy_stubs import comfy_env, nodes, run_node, run_node_with_ui  # noqa: F401  (fixtures)
 
 from example_images import write_example_images
 
@@ -67,3 +67,23 @@ def test_dataset_from_an_image_batch(nodes):
 def test_caption_count_must_match_the_batch(nodes):
     with pytest.raises(ValueError, match="`captions` has 1 line"):
         run_node(nodes["PivotalDatasetFromImages"], images=torch.rand(2, 32, 32, 3), resolution=32, flip=False, captions="a {}")
+
+
+def test_a_skipped_image_is_reported_on_the_node_on_every_run(nodes, character, comfy_env, caplog):
+    """on_bad_image = skip: the warning is on the node (its text and UI output) and in the log, every run."""
+    state = comfy_env[1]
+    (character / "broken.png").write_bytes(b"not an image")
+    inputs = dict(folder="character", resolution=64, flip=False, caption_source="template", on_bad_image="skip")
+    with caplog.at_level("WARNING"):
+        for run in range(2):
+            (dataset,), ui = run_node_with_ui(nodes["PivotalDatasetFromFolder"], unique_id="7", **inputs)
+            assert len(dataset) == 3 and "broken.png" in ui["text"][0] and "1 warning(s)" in ui["text"][0]
+            assert state.node_texts[-1][0] == "7" and "skipped 1 unreadable image(s)" in state.node_texts[-1][1]
+    assert sum("broken.png" in record.getMessage() for record in caplog.records) == 2
+    (character / "broken.png").unlink()
+
+
+def test_a_clean_folder_returns_plain_outputs(nodes, character):
+    outputs, ui = run_node_with_ui(nodes["PivotalDatasetFromFolder"], folder="character", resolution=64, flip=False,
+                                   caption_source="template", on_bad_image="error")  # fmt: skip
+    assert ui is None and len(outputs) == 1

@@ -165,9 +165,20 @@ def test_evaluate_with_a_clip_folder_in_clip_vision(nodes, fake_models, dataset,
     assert node.IS_CHANGED(clip_model_folder="tiny-clip") != before
 
 
-def test_evaluate_refuses_a_lora_without_its_embedding_and_bad_seeds(nodes, fake_models, trained):
-    with pytest.raises(ValueError, match="`lora` is connected without its `embedding`"):
-        evaluate(nodes, fake_models, lora=trained[1])
+def test_evaluate_a_stock_train_lora_model_without_an_embedding(nodes, fake_models, random_lpips):
+    """The stock Train LoRA node's LORA_MODEL (ComfyUI's own keys, .diff/.diff_b): measured, locality not computed."""
+    from helpers import stock_trainer_lora
+
+    from pti_ops.models.tiny_model import build_tiny_bundle
+
+    lora = stock_trainer_lora(build_tiny_bundle().unet)
+    text, text_json, _ = evaluate(nodes, fake_models, lora=lora)
+    metrics = metrics_of(text_json)
+    assert "no prompts without the placeholder: connect the embedding" in metrics["locality_eps_mse"]["reason"]
+    assert metrics["diversity_lpips"]["value"] is not None or metrics["diversity_lpips"]["reason"]
+
+
+def test_evaluate_refuses_bad_seeds(nodes):
     assert "comma-separated whole numbers" in nodes["PivotalEvaluate"].VALIDATE_INPUTS(seeds="0,x")
     assert nodes["PivotalEvaluate"].VALIDATE_INPUTS(seeds="0, 1") is True
 
@@ -195,11 +206,21 @@ def test_inversion_sweep_writes_the_report_and_returns_table_plots_grids(nodes, 
     assert state.progress_bars >= 1 and state.progress[-1] == (4, 4)
     assert [done for done, _ in state.progress] == sorted(done for done, _ in state.progress)
     assert model.patches == {} and clip.patcher.patches == {}
-    # The folder is now taken: refused before any training, unless overwrite.
+    # The folder is now taken: refused before any training with if_exists error.
     bars = state.progress_bars
-    with pytest.raises(FileExistsError, match="is not empty"):
-        sweep(nodes, fake_models, dataset, output_folder="inversion_sweep")
+    with pytest.raises(FileExistsError, match="is not empty: choose another folder or set `if_exists` to increment"):
+        sweep(nodes, fake_models, dataset, output_folder="inversion_sweep", if_exists="error")
     assert state.progress_bars == bars
+
+
+def test_requeued_sweep_writes_a_numbered_report_folder(nodes, comfy_env, fake_models, dataset, random_lpips):
+    """A saved sweep workflow (overwrite off, no if_exists widget) queued again: the next report goes to NAME_00001."""
+    output = comfy_env[1].folders["output"]
+    for _ in range(2):
+        sweep(nodes, fake_models, dataset, learning_rates="1e-2", steps=1, output_folder="requeued")
+    assert (output / "requeued" / "sweep.json").is_file() and (output / "requeued_00001" / "sweep.json").is_file()
+    settings = json.loads((output / "requeued_00001" / "sweep.json").read_text())["settings"]
+    assert settings["output_folder"] == str(output / "requeued_00001")
 
 
 def test_inversion_sweep_eval_every_adds_intermediate_rows(nodes, comfy_env, fake_models, dataset, random_lpips):
@@ -247,8 +268,9 @@ def test_sweep_refuses_bad_inputs_before_training(nodes, comfy_env, fake_models,
     with pytest.raises(ValueError, match="lists 0.01 twice"):
         sweep(nodes, fake_models, dataset, learning_rates="1e-2, 0.01", output_folder="twice")
     (state.folders["output"] / "a_file").write_text("user file")
-    with pytest.raises(FileExistsError, match="is a file"):
-        sweep(nodes, fake_models, dataset, output_folder="a_file")
+    for policy in ("error", "overwrite"):
+        with pytest.raises(FileExistsError, match="is a file"):
+            sweep(nodes, fake_models, dataset, output_folder="a_file", if_exists=policy)
     assert state.progress_bars == 0
     node = nodes["PivotalSweep"]
     assert "path separator" in node.VALIDATE_INPUTS(output_folder="../elsewhere")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from comfy_stubs import InterruptProcessingException, comfy_env, fake_models, nodes, run_node  # noqa: F401
+from comfy_stubs import run_node_with_ui
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -71,15 +72,35 @@ def test_token_inversion_writes_the_embedding_and_reports_every_step(nodes, comf
     assert embedding.templates == [TEMPLATE]
 
 
-def test_existing_embedding_is_refused_before_training(nodes, comfy_env, fake_models, dataset):
+def test_existing_embedding_is_refused_before_training_with_if_exists_error(nodes, comfy_env, fake_models, dataset):
     state = comfy_env[1]
     (state.folders["embeddings"] / "tok1.safetensors").write_bytes(b"user file")
-    with pytest.raises(FileExistsError, match="set `overwrite`"):
-        invert(nodes, fake_models, dataset)
+    with pytest.raises(FileExistsError, match="Choose another `embedding_name`, set `if_exists` to increment"):
+        invert(nodes, fake_models, dataset, if_exists="error")
     assert state.progress_bars == 0
     assert (state.folders["embeddings"] / "tok1.safetensors").read_bytes() == b"user file"
-    invert(nodes, fake_models, dataset, overwrite=True, steps=1)
+    invert(nodes, fake_models, dataset, if_exists="overwrite", steps=1)
     assert (state.folders["embeddings"] / "tok1.safetensors").read_bytes() != b"user file"
+
+
+def test_overwrite_switch_of_saved_workflows_still_replaces(nodes, comfy_env, fake_models, dataset):
+    state = comfy_env[1]
+    (state.folders["embeddings"] / "tok1.safetensors").write_bytes(b"user file")
+    *_, trigger, _, _ = invert(nodes, fake_models, dataset, overwrite=True, if_exists="error", steps=1)
+    assert trigger == "embedding:tok1"
+    assert (state.folders["embeddings"] / "tok1.safetensors").read_bytes() != b"user file"
+    assert [p.name for p in state.folders["embeddings"].iterdir()] == ["tok1.safetensors"]
+
+
+def test_requeued_inversion_writes_numbered_files_and_names_them(nodes, comfy_env, fake_models, dataset):
+    """A saved workflow (overwrite off, no if_exists widget yet) queued three times: no error, three files."""
+    state = comfy_env[1]
+    triggers = [invert(nodes, fake_models, dataset, steps=1)[2] for _ in range(3)]
+    assert triggers == ["embedding:tok1", "embedding:tok1_00001", "embedding:tok1_00002"]
+    assert sorted(p.name for p in state.folders["embeddings"].iterdir()) == [
+        "tok1.safetensors", "tok1_00001.safetensors", "tok1_00002.safetensors"]
+    embedding = invert(nodes, fake_models, dataset, steps=1)[0]
+    assert embedding.trigger == "embedding:tok1_00003" and embedding.file.name == "tok1_00003.safetensors"
 
 
 def test_cancel_stops_within_a_step_and_writes_nothing(nodes, comfy_env, fake_models, dataset):
@@ -144,8 +165,28 @@ def test_lora_name_taken_is_refused_before_training(nodes, comfy_env, fake_model
     (state.folders["loras"] / "tok1_lora.safetensors").write_bytes(b"user file")
     bars = state.progress_bars
     with pytest.raises(FileExistsError, match="tok1_lora.safetensors already exists"):
-        tune(nodes, fake_models, dataset, embedding)
+        tune(nodes, fake_models, dataset, embedding, if_exists="error")
     assert state.progress_bars == bars
+
+
+def test_lora_name_taken_increments_and_the_outputs_name_the_file_written(nodes, comfy_env, fake_models, dataset):
+    state = comfy_env[1]
+    embedding = invert(nodes, fake_models, dataset, steps=1)[0]
+    (state.folders["loras"] / "tok1_lora.safetensors").write_bytes(b"user file")
+    *_, lora_file, trigger = tune(nodes, fake_models, dataset, embedding)
+    assert lora_file == "tok1_lora_00001.safetensors" and trigger == "embedding:tok1"
+    assert (state.folders["loras"] / "tok1_lora.safetensors").read_bytes() == b"user file"
+    assert (state.folders["loras"] / lora_file).is_file()
+
+
+def test_joint_schedule_increments_lora_and_embedding_together(nodes, comfy_env, fake_models, dataset):
+    state = comfy_env[1]
+    embedding = invert(nodes, fake_models, dataset, steps=1)[0]
+    (state.folders["embeddings"] / "joint_run.safetensors").write_bytes(b"user file")  # only the embedding is taken
+    *_, lora_file, trigger = tune(nodes, fake_models, dataset, embedding, schedule="joint", lora_name="joint_run")
+    assert lora_file == "joint_run_00001.safetensors" and trigger == "embedding:joint_run_00001"
+    assert (state.folders["embeddings"] / "joint_run_00001.safetensors").is_file()
+    assert not (state.folders["loras"] / "joint_run.safetensors").exists()
 
 
 def test_regularizer_settings(nodes):
@@ -184,3 +225,36 @@ def test_regularizer_image_space_needs_the_lpips_weights(nodes, tmp_path, monkey
     (tmp_path / "checkpoints" / "alexnet-owt-7be5be79.pth").write_bytes(b"")
     reg = regularizer(nodes, image_space=True, image_l2_weight=0.2)
     assert reg.image_space is True and reg.image_l2_weight == pytest.approx(0.2)
+
+
+def test_training_on_a_dataset_with_skipped_images_says_so_every_run(nodes, comfy_env, fake_models, tmp_path, caplog):
+    """The dataset node ran once (ComfyUI caches it); each TokenInversion run repeats its warning (issue #16)."""
+    state = comfy_env[1]
+    write_example_images(tmp_path, count=2, size=32)
+    (tmp_path / "corrupt.png").write_bytes(b"garbage")
+    data = load_image_folder(tmp_path, DatasetConfig(resolution=32, on_bad_image="skip"))
+    model, clip, vae = fake_models
+    inputs = dict(model=model, clip=clip, vae=vae, dataset=data, placeholder="tok1", initializer="character",
+                  num_vectors=1, templates=TEMPLATE, steps=1, learning_rate=1e-2, batch_size=1, seed=0,
+                  norm_mode="none", embedding_name="skipped", overwrite=False, unique_id="4")  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        for run in range(2):
+            (embedding, *_), ui = run_node_with_ui(nodes["TokenInversion"], **inputs)
+            assert "the training images: skipped 1 unreadable image(s)" in ui["text"][0] and "corrupt.png" in ui["text"][0]
+            assert state.node_texts[-1] == ("4", ui["text"][0])
+    assert sum("corrupt.png" in record.getMessage() for record in caplog.records) == 2
+    *_, ui = run_node_with_ui(nodes["PivotalLoRATune"], model=model, clip=clip, vae=vae, dataset=data,
+                              embedding=embedding, rank=2, alpha=0.0, targets="attention", learning_rate=1e-3,
+                              steps=1, batch_size=1, seed=0, schedule="sequential", train_text_encoder=False,
+                              lora_name="skipped_lora", overwrite=False)  # fmt: skip
+    assert "corrupt.png" in ui["text"][0]
+
+
+def test_mode_tooltip_uses_the_registry_and_the_names_users_know(nodes):
+    from pti_ops.regularizer import MODES
+
+    tooltip = nodes["SlerpRegularizer"].INPUT_TYPES()["required"]["mode"][1]["tooltip"]
+    assert all(f"{name}: {spec.summary}" in tooltip for name, spec in MODES.items())
+    assert "class: the class-word prompt: Differential Output Preservation (DOP" in tooltip
+    assert "empty: the empty prompt: blank-prompt preservation" in tooltip

@@ -27,6 +27,7 @@ from pti_ops.norm_stats.compute import (
 from pti_ops.placeholder import add_placeholder
 from pti_ops.training.text_conditioning import encode_prompts, text_transformer, tokenize
 from pti_ops.models.tiny_model import build_tiny_bundle
+from helpers import warns_user
 
 TEMPLATE = "an anime illustration of {}"
 SUBJECTS = "character person man woman girl boy cat dog robot creature".split()
@@ -212,7 +213,7 @@ def test_without_a_trained_placeholder_the_endpoints_coincide(tiny):
 
 def test_word_position_is_found_per_caption(tiny):
     captions = ["a cat in the snow", "the big red cat", "a dog"]
-    with pytest.warns(UserWarning, match="1 caption\\(s\\) without 'cat' are left out \\(first: caption 3\\)"):
+    with warns_user("1 caption\\(s\\) without 'cat' are left out \\(first: caption 3\\)"):
         stats = compute_norm_stats(tiny.tokenizer, tiny.text_encoder, captions, NormStatsConfig(space="token_embedding", position="cat"))
     assert stats.num_captions == 2 and stats.position == "cat"
     cat_row = tiny.text_encoder.get_input_embeddings().weight[tiny.tokenizer.convert_tokens_to_ids("cat</w>")]
@@ -325,7 +326,7 @@ def test_layernorm_bias_centre_needs_a_space_after_the_final_layernorm():
 
 def test_layernorm_bias_centre_warns_when_every_vector_is_the_same(tiny):
     config = NormStatsConfig(space="hidden", position=0, centre="layernorm_bias")
-    with pytest.warns(UserWarning, match="every caption gives the same vector at position 0"):
+    with warns_user("every caption gives the same vector at position 0"):
         compute_norm_stats(tiny.tokenizer, tiny.text_encoder, tiny_captions(10), config)
 
 
@@ -361,7 +362,7 @@ def test_caption_file_skips_blank_lines_and_truncates_long_captions(tiny, tmp_pa
     texts, labels = load_captions(path)
     assert texts == ["a red cat", "a blue dog", long_caption]
     assert labels[-1] == "captions.txt line 5"
-    with pytest.warns(UserWarning, match="1 caption\\(s\\) are longer than the model's 77 tokens and were truncated.*line 5"):
+    with warns_user("1 caption\\(s\\) are longer than the model's 77 tokens and were truncated.*line 5"):
         stats = compute_norm_stats(tiny.tokenizer, tiny.text_encoder, path, NormStatsConfig(space="pooled"))
     assert stats.num_captions == 3
 

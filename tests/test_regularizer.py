@@ -9,6 +9,7 @@ from pti_ops.placeholder import add_placeholder
 from pti_ops.regularizer import REGULARIZER_MODES, LocalityRegularizer, RegularizerConfig, locality_loss
 from pti_ops.training.text_conditioning import encode_prompts
 from pti_ops.models.tiny_model import build_tiny_bundle
+from helpers import warns_user
 
 TEMPLATE = "an anime illustration of {}"
 START = 5  # BOS=0 an anime illustration of tok1=5
@@ -61,9 +62,9 @@ def test_config_rejects_bad_settings(settings, message):
 
 
 def test_config_warns_about_ignored_settings():
-    with pytest.warns(UserWarning, match="`t`=0.3 is ignored because `t_range`"):
+    with warns_user("`t`=0.3 is ignored because `t_range`"):
         RegularizerConfig(t=0.3, t_range=(0.2, 0.6))
-    with pytest.warns(UserWarning, match="`centre` is ignored because `interpolation` is not `vslerp`"):
+    with warns_user("`centre` is ignored because `interpolation` is not `vslerp`"):
         RegularizerConfig(centre=torch.zeros(32))
 
 

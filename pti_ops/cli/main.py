@@ -9,6 +9,7 @@ import logging
 import sys
 
 from ..errors import PivotalError
+from ..user_warnings import collect_warnings
 from .benchmark import add_benchmark_command
 from .demo import add_demo_command
 from .evaluate import add_evaluate_command
@@ -35,12 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Formatter(logging.Formatter):
+    """Messages as they are; warnings and errors start with their level, as the CLI's own errors do."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter("%(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     try:
-        return int(args.handler(args) or 0)
+        with collect_warnings() as warned:
+            code = int(args.handler(args) or 0)
+        _repeat_warnings(warned)
+        return code
     except PivotalError as err:
         # Errors a user can fix: one clear sentence, no traceback.
         print(f"error: {err}", file=sys.stderr)
@@ -48,3 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written.", file=sys.stderr)
         return 130
+
+
+def _repeat_warnings(warned: list[str]) -> None:
+    """The run's warnings once more at the end, where they are not lost above the training's progress."""
+    unique = list(dict.fromkeys(warned))
+    if unique:
+        lines = "\n".join(f"  - {message}" for message in unique)
+        print(f"{len(unique)} warning(s) during this run:\n{lines}", file=sys.stderr)

@@ -3,10 +3,11 @@
 from .embedding_file import EmbeddingFile, load_embedding, save_embedding
 from .comfy_lora_keys import comfyui_lora_key_map, comfyui_sdxl_lora_key_map
 from .lora_file import apply_kohya_lora, group_kohya_modules, load_lora, lora_state_dict_to_kohya, save_lora
-from ..safe_write import atomic_write, check_output_folder, check_output_name, output_path
+from ..safe_write import IF_EXISTS_POLICIES, atomic_write, check_if_exists, check_output_folder, check_output_name
+from ..safe_write import output_folder, output_path, output_paths
 
 __all__ = [
-    "EmbeddingFile", "apply_kohya_lora", "atomic_write", "check_output_folder", "check_output_name", "comfyui_lora_key_map",
+    "IF_EXISTS_POLICIES", "EmbeddingFile", "check_if_exists", "output_folder", "output_paths", "apply_kohya_lora", "atomic_write", "check_output_folder", "check_output_name", "comfyui_lora_key_map",
     "comfyui_sdxl_lora_key_map", "group_kohya_modules", "load_embedding", "load_lora", "lora_state_dict_to_kohya",
     "output_path", "save_embedding", "save_lora",
 ]

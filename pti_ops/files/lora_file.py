@@ -34,15 +34,16 @@ from ..models.families.sdxl_lora import CLIP_G_LORA_PREFIX, CLIP_L_LORA_PREFIX, 
 from ..safe_write import write_safetensors
 # Re-exported: the key maps were defined here before they got their own module.
 from .comfy_lora_keys import comfyui_lora_key_map, comfyui_sdxl_lora_key_map  # noqa: F401
+from .lora_formats import ALPHA, DIFF, DIFF_B, DOWN, LORA_PARTS, UP, module_aliases, split_key, to_kohya
+from .weight_deltas import add_weight_delta
 
-DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 
 # A kohya key: the module prefix of a known family (`lora_unet_`, `lora_te_`…) or of kohya's SDXL files
 # (`lora_te1_`, `lora_te2_`), then one of the three parts.
 _FAMILY_PREFIXES = tuple(prefix for family in FAMILIES.values() for prefix in family.lora_prefixes)
 KOHYA_PREFIXES = tuple(dict.fromkeys(_FAMILY_PREFIXES + (LORA_UNET_PREFIX, CLIP_L_LORA_PREFIX, CLIP_G_LORA_PREFIX)))
 _KOHYA_KEY = re.compile(
-    rf"^((?:{'|'.join(map(re.escape, KOHYA_PREFIXES))})\w+)\.({re.escape(DOWN)}|{re.escape(UP)}|{ALPHA})$"
+    rf"^((?:{'|'.join(map(re.escape, KOHYA_PREFIXES))})\w+)\.({re.escape(DOWN)}|{re.escape(UP)}|{ALPHA}|{DIFF}|{DIFF_B})$"
 )
 _EXPECTED_PREFIXES = " or ".join(f"`{prefix}…`" for prefix in KOHYA_PREFIXES)
 
@@ -178,8 +179,8 @@ def group_kohya_modules(kohya_dict: dict[str, torch.Tensor], where: str = "LoRA"
         if match is None:
             raise InvalidInputError(
                 f"{where}: key {key!r} is not a kohya LoRA key (expected {_EXPECTED_PREFIXES} "
-                f"followed by `.lora_down.weight`, `.lora_up.weight` or `.alpha`). Is this a kohya-format LoRA "
-                f"file for {supported_families()}?"
+                f"followed by `.lora_down.weight`, `.lora_up.weight` or `.alpha`, or a full delta `.diff` / "
+                f"`.diff_b`). Is this a kohya-format LoRA file for {supported_families()}?"
             )
         modules.setdefault(match.group(1), {})[match.group(2)] = kohya_dict[key]
     if not modules:
@@ -190,8 +191,10 @@ def group_kohya_modules(kohya_dict: dict[str, torch.Tensor], where: str = "LoRA"
 
 
 def _check_module(prefix: str, parts: dict[str, torch.Tensor], where: str) -> None:
-    """Raise unless one module's down, up and alpha exist and fit together."""
-    for part in (DOWN, UP, ALPHA):
+    """Raise unless one module's down, up and alpha exist and fit together (a module of full deltas has none)."""
+    if not any(part in parts for part in LORA_PARTS):
+        return  # `.diff` / `.diff_b` only: their shapes are the model's, checked where they are applied
+    for part in LORA_PARTS:
         if part not in parts:
             present = ", ".join(f"`.{p}`" for p in sorted(parts))
             raise InvalidInputError(
@@ -251,6 +254,7 @@ def save_lora(
 
 def _summary(modules: dict[str, dict[str, torch.Tensor]]) -> tuple[str, str]:
     """Rank and alpha as metadata strings; `"Dynamic"` when modules differ, as kohya's resize tool writes."""
+    modules = {prefix: parts for prefix, parts in modules.items() if DOWN in parts}  # full deltas have no rank
     ranks = {int(parts[DOWN].shape[0]) for parts in modules.values()}
     alphas = {float(parts[ALPHA]) for parts in modules.values()}
     rank = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
@@ -259,7 +263,11 @@ def _summary(modules: dict[str, dict[str, torch.Tensor]]) -> tuple[str, str]:
 
 
 def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read and check a kohya LoRA file; returns `(tensors, metadata)`.
+    """Read and check a LoRA file; returns `(tensors, metadata)`.
+
+    A kohya file (ours) is checked in full here. Files of ComfyUI's stock trainer and of diffusers/PEFT
+    (`lora_formats.py`) have their keys checked here and are converted, module by module, when applied to a
+    model (`apply_kohya_lora`), which knows the names and shapes they refer to.
 
     Args:
         path (`str`): a `.safetensors` LoRA file.
@@ -273,8 +281,24 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
             metadata = dict(file.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise InvalidInputError(f"{path} is not a readable .safetensors file: {err}") from err
-    group_kohya_modules(tensors, str(path))
+    check_lora_keys(tensors, str(path))
     return tensors, metadata
+
+
+def check_lora_keys(tensors: dict[str, torch.Tensor], where: str = "LoRA") -> None:
+    """Raise unless `tensors` is a kohya LoRA (checked in full) or has only keys of another accepted layout."""
+    if all(_KOHYA_KEY.match(key) for key in tensors):
+        group_kohya_modules(tensors, where)
+        return
+    if not tensors:
+        raise InvalidInputError(f"{where}: contains no LoRA weights.")
+    for key in sorted(tensors):
+        if split_key(key) is None:  # other adapter types raise inside, naming themselves
+            raise InvalidInputError(
+                f"{where}: key {key!r} is not a LoRA key: expected kohya keys ({_EXPECTED_PREFIXES} followed by "
+                "`.lora_down.weight`, `.lora_up.weight`, `.alpha`), ComfyUI's (`diffusion_model.….lora_up.weight`, "
+                "`.diff`, `.diff_b`) or diffusers/PEFT keys (`unet.….lora_A.weight`). Is this a LoRA file?"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,30 +316,48 @@ def apply_kohya_lora(
 ) -> list[str]:
     """Inject peft LoRA adapters with the file's per-module ranks and alphas, and load its weights.
 
-    The models are changed in place (pass clones to keep the originals). Everything is checked
-    before the first model is touched. Returns the keys that match no module (empty when all loaded).
+    Any accepted layout is read (kohya, ComfyUI's stock trainer, diffusers/PEFT: `lora_formats.py`); full
+    deltas (`.diff` / `.diff_b`) become switchable weight deltas (`weight_deltas.py`). The models are
+    changed in place (pass clones to keep the originals). Everything is checked before the first model is
+    touched. Returns the keys that match no module (empty when all loaded).
 
     Args:
         unet (`UNet2DConditionModel`, *optional*): receives the `lora_unet_` modules.
         text_encoder (`CLIPTextModel` or `list`, *optional*): receives the `lora_te_` modules; for SDXL a list
             `[text_encoder, text_encoder_2]` receiving `lora_te1_` / `lora_te2_` (None where not wanted).
-        kohya_dict (`dict[str, Tensor]`): from `load_lora`.
+        kohya_dict (`dict[str, Tensor]`): from `load_lora`, or a LORA_MODEL of ComfyUI's stock nodes.
         adapter_name (`str`): name of the new peft adapter; must not exist yet.
         strict (`bool`): raise if any key matches no module, instead of returning them.
         family (`ModelFamily` or `str`): the model family, whose rule names the modules.
     """
-    modules = group_kohya_modules(kohya_dict, "LoRA to apply")
-    plans, unmatched = _plan(unet, text_encoder, modules, adapter_name, get_family(family))
+    family = get_family(family)
+    aliases = module_aliases(unet and _unwrap(unet), _encoder_list(text_encoder, family), family)
+    converted, unmatched = to_kohya(kohya_dict, aliases, "LoRA to apply")
+    modules = group_kohya_modules(converted, "LoRA to apply") if converted else {}
+    lora_modules = {prefix: parts for prefix, parts in modules.items() if DOWN in parts}
+    plans, unplaced = _plan(unet, text_encoder, lora_modules, adapter_name, family)
+    unmatched = sorted(unmatched + unplaced)
     if unmatched and strict:
         raise InvalidInputError(
             f"{len(unmatched)} LoRA keys match no module of the given UNet / text encoder, first: "
-            f"{', '.join(unmatched[:3])}. The LoRA was made for another model, or it has text-encoder "
-            "weights and no text encoder was given."
+            f"{', '.join(unmatched[:3])}. They have no meaning for this {family.display_name} model: the LoRA was "
+            "made for another model (family), or it has text-encoder weights and no text encoder was given."
         )
     for model, targets in plans:
         if targets:
             _inject(model, targets, adapter_name)
+    for prefix, parts in modules.items():
+        for part, parameter in ((DIFF, "weight"), (DIFF_B, "bias")):
+            if part in parts:
+                add_weight_delta(aliases[prefix][1], parameter, parts[part])
     return unmatched
+
+
+def _encoder_list(text_encoder: TextEncoders, family: ModelFamily) -> list:
+    """The text encoders as one entry per family encoder (None where absent), peft wrappers unwrapped."""
+    encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    encoders += [None] * (len(family.text_encoders) - len(encoders))
+    return [None if model is None else _unwrap(model) for model in encoders]
 
 
 def _plan(unet, text_encoder, modules, adapter_name, family: ModelFamily):

@@ -101,7 +101,7 @@ def load_clip(folder: str | Path, device: str | torch.device = "cpu") -> ClipSco
         raise ModelLoadError(f"could not load a CLIPModel from {folder}: {err}") from err
     tokenizer = _load_tokenizer(folder)
     mean, std = _normalisation(folder)
-    model = model.eval().requires_grad_(False).to(device)
+    model = model.train(False).requires_grad_(False).to(device)  # eval mode
     return ClipScorer(model, tokenizer, model.config.vision_config.image_size, mean, std, name=str(folder))
 
 

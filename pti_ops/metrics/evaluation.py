@@ -33,7 +33,7 @@ from .scores import (
 from .clip import ClipScorer
 from .distance import distance_metrics, embedding_distance, nearest_tokens
 from ..placeholder import DEFAULT_TEMPLATES, PLACEHOLDER_SLOT, PlaceholderToken, fill_placeholder, initializer_ids, placeholder_vectors
-from ..training.adapters import adapters_disabled, lora_layers
+from ..training.adapters import adapters_disabled, has_lora
 from ..training.recorder import StepCallback
 from .sampling import (
     SampleResult,
@@ -232,7 +232,7 @@ def _plan(config: EvaluationConfig, with_lora: bool) -> list[tuple[str, list[str
 
 def _generate_sets(bundle, config: EvaluationConfig, token, on_step) -> dict[str, SampleResult]:
     """The image sets, keyed by name; prompts keep `{}` in `items` so reports show the template."""
-    with_lora = bool(lora_layers(bundle))
+    with_lora = has_lora(bundle)
     total, done, sets = evaluation_batches(config, with_lora), 0, {}
     for name, prompts, fill in _plan(config, with_lora):
         texts = [fill_placeholder(p, config.placeholder) for p in prompts] if fill else list(prompts)
@@ -252,8 +252,13 @@ def _generate_sets(bundle, config: EvaluationConfig, token, on_step) -> dict[str
 
 
 def _locality(bundle, config: EvaluationConfig, sets, scorers: Scorers) -> dict[str, Metric]:
-    if not lora_layers(bundle):
+    reason = None
+    if not has_lora(bundle):
         reason = "no LoRA applied: an embedding alone leaves prompts without the placeholder unchanged"
+    elif not config.locality_prompts:
+        reason = ("no prompts without the placeholder: connect the embedding the LoRA was tuned around (without one, {} "
+                  "holds the class word, so every prompt shows the LoRA's subject)")
+    if reason is not None:
         return {"locality_eps_mse": metric("locality_eps_mse", reason=reason), "locality_lpips": metric("locality_lpips", reason=reason)}
     mse = locality_eps_mse(bundle, config.locality_prompts, config.locality_timesteps, clip_skip=config.sampling.clip_skip,
                            batch_size=config.sampling.batch_size)

@@ -67,7 +67,7 @@ def load_lpips(net: LpipsNet = "alex", random_backbone: bool = False, device: st
     missing, unexpected = model.load_state_dict(linear, strict=False)
     if unexpected or not any(k.startswith("lin0.") for k in linear):
         raise InvalidInputError(f"{linear_weights_path(net)} does not hold LPIPS linear layers for {net!r}.")
-    return model.eval().requires_grad_(False).to(device)
+    return model.train(False).requires_grad_(False).to(device)  # eval mode
 
 
 def _read_backbone(net: LpipsNet) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from peft.tuners.lora import LoraLayer
 from PIL import Image, ImageDraw, ImageFont
 
-from ..training.adapters import lora_layers
+from ..training.adapters import bundle_deltas, lora_layers
 from ..models.bundle import ModelBundle
 from ..errors import InvalidInputError
 from ..files.lora_file import apply_kohya_lora
@@ -256,7 +256,8 @@ def apply_lora(bundle: ModelBundle, kohya_dict: dict[str, torch.Tensor], strengt
 
     Args:
         bundle (`ModelBundle`): a bundle the caller may modify.
-        kohya_dict (`dict[str, Tensor]`): from `lora_file.load_lora`; every key must match a module.
+        kohya_dict (`dict[str, Tensor]`): from `lora_file.load_lora`, or a LORA_MODEL of ComfyUI's stock nodes (any
+            layout `files/lora_formats.py` reads); every key must match a module.
         strength (`float`): multiplier of the LoRA update (1 = as trained, 0 = base model).
         adapter_name (`str`): peft adapter name; must not exist yet.
     """
@@ -275,8 +276,11 @@ def set_lora_strength(bundle: ModelBundle, strength: float, adapter_name: str | 
         adapter_name (`str`, *optional*): only this adapter; default every adapter.
     """
     layers = [m for m in lora_layers(bundle) if isinstance(m, LoraLayer)]
-    if not layers:
+    deltas = bundle_deltas(bundle)  # full weight deltas follow the strength as ComfyUI's "diff" patches do
+    if not layers and not deltas:
         raise InvalidInputError("the model has no LoRA adapter to set the strength of: apply a LoRA first.")
+    for delta in deltas:
+        delta.scale = float(strength)
     for layer in layers:
         for name in list(layer.scaling):
             if adapter_name is None or name == adapter_name:

@@ -1,7 +1,6 @@
 """Captions for norm statistics: reading them, tokenizing them, and finding the position to read."""
 
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -10,6 +9,7 @@ import torch
 from ..errors import InvalidInputError
 from .spaces import EOS, PER_TOKEN_SPACES, first_eos
 from ..training.text_conditioning import tokenize
+from ..user_warnings import warn_user
 
 
 def load_captions(source: str | os.PathLike | Sequence[str]) -> tuple[list[str], list[str]]:
@@ -64,10 +64,9 @@ def tokenize_captions(tokenizer, texts: list[str], labels: list[str]) -> torch.T
     lengths = [len(ids) for ids in tokenizer(texts, verbose=False).input_ids]
     too_long = [label for label, n in zip(labels, lengths) if n > max_length]
     if too_long:
-        warnings.warn(
+        warn_user(
             f"{len(too_long)} caption(s) are longer than the model's {max_length} tokens and were truncated, "
-            f"as the UNet's conditioning would be (first: {too_long[0]}).",
-            stacklevel=3,
+            f"as the UNet's conditioning would be (first: {too_long[0]})."
         )
     return tokenize(tokenizer, texts)
 
@@ -99,10 +98,9 @@ def _index_positions(eos: torch.Tensor, position: int, length: int) -> torch.Ten
         raise InvalidInputError(f"`position` {position} is beyond the model's {length} tokens (0..{length - 1}).")
     ended = int((eos <= position).sum())
     if ended:
-        warnings.warn(
+        warn_user(
             f"{ended} caption(s) end before position {position}: their vector there "
-            "is the end token's or padding's (as the UNet sees it).",
-            stacklevel=4,
+            "is the end token's or padding's (as the UNet sees it)."
         )
     return torch.full((eos.shape[0],), position, dtype=torch.long)
 
@@ -115,5 +113,5 @@ def _word_positions(tokenizer, ids: torch.Tensor, labels: list[str], word_text: 
         raise InvalidInputError(f"no caption contains the word {word_text!r} given as `position`.")
     if not bool(keep.all()):
         first = labels[int((~keep).nonzero()[0])]
-        warnings.warn(f"{int((~keep).sum())} caption(s) without {word_text!r} are left out (first: {first}).", stacklevel=4)
+        warn_user(f"{int((~keep).sum())} caption(s) without {word_text!r} are left out (first: {first}).")
     return match.int().argmax(dim=1), keep

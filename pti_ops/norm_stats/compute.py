@@ -22,7 +22,6 @@ and re-exports the parts, which live in one module per concept:
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence, get_args
@@ -50,6 +49,7 @@ from .spaces import (
 from .synthetic import shell_expectations, synthetic_layernorm, synthetic_shell
 from ..placeholder import PlaceholderToken
 from ..metrics.plots import figure_to_array, save_png
+from ..user_warnings import warn_user
 
 Centre = Literal["mean", "layernorm_bias"]
 CENTRES: tuple[str, ...] = get_args(Centre)
@@ -110,11 +110,11 @@ class NormStatsConfig:
         if self.template is not None and not (isinstance(self.class_word, str) and self.class_word.strip()):
             raise InvalidInputError("`template` is given but `class_word` is empty: give the class word, e.g. `character`.")
         if self.template is None and self.class_word is not None:
-            warnings.warn("`class_word` is ignored because no `template` is given.", stacklevel=3)
+            warn_user("`class_word` is ignored because no `template` is given.")
         if self.space not in PER_TOKEN_SPACES and self.position not in (None, EOS):
-            warnings.warn(f"`position` {self.position!r} is ignored: the `{self.space}` space is the EOS vector.", stacklevel=3)
+            warn_user(f"`position` {self.position!r} is ignored: the `{self.space}` space is the EOS vector.")
         if self.space not in PER_TOKEN_SPACES and self.clip_skip != 1:
-            warnings.warn(f"`clip_skip` is ignored: `{self.space}` is always the final layer's EOS vector.", stacklevel=3)
+            warn_user(f"`clip_skip` is ignored: `{self.space}` is always the final layer's EOS vector.")
 
     def _check_position(self) -> None:
         p = self.position
@@ -329,9 +329,8 @@ def _layernorm_bias_centres(encoder, means: torch.Tensor, vectors: torch.Tensor,
     bias = final_layer_norm_affine(encoder)[1]
     if all_identical(vectors):
         # The mean-centred summary says so itself; around β the same vectors look like a perfect shell.
-        warnings.warn(
+        warn_user(
             f"every caption gives the same vector at position {position!r} of `{space}` (the same token there, after "
-            "the same tokens): the spread around β says nothing about the captions.",
-            stacklevel=3,
+            "the same tokens): the spread around β says nothing about the captions."
         )
     return bias.expand_as(means).clone(), bias

@@ -5,7 +5,6 @@ between them (raw and around the centre) and how far SLERP and vSLERP stray from
 LERP path are measured.
 """
 
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -16,6 +15,7 @@ from ..interpolation import angle_between, lerp, slerp, vslerp
 from .spaces import encode_space
 from ..placeholder import PlaceholderToken
 from ..training.text_conditioning import tokenize
+from ..user_warnings import warn_user
 
 T_STEPS = 101  # points on [0, 1] where the SLERP/LERP gap is measured; the max is at t=0.5 for equal norms
 
@@ -85,7 +85,7 @@ def endpoint_prompts(
     """The two prompts of the SLERP endpoints, tokenized and checked; None without a template."""
     if template is None:
         if placeholder is not None:
-            warnings.warn("`placeholder` is ignored because no `template` is given.", stacklevel=3)
+            warn_user("`placeholder` is ignored because no `template` is given.")
         return None
     word = class_word.strip()
     class_prompt = template.replace("{}", word)

@@ -7,7 +7,6 @@ all when it is built, before any model is loaded. `run_sweep` runs it (`inversio
 """
 
 import logging
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from ..training.recorder import StepCallback
 from .analysis import DEFAULT_KNEE_THRESHOLD, DEFAULT_ONSET_FRACTION, check_fraction, check_learning_rates
 from .report import SweepKind, SweepReport, check_sweep_kind
 from .run import BundleFactory, _check_eval_every, _check_regularizers, inversion_sweep, lora_sweep
+from ..user_warnings import warn_user
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +110,9 @@ class SweepConfig:
         self.onset_fraction = check_fraction("onset_fraction", self.onset_fraction)
         self.out = None if self.out is None else Path(self.out)
         if self.kind == "inversion" and any(reg is not None for reg in self.regularizers):
-            warnings.warn("`regularizers` are ignored by the inversion sweep (they apply to kind `lora`).", stacklevel=3)
+            warn_user("`regularizers` are ignored by the inversion sweep (they apply to kind `lora`).")
         if self.kind == "lora" and self.eval_every is not None:
-            warnings.warn("`eval_every` is ignored by the LoRA sweep: each tuned LoRA is evaluated once, at its last step.",
-                          stacklevel=3)
+            warn_user("`eval_every` is ignored by the LoRA sweep: each tuned LoRA is evaluated once, at its last step.")
         # Every setting is checked now, before any model is loaded.
         self.training_config()
         self.evaluation_config()

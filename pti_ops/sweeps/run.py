@@ -18,7 +18,6 @@ knee and onset: `analysis.py`; files: `report.py`; plots and grids: `plots.py`.
 import gc
 import logging
 import re
-import warnings
 from dataclasses import replace
 from typing import Callable
 
@@ -50,6 +49,7 @@ from .rows import (
     metric_columns,
     scorer_names,
 )
+from ..user_warnings import warn_user
 
 logger = logging.getLogger(__name__)
 
@@ -226,8 +226,8 @@ def _check_eval_names(eval_config: EvaluationConfig, placeholder: str, initializ
         raise InvalidInputError(f"the evaluation's placeholder {eval_config.placeholder!r} is not the trained token "
                                 f"{placeholder!r}: set `placeholder` of the EvaluationConfig to {placeholder!r}.")
     if eval_config.class_word != initializer:
-        warnings.warn(f"the evaluation's class word {eval_config.class_word!r} differs from the initializer {initializer!r}: "
-                      "edit drift and the TI editability protocol compare with the class word.", stacklevel=3)
+        warn_user(f"the evaluation's class word {eval_config.class_word!r} differs from the initializer {initializer!r}: "
+                  "edit drift and the TI editability protocol compare with the class word.")
 
 
 def _check_regularizers(regularizers) -> dict[str, RegularizerConfig | None]:
