@@ -187,3 +187,16 @@ def test_training_uses_the_recorded_sizes_and_the_family_clip_skip(xl_dataset):
     penultimate = invert(load_bundle("tiny-sdxl"), xl_dataset, _config(clip_skip=2)).pivot.vectors_by_key["clip_g"]
     last = invert(load_bundle("tiny-sdxl"), xl_dataset, _config(clip_skip=1)).pivot.vectors_by_key["clip_g"]
     assert torch.equal(base, penultimate) and not torch.equal(base, last)
+
+
+def test_an_exploding_norm_stops_at_the_last_good_vectors_of_both_encoders(xl_dataset):
+    from pti_ops.errors import TrainingStopped
+
+    bundle = load_bundle("tiny-sdxl")
+    with pytest.raises(TrainingStopped, match="norm reached .* over 1.5 times the vocabulary's mean norm") as info:
+        invert(bundle, xl_dataset, _config(steps=300, learning_rate=0.05, history_every=2, max_norm_ratio=1.5))
+    partial = info.value.partial
+    for key, encoder in zip(("clip_l", "clip_g"), bundle.text_encoders):
+        vectors = partial.pivot.vectors_by_key[key]
+        assert vectors.norm(dim=-1).max().item() <= 1.5 * partial.vocabulary_norms[key]
+        assert torch.equal(vectors, encoder.get_input_embeddings().weight[-1:].detach())
