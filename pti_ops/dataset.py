@@ -66,6 +66,10 @@ class ImageDataset:
         flip (`bool`): whether mirrored copies are trained on too.
         warnings (`list[str]`): what the user should know about these images (skipped files, upscaled
             images), given when they were loaded; kept so that every run training on them can say it again.
+        original_sizes (`list[tuple[int, int]]`): per image, its (height, width) before resizing
+            (SDXL's `add_time_ids` condition on it); `(resolution, resolution)` when not given.
+        crops_top_left (`list[tuple[int, int]]`): per image, the (top, left) corner of its crop in the
+            resized image; `(0, 0)` when not given.
     """
 
     images: torch.Tensor
@@ -73,10 +77,18 @@ class ImageDataset:
     captions: list[str | None] = field(default_factory=list)
     flip: bool = False
     warnings: list[str] = field(default_factory=list)
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
+    crops_top_left: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.captions:
             self.captions = [None] * len(self.names)
+        if not self.original_sizes:
+            self.original_sizes = [(self.images.shape[-2], self.images.shape[-1])] * len(self.names)
+        if not self.crops_top_left:
+            self.crops_top_left = [(0, 0)] * len(self.names)
+        if not (len(self.original_sizes) == len(self.crops_top_left) == len(self.names)):
+            raise DatasetError("original_sizes and crops_top_left must have one (height, width) pair per image.")
         if len(self.images) == 0:
             raise DatasetError("the dataset has no image.")
         if not (len(self.images) == len(self.names) == len(self.captions)):
@@ -112,13 +124,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
     """Resize so the shorter side is `resolution`, then crop the centre square."""
+    return resize_and_crop_with_box(image, resolution)[0]
+
+
+def resize_and_crop_with_box(image: Image.Image, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
+    """`resize_and_crop`, and the crop's (top, left) corner in the resized image (SDXL's crop ids)."""
     width, height = image.size
     scale = resolution / min(width, height)
     new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     image = image.resize(new_size, Image.Resampling.LANCZOS)
     left = (new_size[0] - resolution) // 2
     top = (new_size[1] - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -160,7 +177,7 @@ def load_image_folder(folder: str | Path, config: DatasetConfig | None = None) -
     captions = _captions_for(files, config.caption_source)
     # One uint8 tensor filled image by image: a decoded image is held only while it is converted.
     images = torch.empty((len(files), 3, config.resolution, config.resolution), dtype=torch.uint8)
-    names, kept_captions, bad, small = [], [], [], []
+    names, kept_captions, bad, small, sizes, crops = [], [], [], [], [], []
     for path, caption in zip(files, captions):
         try:
             with Image.open(path) as image:
@@ -171,13 +188,17 @@ def load_image_folder(folder: str | Path, config: DatasetConfig | None = None) -
             continue
         if min(rgb.size) < config.resolution:
             small.append(f"{path.name} {rgb.size[0]}x{rgb.size[1]}")
-        images[len(names)] = image_to_tensor(resize_and_crop(rgb, config.resolution))
+        cropped, crop = resize_and_crop_with_box(rgb, config.resolution)
+        images[len(names)] = image_to_tensor(cropped)
+        sizes.append((rgb.size[1], rgb.size[0]))  # (height, width), as SDXL's original_size
+        crops.append(crop)
         names.append(path.name)
         kept_captions.append(caption)
     problems = _report_problems(folder, bad, small, config, n_good=len(names))
     if len(names) < len(files):
         images = images[: len(names)].clone()
-    return ImageDataset(images, names, kept_captions, flip=config.flip, warnings=problems)
+    return ImageDataset(images, names, kept_captions, flip=config.flip, warnings=problems, original_sizes=sizes,
+                        crops_top_left=crops)
 
 
 def _captions_for(files: list[Path], source: CaptionSource) -> list[str | None]:
@@ -225,8 +246,11 @@ def dataset_from_tensor(images: torch.Tensor, resolution: int, flip: bool = Fals
         Image.fromarray((img[..., :3].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy(), mode="RGB")
         for img in images
     ]
-    tensors = [image_to_tensor(resize_and_crop(img, resolution)) for img in pil_images]
+    cropped = [resize_and_crop_with_box(img, resolution) for img in pil_images]
+    tensors = [image_to_tensor(img) for img, _ in cropped]
     names = [f"image_{i:04d}" for i in range(len(tensors))]
     small = [f"{name} {img.size[0]}x{img.size[1]}" for name, img in zip(names, pil_images) if min(img.size) < resolution]
     problems = [warn_user(_upscaled_warning(small, resolution))] if small else []
-    return ImageDataset(torch.stack(tensors), names, captions or [None] * len(names), flip=flip, warnings=problems)
+    return ImageDataset(torch.stack(tensors), names, captions or [None] * len(names), flip=flip, warnings=problems,
+                        original_sizes=[(img.size[1], img.size[0]) for img in pil_images],
+                        crops_top_left=[crop for _, crop in cropped])

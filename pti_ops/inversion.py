@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from .checks import check_choice, check_positive_int, check_positive_number
-from .training.batches import BatchSampler, build_caption_table
+from .training.batches import BatchSampler, batch_time_ids, build_caption_table
 from .models.bundle import ModelBundle
 from .dataset import ImageDataset
 from .training.diffusion_loss import add_noise, check_timestep_range, denoising_loss
@@ -23,9 +24,9 @@ from .pivot import Pivot, family_name
 from .training.latent_cache import encode_latents
 from .metrics.distance import embedding_distance, nearest_tokens
 from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
-from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, TrainableVectors, add_placeholder, check_templates, placeholder_vectors, spliced_placeholder
+from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, TrainableVectors, add_placeholders, check_templates, placeholder_vectors, spliced_placeholders
 from .training.recorder import LossRecorder, StepCallback, diverged
-from .training.text_conditioning import encode_tokens
+from .training.text_conditioning import encode_ids
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ class InversionConfig:
         norm_strength (`float`): weight of the `pull` term.
         weight_decay (`float`): AdamW decay of the vectors (towards zero, so off by default).
         max_grad_norm (`float`, *optional*): clip the vectors' gradient norm.
-        clip_skip (`int`): 1 = last text-encoder layer, 2 = penultimate (as the model is sampled).
+        clip_skip (`int`, *optional*): 1 = last text-encoder layer, 2 = penultimate (as the model is
+            sampled); None = the model family's default (SD1.5 1, SDXL 2).
         history_every (`int`): record loss and distances every this many steps (and at the last).
         nearest_k (`int`): vocabulary tokens nearest to each vector reported in the history.
         max_norm_ratio (`float`, *optional*): stop as diverged when a vector's norm exceeds this many
@@ -78,7 +80,7 @@ class InversionConfig:
     norm_strength: float = 1.0
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
-    clip_skip: int = 1
+    clip_skip: int | None = None
     history_every: int = 10
     nearest_k: int = 3
     max_norm_ratio: float | None = 100.0
@@ -89,6 +91,8 @@ class InversionConfig:
         self.templates = check_templates(self.templates)
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "history_every"):
             check_positive_int(name, getattr(self, name))
+        if self.clip_skip is not None:
+            check_positive_int("clip_skip", self.clip_skip)
         check_positive_number("learning_rate", self.learning_rate)
         check_choice("norm_mode", self.norm_mode, NORM_MODES)
         check_mixed_precision(self.mixed_precision)
@@ -113,14 +117,21 @@ class InversionConfig:
 class InversionResult:
     """What an inversion run produced.
 
+    For a family with several text encoders (SDXL), `token`, `initial_vectors`, `vocabulary_norm`
+    and `snapshots` are the first encoder's (CLIP-L); `tokens`, `initial_by_key` and
+    `vocabulary_norms` hold every encoder's, keyed as the embedding file (`clip_l`, `clip_g`).
+
     Args:
-        token (`PlaceholderToken`): the placeholder as added to the bundle's tokenizer.
+        token (`PlaceholderToken`): the placeholder as added to the bundle's (first) tokenizer.
         pivot (`Pivot`): the trained token, its templates, history and settings (`save` writes it).
-        initial_vectors (`torch.Tensor`): the vectors before training.
-        vocabulary_norm (`float`): measured mean norm of the original vocabulary rows.
+        initial_vectors (`torch.Tensor`): the (first encoder's) vectors before training.
+        vocabulary_norm (`float`): measured mean norm of the (first encoder's) original vocabulary rows.
         config (`InversionConfig`): the settings used.
-        snapshots (`dict[int, torch.Tensor]`): the vectors at each recorded step (so one run also
-            gives the embeddings at intermediate distances, for sweeps).
+        snapshots (`dict[int, torch.Tensor]`): the (first encoder's) vectors at each recorded step (so
+            one run also gives the embeddings at intermediate distances, for sweeps).
+        tokens (`tuple[PlaceholderToken, ...]`): the placeholder in each tokenizer, in family order.
+        initial_by_key (`dict[str, torch.Tensor]`): each encoder's vectors before training.
+        vocabulary_norms (`dict[str, float]`): each encoder's vocabulary mean norm.
     """
 
     token: PlaceholderToken
@@ -129,15 +140,18 @@ class InversionResult:
     vocabulary_norm: float
     config: InversionConfig
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)
+    tokens: tuple[PlaceholderToken, ...] = ()
+    initial_by_key: dict[str, torch.Tensor] = field(default_factory=dict)
+    vocabulary_norms: dict[str, float] = field(default_factory=dict)
 
     @property
     def vectors(self) -> torch.Tensor:
-        """The trained vectors `[num_vectors, dim]`, float32 on the CPU."""
+        """The trained (first encoder's) vectors `[num_vectors, dim]`, float32 on the CPU."""
         return self.pivot.vectors
 
     @property
     def history(self) -> list[dict]:
-        """Records of step, loss, distance, norm, cosine, nearest tokens."""
+        """Records of step, loss, distance, norm, cosine, nearest tokens (SDXL: also per encoder)."""
         return self.pivot.history
 
     def save(self, path, overwrite: bool = False):
@@ -145,9 +159,14 @@ class InversionResult:
         return self.pivot.save(path, overwrite=overwrite)
 
 
-def vocabulary_mean_norm(bundle: ModelBundle, exclude_ids: tuple[int, ...] = ()) -> float:
-    """Mean L2 norm of the token-embedding rows, without the given (placeholder) rows."""
-    weight = bundle.text_encoder.get_input_embeddings().weight.detach()
+def vocabulary_mean_norm(bundle: ModelBundle, exclude_ids: tuple[int, ...] = (), text_encoder=None) -> float:
+    """Mean L2 norm of the token-embedding rows, without the given (placeholder) rows.
+
+    Args:
+        text_encoder (*optional*): the encoder whose vocabulary is measured; the bundle's first when None.
+    """
+    encoder = bundle.text_encoder if text_encoder is None else text_encoder
+    weight = encoder.get_input_embeddings().weight.detach()
     keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
     keep[list(exclude_ids)] = False
     return weight[keep].float().norm(dim=-1).mean().item()
@@ -161,11 +180,12 @@ def invert(
 ) -> InversionResult:
     """Invert: train the placeholder's embedding on `dataset`; add the trained token to `bundle`.
 
-    The bundle's tokenizer and text encoder gain the placeholder (its rows hold the trained
-    vectors at the end, or the last vectors if `on_step` raised to stop). Everything else in the
-    bundle is left bit-identical. If the loss stops being finite or a vector's norm explodes,
-    `TrainingStopped` is raised with `.partial`, the result at the last good record, whose vectors
-    are also the ones left in the bundle.
+    The bundle's tokenizers and text encoders (SDXL: both) gain the placeholder (its rows hold the
+    trained vectors at the end, or the last vectors if `on_step` raised to stop); each encoder has
+    its own vector set, initialised from the class word in its own vocabulary, and all are trained
+    together. Everything else in the bundle is left bit-identical. If the loss stops being finite or
+    a vector's norm explodes, `TrainingStopped` is raised with `.partial`, the result at the last
+    good record, whose vectors are also the ones left in the bundle.
 
     Args:
         bundle (`ModelBundle`): the model; its modules are frozen by this function.
@@ -174,114 +194,170 @@ def invert(
         on_step (`callable`, *optional*): `on_step(step, total, logs)` after every optimiser step;
             `logs` holds the latest history record on recording steps. It may raise to stop.
     """
-    bundle.check_trainable("textual inversion")
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
     bundle.check_resolution(dataset.resolution)
     t_range = check_timestep_range(config.timestep_range, bundle.noise_scheduler)
-    token = add_placeholder(bundle.tokenizer, bundle.text_encoder, config.placeholder, config.initializer, config.num_vectors)
-    captions = build_caption_table(dataset, config.templates, token, bundle.tokenizer)
-    vocab_norm = vocabulary_mean_norm(bundle, token.token_ids)
-    initial = placeholder_vectors(bundle.text_encoder, token).to(bundle.device)
-    vectors = TrainableVectors(initial, fixed_norm=vocab_norm if config.norm_mode == "fixed" else None)
+    encoders = bundle.text_encoders
+    tokens = add_placeholders(bundle.tokenizers, encoders, config.placeholder, config.initializer, config.num_vectors)
+    captions = build_caption_table(dataset, config.templates, tokens[0], list(bundle.tokenizers))
+    vocab_norms = tuple(vocabulary_mean_norm(bundle, t.token_ids, e) for t, e in zip(tokens, encoders))
+    initials = tuple(placeholder_vectors(e, t).to(bundle.device) for t, e in zip(tokens, encoders))
+    vectors = tuple(TrainableVectors(init, fixed_norm=norm if config.norm_mode == "fixed" else None)
+                    for init, norm in zip(initials, vocab_norms))
     latents = encode_latents(bundle.vae, dataset, batch_size=max(config.batch_size, 4))
 
     generator = torch.Generator().manual_seed(config.seed)
     sampler = BatchSampler(len(dataset), config.batch_size, latents.num_views, captions, generator)
-    optimizer = torch.optim.AdamW([vectors.raw], lr=config.learning_rate, weight_decay=config.weight_decay)
-    gradient_step = GradientStep(optimizer, [vectors.raw], config.max_grad_norm, bundle.device, config.mixed_precision)
-    tracker = _HistoryTracker(bundle, token, initial, vocab_norm, config)
+    params = [v.raw for v in vectors]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    gradient_step = GradientStep(optimizer, params, config.max_grad_norm, bundle.device, config.mixed_precision)
+    run = _Run(bundle, dataset, sampler, latents, vectors, gradient_step, config, t_range, vocab_norms,
+               bundle.family.default_clip_skip if config.clip_skip is None else config.clip_skip)
+    tracker = _HistoryTracker(bundle, tokens, initials, vocab_norms, config)
     try:
-        with spliced_placeholder(bundle.text_encoder, token, vectors), gradient_checkpointing(bundle.unet, config.gradient_checkpointing):
+        with spliced_placeholders(encoders, tokens, vectors), gradient_checkpointing(bundle.unet, config.gradient_checkpointing):
             for step in range(1, config.steps + 1):
-                loss = _inversion_step(bundle, sampler, latents, vectors, gradient_step, config, t_range, vocab_norm)
+                loss = _inversion_step(run)
                 try:
                     logs = tracker.update(step, loss, vectors)
                 except TrainingStopped as err:
-                    with torch.no_grad():  # back to the last good vectors, written to the matrix on exit
-                        vectors.raw.copy_(tracker.last_good_raw if tracker.last_good_raw is not None else initial)
-                    err.partial = _result(bundle, token, vectors().detach(), initial, vocab_norm, tracker, config)
+                    with torch.no_grad():  # back to the last good vectors, written to the matrices on exit
+                        for i, v in enumerate(vectors):
+                            v.raw.copy_(tracker.last_good_raw[i] if tracker.last_good_raw is not None else initials[i])
+                    err.partial = _result(bundle, tokens, [v().detach() for v in vectors], initials, vocab_norms, tracker, config)
                     raise
                 if on_step is not None:
                     on_step(step, config.steps, logs)
     finally:
         del optimizer
-    return _result(bundle, token, placeholder_vectors(bundle.text_encoder, token), initial, vocab_norm, tracker, config)
+    final = [placeholder_vectors(e, t) for t, e in zip(tokens, encoders)]
+    return _result(bundle, tokens, final, initials, vocab_norms, tracker, config)
 
 
 # The name of earlier releases.
 run_inversion = invert
 
 
-def _result(bundle, token, vectors, initial, vocab_norm, tracker, config) -> InversionResult:
-    pivot = Pivot(token.placeholder, token.initializer, vectors, family_name(bundle), config.templates,
-                  history=tracker.history, made_by=config.made_by(), base_model=bundle.name)
-    return InversionResult(token, pivot, initial.cpu(), vocab_norm, config, tracker.snapshots)
+def _result(bundle, tokens, vectors, initials, vocab_norms, tracker, config) -> InversionResult:
+    keys = bundle.family.embedding_keys
+    token = tokens[0]
+    extra = {key: v for key, v in zip(keys[1:], vectors[1:])}
+    pivot = Pivot(token.placeholder, token.initializer, vectors[0], family_name(bundle), config.templates,
+                  history=tracker.history, made_by=config.made_by(), base_model=bundle.name, extra_vectors=extra)
+    return InversionResult(token, pivot, initials[0].cpu(), vocab_norms[0], config, tracker.snapshots, tuple(tokens),
+                           {k: v.cpu() for k, v in zip(keys, initials)}, dict(zip(keys, vocab_norms)))
 
 
-def _inversion_step(bundle, sampler, latents, vectors, gradient_step, config, t_range, vocab_norm) -> torch.Tensor:
+@dataclass
+class _Run:
+    """What every step of one inversion run reads."""
+
+    bundle: ModelBundle
+    dataset: ImageDataset
+    sampler: BatchSampler
+    latents: object
+    vectors: tuple[TrainableVectors, ...]
+    gradient_step: GradientStep
+    config: InversionConfig
+    t_range: tuple[int, int]
+    vocab_norms: tuple[float, ...]
+    clip_skip: int
+
+
+def _inversion_step(run: _Run) -> torch.Tensor:
     """One optimiser step over `gradient_accumulation_steps` micro-batches; returns the mean loss (no sync)."""
-    gradient_step.optimizer.zero_grad(set_to_none=True)
+    bundle, config = run.bundle, run.config
+    run.gradient_step.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=bundle.device)
     accum = config.gradient_accumulation_steps
     for _ in range(accum):
-        batch_latents, input_ids = sampler.next(latents)
-        noised = add_noise(bundle.noise_scheduler, batch_latents.to(bundle.device), sampler.generator, t_range)
+        batch = run.sampler.next_batch(run.latents)
+        noised = add_noise(bundle.noise_scheduler, batch.latents.to(bundle.device), run.sampler.generator, run.t_range)
         with autocast(bundle.device, config.mixed_precision):
-            conditioning = encode_tokens(bundle.text_encoder, input_ids, config.clip_skip)
-            loss = denoising_loss(bundle.unet, noised, conditioning)
-        if config.norm_mode == "pull":
-            loss = loss + config.norm_strength * (vectors().norm(dim=-1) - vocab_norm).pow(2).mean()
-        gradient_step.backward(loss / accum)
+            conditioning = encode_ids(bundle, batch.ids_per_encoder, run.clip_skip)
+            # SDXL also conditions on each image's original size and crop (SD1.5: none)
+            time_ids = None if conditioning.pooled is None else batch_time_ids(run.dataset, batch.indices, device=bundle.device)
+            loss = denoising_loss(bundle.unet, noised, conditioning, time_ids)
+        if config.norm_mode == "pull":  # each encoder's vectors pulled to its own vocabulary's mean norm
+            for vectors, vocab_norm in zip(run.vectors, run.vocab_norms):
+                loss = loss + config.norm_strength * (vectors().norm(dim=-1) - vocab_norm).pow(2).mean()
+        run.gradient_step.backward(loss / accum)
         total += loss.detach() / accum
-    gradient_step.step()
+    run.gradient_step.step()
     return total
 
 
 class _HistoryTracker:
-    """Records loss and the placeholder's distance from its start every `history_every` steps."""
+    """Records loss and the placeholder's distance from its start every `history_every` steps.
 
-    def __init__(self, bundle: ModelBundle, token: PlaceholderToken, initial: torch.Tensor, vocab_norm: float, config: InversionConfig):
+    A record's `distance`, `norm`, `cosine` and `nearest` are the first encoder's (SD1.5's only
+    one; SDXL's CLIP-L). With several encoders each also has `{key}_distance`, `{key}_norm`,
+    `{key}_cosine` and `{key}_nearest` (`clip_l_…`, `clip_g_…`), each measured in its own vocabulary.
+    """
+
+    def __init__(self, bundle: ModelBundle, tokens: tuple[PlaceholderToken, ...], initials: tuple[torch.Tensor, ...],
+                 vocab_norms: tuple[float, ...], config: InversionConfig):
         self.config, self.bundle = config, bundle
-        self.initial = initial.float()
-        # Nearest tokens are searched among the vocabulary before the placeholder rows.
-        self.vocabulary_size = min(token.token_ids)
-        self.vocab_norm = vocab_norm
-        self.losses = LossRecorder(("loss",), initial.device, config.history_every, config.steps)
+        self.initials = tuple(i.float() for i in initials)
+        self.keys = bundle.family.embedding_keys[: len(tokens)]
+        # Nearest tokens are searched among each vocabulary before its placeholder rows.
+        self.vocabulary_sizes = tuple(min(t.token_ids) for t in tokens)
+        self.vocab_norms = vocab_norms
+        self.losses = LossRecorder(("loss",), initials[0].device, config.history_every, config.steps)
         self.snapshots: dict[int, torch.Tensor] = {}
-        self.last_good_raw: torch.Tensor | None = None
+        self.last_good_raw: tuple[torch.Tensor, ...] | None = None
 
     @property
     def history(self) -> list[dict]:
         return self.losses.history
 
-    def update(self, step: int, loss: torch.Tensor, vectors: TrainableVectors) -> dict:
+    def update(self, step: int, loss: torch.Tensor, vectors: tuple[TrainableVectors, ...]) -> dict:
         if not self.losses.add({"loss": loss}):
             return {}
         record = self.losses.record()
-        current = vectors().detach().float()
-        self._check_divergence(step, record["loss"], current)
+        current = [v().detach().float() for v in vectors]
+        for i, c in enumerate(current):
+            self._check_divergence(step, record["loss"], c, self.vocab_norms[i], self._what(i))
         record.update(self.measure(current))
         self.history.append(record)
-        self.snapshots[step] = current.cpu().clone()
-        self.last_good_raw = vectors.raw.detach().clone()
+        self.snapshots[step] = current[0].cpu().clone()
+        self.last_good_raw = tuple(v.raw.detach().clone() for v in vectors)
         return record
 
-    def _check_divergence(self, step: int, loss: float, current: torch.Tensor) -> None:
+    def _what(self, i: int) -> str:
+        return "token" if len(self.keys) == 1 else f"token's {self.keys[i]}"
+
+    def _check_divergence(self, step: int, loss: float, current: torch.Tensor, vocab_norm: float, what: str) -> None:
         last_good = self.history[-1]["step"] if self.history else None
         lr = self.config.learning_rate
         if not math.isfinite(loss) or not torch.isfinite(current).all():
             raise diverged(f"the loss became {loss} at step {step}", lr, "token", last_good)
         ratio = self.config.max_norm_ratio
         norm = current.norm(dim=-1).max().item()
-        if ratio is not None and norm > ratio * self.vocab_norm:
-            raise diverged(f"the token's norm reached {norm:.4g} at step {step}, over {ratio:g} times the vocabulary's "
-                           f"mean norm {self.vocab_norm:.4g}", lr, "token", last_good)
+        if ratio is not None and norm > ratio * vocab_norm:
+            raise diverged(f"the {what}'s norm reached {norm:.4g} at step {step}, over {ratio:g} times the vocabulary's "
+                           f"mean norm {vocab_norm:.4g}", lr, "token", last_good)
 
-    def measure(self, current: torch.Tensor) -> dict:
+    def measure(self, current: list[torch.Tensor]) -> dict:
         """‖e − e0‖ (over all vectors), mean ‖e‖, mean cos(e, e0), nearest vocabulary tokens per vector."""
-        nearest = nearest_tokens(self.bundle, current, self.vocabulary_size, self.config.nearest_k)
-        return {**embedding_distance(current, self.initial), "nearest": nearest}
+        nearest = nearest_tokens(self.bundle, current[0], self.vocabulary_sizes[0], self.config.nearest_k)
+        record = {**embedding_distance(current[0], self.initials[0]), "nearest": nearest}
+        if len(current) > 1:
+            for i, key in enumerate(self.keys):
+                measured = embedding_distance(current[i], self.initials[i])
+                record.update({f"{key}_{name}": value for name, value in measured.items()})
+                record[f"{key}_nearest"] = _nearest_in(self.bundle.tokenizers[i], self.bundle.text_encoders[i], current[i],
+                                                       self.vocabulary_sizes[i], self.config.nearest_k)
+        return record
+
+
+def _nearest_in(tokenizer, text_encoder, vectors: torch.Tensor, vocabulary_size: int, k: int) -> list[list[str]]:
+    """`metrics.distance.nearest_tokens` for any encoder of the bundle (that one reads the first encoder)."""
+    weight = text_encoder.get_input_embeddings().weight.detach().float()[:vocabulary_size]
+    similarity = F.normalize(vectors.float().to(weight.device), dim=-1) @ F.normalize(weight, dim=-1).T
+    ids = similarity.topk(min(k, vocabulary_size), dim=-1).indices.tolist()
+    return [tokenizer.convert_ids_to_tokens(row) for row in ids]
 
 
 def config_to_dict(config: InversionConfig) -> dict:

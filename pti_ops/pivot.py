@@ -16,7 +16,8 @@ import torch
 from .errors import InvalidInputError
 from .files.embedding_file import load_embedding, save_embedding
 from .models.bundle import ModelBundle
-from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, add_placeholder, check_templates, placeholder_vectors
+from .models import get_family
+from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, add_placeholder, add_placeholders, check_templates, placeholder_vectors
 
 # The default class word when a file records none (the notes' `character`).
 DEFAULT_INITIALIZER = "character"
@@ -29,13 +30,16 @@ class Pivot:
     Args:
         placeholder (`str`): the word prompts use, e.g. `tok1`.
         initializer (`str`): the class word its vectors started from, e.g. `character`.
-        vectors (`torch.Tensor`): `[num_vectors, dim]` float32 on the CPU.
+        vectors (`torch.Tensor`): `[num_vectors, dim]` float32 on the CPU, for the family's first text
+            encoder (SD1.5's only one; SDXL's CLIP-L).
         family (`str`): the model family the vectors belong to (which fixes the file's keys).
         templates (`list[str]`): the prompt templates it was trained with (the tuning reuses them).
         history (`list[dict]`): records of the run that made it (step, loss, distance, …).
         made_by (`dict[str, str]`): the settings of that run (steps, lr, seed, …), written to the file.
         base_model (`str`): the model it was trained on.
         file (`Path`, *optional*): where it was last saved or loaded from.
+        extra_vectors (`dict[str, torch.Tensor]`): the vectors of the family's other text encoders,
+            keyed as the embedding file (SDXL: `{"clip_g": [num_vectors, 1280]}`); empty for SD1.5.
     """
 
     placeholder: str
@@ -47,12 +51,23 @@ class Pivot:
     made_by: dict[str, str] = field(default_factory=dict)
     base_model: str = "unknown"
     file: Path | None = None
+    extra_vectors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.vectors, torch.Tensor) or self.vectors.ndim != 2:
             raise InvalidInputError(f"a pivot's vectors must be a [num_vectors, dim] tensor, got {getattr(self.vectors, 'shape', self.vectors)!r}.")
         self.vectors = self.vectors.detach().to("cpu", torch.float32)
+        for key, extra in self.extra_vectors.items():
+            if not isinstance(extra, torch.Tensor) or extra.ndim != 2 or extra.shape[0] != self.vectors.shape[0]:
+                raise InvalidInputError(f"a pivot's {key} vectors must be [{self.vectors.shape[0]}, dim] like its first "
+                                        f"encoder's, got {getattr(extra, 'shape', extra)!r}.")
+        self.extra_vectors = {key: v.detach().to("cpu", torch.float32) for key, v in self.extra_vectors.items()}
         self.templates = check_templates(self.templates)
+
+    @property
+    def vectors_by_key(self) -> dict[str, torch.Tensor]:
+        """Every encoder's vectors keyed as the embedding file, in family order (SD1.5 `{"clip_l": …}`)."""
+        return {get_family(self.family).embedding_keys[0]: self.vectors, **self.extra_vectors}
 
     @property
     def num_vectors(self) -> int:
@@ -83,21 +98,41 @@ class Pivot:
         return cls.from_token(bundle, token, templates if templates is not None else DEFAULT_TEMPLATES)
 
     def apply(self, bundle: ModelBundle) -> PlaceholderToken:
-        """The placeholder in `bundle` with these vectors: added if absent, refreshed if present."""
+        """The placeholder in `bundle` with these vectors: added if absent, refreshed if present.
+
+        With several text encoders (SDXL) every one gets its own vectors; the first encoder's token
+        is returned (`apply_all` gives each).
+        """
+        return self.apply_all(bundle)[0]
+
+    def apply_all(self, bundle: ModelBundle) -> tuple[PlaceholderToken, ...]:
+        """`apply`, returning the placeholder in each of the bundle's tokenizers, in family order."""
         if family_name(bundle) != self.family:
             raise InvalidInputError(f"this pivot was trained for a {self.family} model, but the model is {family_name(bundle)}.")
+        by_key = self.vectors_by_key
+        keys = bundle.family.embedding_keys
+        if set(by_key) != set(keys):
+            raise InvalidInputError(f"this pivot holds vectors for {sorted(by_key)} but the model's text encoders are {list(keys)}.")
+        vectors = [by_key[key] for key in keys]
         strings = [self.placeholder] if self.num_vectors == 1 else [f"{self.placeholder}_{i}" for i in range(self.num_vectors)]
-        added = bundle.tokenizer.get_added_vocab()  # only tokens added as placeholders, never a vocabulary word
-        if not all(s in added for s in strings):
-            return add_placeholder(bundle.tokenizer, bundle.text_encoder, self.placeholder, self.initializer, vectors=self.vectors)
-        ids = [added[s] for s in strings]
-        token = PlaceholderToken(self.placeholder, tuple(strings), tuple(ids), self.initializer)
-        weight = bundle.text_encoder.get_input_embeddings().weight
-        if weight.shape[1] != self.vectors.shape[1]:
-            raise InvalidInputError(f"pivot vectors are {self.vectors.shape[1]} wide but this text encoder needs {weight.shape[1]}.")
-        with torch.no_grad():
-            weight[list(ids)] = self.vectors.to(weight)
-        return token
+        # only tokens added as placeholders, never a vocabulary word
+        added = [tokenizer.get_added_vocab() for tokenizer in bundle.tokenizers]
+        if not all(s in vocab for vocab in added for s in strings):
+            if len(keys) == 1:
+                return (add_placeholder(bundle.tokenizer, bundle.text_encoder, self.placeholder, self.initializer, vectors=self.vectors),)
+            return add_placeholders(bundle.tokenizers, bundle.text_encoders, self.placeholder, self.initializer, vectors=vectors)
+        tokens = []
+        for vocab, encoder, rows in zip(added, bundle.text_encoders, vectors):
+            ids = [vocab[s] for s in strings]
+            weight = encoder.get_input_embeddings().weight
+            if weight.shape[1] != rows.shape[1]:
+                raise InvalidInputError(f"pivot vectors are {rows.shape[1]} wide but this text encoder needs {weight.shape[1]}.")
+            tokens.append(PlaceholderToken(self.placeholder, tuple(strings), tuple(ids), self.initializer))
+        for token, encoder, rows in zip(tokens, bundle.text_encoders, vectors):  # all checked: now write
+            weight = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                weight[list(token.token_ids)] = rows.to(weight)
+        return tuple(tokens)
 
     def with_vectors(self, vectors: torch.Tensor, history: list[dict], made_by: dict[str, str]) -> "Pivot":
         """This pivot moved on by a later run (the `joint` schedule)."""
@@ -105,7 +140,8 @@ class Pivot:
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the embedding file (atomically; an existing file only with `overwrite`)."""
-        self.file = save_embedding(path, self.vectors, self.family, embedding_metadata(self), overwrite=overwrite)
+        vectors = self.vectors_by_key if self.extra_vectors else self.vectors
+        self.file = save_embedding(path, vectors, self.family, embedding_metadata(self), overwrite=overwrite)
         return self.file
 
     @classmethod
@@ -123,9 +159,14 @@ class Pivot:
             raise InvalidInputError(f"the embedding {path} records no placeholder: give the token word to use for it.")
         templates = [t.strip() for t in meta.get("templates", "").split(" | ") if t.strip()] or list(DEFAULT_TEMPLATES)
         made_by = {k: v for k, v in meta.items() if k in MADE_BY_KEYS}
-        return cls(word, initializer or meta.get("initializer", DEFAULT_INITIALIZER),
-                   embedding.for_family(bundle.family, bundle.embedding_dim), family_name(bundle), templates,
-                   made_by=made_by, base_model=meta.get("base_model", "unknown"), file=Path(path))
+        if len(bundle.text_encoders) == 1:
+            first, extra = embedding.for_family(bundle.family, bundle.embedding_dim), {}
+        else:  # one vector set per encoder (SDXL: clip_l, clip_g)
+            by_key = embedding.vectors_for(bundle.family, bundle.embedding_dims)
+            keys = bundle.family.embedding_keys
+            first, extra = by_key[keys[0]], {key: by_key[key] for key in keys[1:]}
+        return cls(word, initializer or meta.get("initializer", DEFAULT_INITIALIZER), first, family_name(bundle), templates,
+                   made_by=made_by, base_model=meta.get("base_model", "unknown"), file=Path(path), extra_vectors=extra)
 
 
 # Settings of the run that made a pivot, as the embedding file's metadata records them.

@@ -9,8 +9,9 @@ other row stays bit-identical by construction.
 """
 
 import re
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Iterator
 
 import torch
@@ -165,6 +166,45 @@ def add_placeholder(
     return token
 
 
+def add_placeholders(
+    tokenizers: Sequence[CLIPTokenizer],
+    text_encoders: Sequence[CLIPTextModel],
+    placeholder: str,
+    initializer: str,
+    num_vectors: int = 1,
+    vectors: Sequence[torch.Tensor] | None = None,
+) -> tuple[PlaceholderToken, ...]:
+    """`add_placeholder` on every encoder of a family (SDXL: CLIP-L and bigG), the same token strings in each.
+
+    Each encoder's rows start from the initializer in its own vocabulary (or from its entry of
+    `vectors`). The name, the initializer and the vectors' widths are checked against every
+    tokenizer and encoder before any is modified. The ids may differ between tokenizers.
+
+    Args:
+        tokenizers (`Sequence[CLIPTokenizer]`): in family order (`bundle.tokenizers`).
+        text_encoders (`Sequence[CLIPTextModel]`): in the same order (`bundle.text_encoders`).
+        vectors (`Sequence[torch.Tensor]`, *optional*): `[num_vectors, dim]` per encoder.
+    """
+    if vectors is not None:
+        vectors = [torch.as_tensor(v) for v in vectors]
+        if len(vectors) != len(text_encoders) or len({v.shape[0] if v.ndim == 2 else -1 for v in vectors}) != 1:
+            raise InvalidInputError(f"give one [num_vectors, dim] tensor per text encoder ({len(text_encoders)}), "
+                                    f"all with the same num_vectors; got shapes {[tuple(v.shape) for v in vectors]}.")
+        num_vectors = vectors[0].shape[0]
+        for v, encoder in zip(vectors, text_encoders):
+            width = encoder.get_input_embeddings().weight.shape[1]
+            if v.shape[1] != width:
+                raise InvalidInputError(f"embedding of shape {tuple(v.shape)} does not fit a text encoder that expects "
+                                        f"[n_vectors, {width}]: the file was made for another model family.")
+    for tokenizer in tokenizers:  # check all before adding to any
+        _check_placeholder_name(placeholder, tokenizer, num_vectors)
+        initializer_ids(tokenizer, initializer, num_vectors)
+    return tuple(
+        add_placeholder(tokenizer, encoder, placeholder, initializer, num_vectors, None if vectors is None else vectors[i])
+        for i, (tokenizer, encoder) in enumerate(zip(tokenizers, text_encoders))
+    )
+
+
 def placeholder_vectors(text_encoder: CLIPTextModel, token: PlaceholderToken) -> torch.Tensor:
     """The placeholder's current embedding rows, `[num_vectors, dim]`, as a float32 copy."""
     weight = text_encoder.get_input_embeddings().weight
@@ -225,3 +265,11 @@ def spliced_placeholder(text_encoder: CLIPTextModel, token: PlaceholderToken, ve
         text_encoder.set_input_embeddings(base)
         with torch.no_grad():
             base.weight[list(token.token_ids)] = vectors().detach().to(base.weight)
+
+
+@contextmanager
+def spliced_placeholders(text_encoders: Sequence[CLIPTextModel], tokens: Sequence[PlaceholderToken],
+                         vectors: Sequence[TrainableVectors]) -> Iterator[tuple[SplicedEmbedding, ...]]:
+    """`spliced_placeholder` on every encoder at once (one token and one `TrainableVectors` each)."""
+    with ExitStack() as stack:
+        yield tuple(stack.enter_context(spliced_placeholder(e, t, v)) for e, t, v in zip(text_encoders, tokens, vectors))

@@ -35,7 +35,7 @@ def add_invert_command(subparsers) -> None:
     p.add_argument("--t-min", type=int, default=None, help="lowest training timestep (default: 0).")
     p.add_argument("--t-max", type=int, default=None, help="highest training timestep, exclusive (default: the schedule's length).")
     p.add_argument("--clip-skip", type=int, default=default_of(InversionConfig, "clip_skip"),
-                   help=f"1 = last text-encoder layer, 2 = penultimate (default: {default_of(InversionConfig, 'clip_skip')}).")
+                   help="1 = last text-encoder layer, 2 = penultimate (default: the model's, 1 for SD1.5 and 2 for SDXL).")
     p.add_argument("--history-every", type=int, default=default_of(InversionConfig, "history_every"),
                    help=f"record loss and distances every N steps (default: {default_of(InversionConfig, 'history_every')}).")
     add_precision_options(p)

@@ -79,7 +79,7 @@ class SweepConfig:
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     batch_size: int = InversionConfig.batch_size
     seed: int = InversionConfig.seed
-    clip_skip: int = InversionConfig.clip_skip
+    clip_skip: int = TuneConfig.clip_skip  # one layer for both loops; InversionConfig's None means "the family's"
     history_every: int = InversionConfig.history_every
     eval_every: int | None = None
     rank: int = TuneConfig.rank

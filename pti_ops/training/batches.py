@@ -4,11 +4,13 @@ Captions are tokenized once: the distinct prompts (templates × placeholder, per
 are a small fixed set, so each step only indexes into a pre-built id tensor.
 """
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers import CLIPTokenizer
 
+from ..models.conditioning import add_time_ids
 from ..dataset import ImageDataset
 from ..errors import DatasetError, InvalidInputError
 from .latent_cache import LatentCache
@@ -21,17 +23,53 @@ class CaptionTable:
 
     Args:
         prompts (`list[str]`): the distinct prompts, placeholder written in.
-        input_ids (`torch.Tensor`): `[len(prompts), max_length]`.
+        input_ids (`torch.Tensor`): `[len(prompts), max_length]`, from the first tokenizer.
         choices (`list[list[int]]`): for each image, indices into `prompts`.
+        ids_per_encoder (`tuple[torch.Tensor, ...]`): the ids from each tokenizer, in family order
+            (its first is `input_ids`); `(input_ids,)` when not given.
     """
 
     prompts: list[str]
     input_ids: torch.Tensor
     choices: list[list[int]]
+    ids_per_encoder: tuple[torch.Tensor, ...] = field(default=())
+
+    def __post_init__(self):
+        if not self.ids_per_encoder:
+            self.ids_per_encoder = (self.input_ids,)
 
 
-def build_caption_table(dataset: ImageDataset, templates: list[str], token: PlaceholderToken, tokenizer: CLIPTokenizer) -> CaptionTable:
-    """Tokenize every distinct training prompt once."""
+@dataclass
+class TrainingBatch:
+    """One micro-batch: latents, caption ids per encoder, and which images and views it holds.
+
+    Args:
+        latents (`torch.Tensor`): `[b, C, h, w]`.
+        ids_per_encoder (`tuple[torch.Tensor, ...]`): `[b, max_length]` per tokenizer, in family order.
+        indices (`torch.Tensor`): `[b]` image indices into the dataset.
+        views (`torch.Tensor`): `[b]` view of each (0 = as is, 1 = mirrored).
+    """
+
+    latents: torch.Tensor
+    ids_per_encoder: tuple[torch.Tensor, ...]
+    indices: torch.Tensor
+    views: torch.Tensor
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """The first tokenizer's ids (SD1.5's only ones)."""
+        return self.ids_per_encoder[0]
+
+
+def build_caption_table(
+    dataset: ImageDataset, templates: list[str], token: PlaceholderToken, tokenizer: CLIPTokenizer | Sequence[CLIPTokenizer]
+) -> CaptionTable:
+    """Tokenize every distinct training prompt once, with one tokenizer or each of a family's (SDXL: two).
+
+    The placeholder's token strings are the same in every tokenizer (`add_placeholders`), so the
+    prompts are expanded once with `token`.
+    """
+    tokenizers = tuple(tokenizer) if isinstance(tokenizer, (list, tuple)) else (tokenizer,)
     templates = check_templates(templates)
     prompts: list[str] = []
     index: dict[str, int] = {}
@@ -55,7 +93,20 @@ def build_caption_table(dataset: ImageDataset, templates: list[str], token: Plac
                 f"caption of {name} ({caption!r}) contains neither '{{}}' nor the placeholder {token.placeholder!r}: "
                 "the placeholder must appear in every training caption."
             )
-    return CaptionTable(prompts, tokenize(tokenizer, [token.expand(p) for p in prompts]), choices)
+    expanded = [token.expand(p) for p in prompts]
+    ids = tuple(tokenize(t, expanded) for t in tokenizers)
+    return CaptionTable(prompts, ids[0], choices, ids)
+
+
+def batch_time_ids(dataset: ImageDataset, indices: torch.Tensor, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device | None = None) -> torch.Tensor:
+    """SDXL's `add_time_ids` `[b, 6]` of the batch's images: their recorded original size and crop, target = resolution.
+
+    A mirrored view keeps its image's ids, as diffusers' SDXL scripts (flip, then the same centre crop).
+    """
+    rows = indices.tolist()
+    return add_time_ids([dataset.original_sizes[i] for i in rows], [dataset.crops_top_left[i] for i in rows],
+                        (dataset.resolution, dataset.resolution), batch_size=len(rows), dtype=dtype, device=device)
 
 
 class BatchSampler:
@@ -83,7 +134,12 @@ class BatchSampler:
         return torch.tensor(picked)
 
     def next(self, latents: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(latents [b, C, h, w], input_ids [b, max_length])` for the next micro-batch."""
+        """`(latents [b, C, h, w], input_ids [b, max_length])` for the next micro-batch (first tokenizer's ids)."""
+        batch = self.next_batch(latents)
+        return batch.latents, batch.input_ids
+
+    def next_batch(self, latents: LatentCache) -> TrainingBatch:
+        """The next micro-batch with every tokenizer's ids and its images' indices (the same draws as `next`)."""
         indices = self._next_indices()
         views = torch.randint(0, self.num_views, (len(indices),), generator=self.generator)
         caption_rows = []
@@ -91,4 +147,5 @@ class BatchSampler:
             options = self.captions.choices[i]
             pick = torch.randint(0, len(options), (1,), generator=self.generator).item() if len(options) > 1 else 0
             caption_rows.append(options[pick])
-        return latents.sample(indices, views, self.generator), self.captions.input_ids[caption_rows]
+        ids = tuple(table[caption_rows] for table in self.captions.ids_per_encoder)
+        return TrainingBatch(latents.sample(indices, views, self.generator), ids, indices, views)

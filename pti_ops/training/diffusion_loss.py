@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from ..errors import InvalidInputError
+from ..models.conditioning import Conditioning
 
 
 @dataclass
@@ -50,9 +51,22 @@ def add_noise(
     return NoisedBatch(noisy, timesteps, target)
 
 
-def denoising_loss(unet: UNet2DConditionModel, batch: NoisedBatch, conditioning: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the UNet's prediction and the target, in float32."""
-    prediction = unet(batch.noisy_latents, batch.timesteps, conditioning.to(batch.noisy_latents.dtype)).sample
+def denoising_loss(
+    unet: UNet2DConditionModel, batch: NoisedBatch, conditioning: torch.Tensor | Conditioning, time_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error between the UNet's prediction and the target, in float32.
+
+    Args:
+        conditioning (`torch.Tensor` or `Conditioning`): SD1.5's `[b, 77, dim]` states, or a `Conditioning`
+            (any family; SDXL's carries the pooled embedding).
+        time_ids (`torch.Tensor`, *optional*): `[b, 6]` SDXL `add_time_ids`, with a pooled `Conditioning`.
+    """
+    dtype = batch.noisy_latents.dtype
+    if isinstance(conditioning, Conditioning):
+        kwargs = conditioning.to(dtype=dtype).unet_kwargs(time_ids)
+        prediction = unet(batch.noisy_latents, batch.timesteps, **kwargs).sample
+    else:
+        prediction = unet(batch.noisy_latents, batch.timesteps, conditioning.to(dtype)).sample
     return F.mse_loss(prediction.float(), batch.target.float())
 
 
