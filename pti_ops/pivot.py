@@ -16,6 +16,7 @@ import torch
 from .errors import InvalidInputError
 from .files.embedding_file import load_embedding, save_embedding
 from .models.bundle import ModelBundle
+from .models.families import get_family
 from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, add_placeholder, check_templates, placeholder_vectors
 
 # The default class word when a file records none (the notes' `character`).
@@ -102,6 +103,10 @@ class Pivot:
     def with_vectors(self, vectors: torch.Tensor, history: list[dict], made_by: dict[str, str]) -> "Pivot":
         """This pivot moved on by a later run (the `joint` schedule)."""
         return replace(self, vectors=vectors, history=history, made_by=made_by, file=None)
+
+    def embedding_tensors(self) -> dict[str, torch.Tensor]:
+        """The vectors keyed as the family's embedding files key them (`{"clip_l": [n, 768]}` for SD1.5)."""
+        return {get_family(self.family).embedding_keys[0]: self.vectors}
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the embedding file (atomically; an existing file only with `overwrite`)."""

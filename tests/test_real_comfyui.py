@@ -154,7 +154,8 @@ def test_pack_imports_with_all_nodes(server):
     listed = server.harness("nodes", "--json", "--port", str(server.port))
     assert listed.returncode == 0, listed.stderr
     for node_id in ("PivotalDatasetFromFolder", "PivotalDatasetFromImages", "TokenInversion", "SlerpRegularizer",
-                    "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt", "PivotalEvaluate", "PivotalSweep"):  # fmt: skip
+                    "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt", "PivotalEvaluate", "PivotalSweep",
+                    "PivotalLoRALoader"):  # fmt: skip
         assert node_id in listed.stdout
 
 
@@ -191,11 +192,13 @@ def test_training_workflow_queued_again_and_again_with_prompts_between(server, t
     prompt["901"] = {"class_type": "PreviewAny", "inputs": {"source": [ids["PivotalLoRATune"], 5]}}
     api = tmp_path / "shown.json"
     api.write_text(json.dumps(prompt))
-    # The same workflow as saved before if_exists existed: the last widget value missing from both nodes.
+    # The same workflow as saved before if_exists (and bundle_embedding) existed: those widget values missing.
     saved = json.loads(workflow.read_text())
     for node in saved["nodes"]:
-        if node["type"] in ("TokenInversion", "PivotalLoRATune"):
-            assert node["widgets_values"].pop() == "increment"
+        newer = {"TokenInversion": ["increment"], "PivotalLoRATune": ["increment", False]}.get(node["type"], [])
+        if newer:
+            assert node["widgets_values"][-len(newer):] == newer
+            del node["widgets_values"][-len(newer):]
     old = tmp_path / "saved_before_if_exists.json"
     old.write_text(json.dumps(saved))
     overrides = {**TRAIN_SMALL, "TokenInversion.embedding_name": "requeue", "PivotalLoRATune.lora_name": "requeue_lora"}
@@ -457,3 +460,72 @@ def test_cancel_leaves_no_file(server):
         time.sleep(1)
     assert "Processing interrupted" in server.log()
     assert not list((server.models / "embeddings").glob("cancelled*"))
+
+
+def test_one_file_per_character_with_the_loader_and_stock_nodes(server, tmp_path):
+    """bundle_embedding: one LoRA file holding the embedding (bundle_emb.tokb.clip_l). Pivotal LoRA Loader makes
+    the trigger work through its CLIP only; stock LoraLoader loads every LoRA key (only the bundle key is left,
+    as ComfyUI logs it); in the embeddings folder ComfyUI reads the bundled embedding as embedding:FILE.
+    Last in this file: it makes ComfyUI log a missing embedding on purpose."""
+    train = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "2": {"class_type": "PivotalDatasetFromFolder", "inputs": {"folder": "character", "resolution": 64, "flip": False,
+                                                                   "caption_source": "template", "on_bad_image": "error"}},
+        "3": {"class_type": "TokenInversion", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "placeholder": "tokb",
+            "initializer": "character", "num_vectors": 1, "templates": "a photo of {}", "steps": 2, "learning_rate": 0.01,
+            "batch_size": 1, "seed": 0, "norm_mode": "none", "embedding_name": "tokb_file", "overwrite": False}},
+        "4": {"class_type": "PivotalLoRATune", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "embedding": ["3", 0], "rank": 2,
+            "alpha": 0.0, "targets": "attention", "learning_rate": 0.01, "steps": 2, "batch_size": 1, "seed": 0,
+            "schedule": "sequential", "train_text_encoder": True, "lora_name": "character_bundle", "overwrite": False,
+            "bundle_embedding": True}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 4]}},
+    }  # fmt: skip
+
+    def generate(clip: list, model: list, text, extra: dict | None = None) -> dict:
+        return {
+            "10": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+            **(extra or {}),
+            "12": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": clip}},
+            "13": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": clip}},
+            "14": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "15": {"class_type": "KSampler", "inputs": {"model": model, "seed": 0, "steps": 2, "cfg": 5.0, "sampler_name": "euler",
+                                                        "scheduler": "normal", "positive": ["12", 0], "negative": ["13", 0],
+                                                        "latent_image": ["14", 0], "denoise": 1.0}},
+            "16": {"class_type": "VAEDecode", "inputs": {"samples": ["15", 0], "vae": ["10", 2]}},
+            "17": {"class_type": "SaveImage", "inputs": {"images": ["16", 0], "filename_prefix": "bundled"}},
+        }  # fmt: skip
+
+    def run(prompt: dict, name: str) -> tuple[dict, str]:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(prompt))
+        before = len(server.log())
+        code, result, text = server.run(path, {})
+        assert code == 0, text[-4000:]
+        return result, server.log()[before:]
+
+    run(train, "train")
+    bundled = server.models / "loras" / "character_bundle.safetensors"
+    assert bundled.is_file()
+    # 1. Pivotal LoRA Loader: the trigger through its CLIP (PivotalPrompt writes it into the text).
+    loader = {"11": {"class_type": "PivotalLoRALoader", "inputs": {"model": ["10", 0], "clip": ["10", 1],
+                                                                    "lora_name": "character_bundle.safetensors",
+                                                                    "strength_model": 1.0, "strength_clip": 1.0}},
+              "18": {"class_type": "PivotalPrompt", "inputs": {"template": "a photo of {} on the beach", "trigger": ["11", 2]}},
+              "19": {"class_type": "PreviewAny", "inputs": {"source": ["18", 0]}}}  # fmt: skip
+    result, log = run(generate(["11", 1], ["11", 0], ["18", 0], loader), "loader")
+    assert shown_text(result, "19") == "a photo of embedding:tokb on the beach"
+    assert not [problem for problem in LOG_PROBLEMS if problem in log], log[-4000:]
+    # 2. The same text through the checkpoint's own CLIP: it does not know the trigger (the loader's CLIP only).
+    _, log = run(generate(["10", 1], ["10", 0], "a photo of embedding:tokb on the beach"), "plain")
+    assert "embedding:tokb does not exist, ignoring" in log, log[-4000:]
+    # 3. Stock LoraLoader on the same file: every LoRA key loads; ComfyUI names the bundle key alone.
+    stock = {"11": {"class_type": "LoraLoader", "inputs": {"model": ["10", 0], "clip": ["10", 1], "lora_name": bundled.name,
+                                                            "strength_model": 1.0, "strength_clip": 1.0}}}
+    (server.models / "embeddings" / bundled.name).write_bytes(bundled.read_bytes())
+    _, log = run(generate(["11", 1], ["11", 0], "a photo of embedding:character_bundle", stock), "stock")
+    not_loaded = [line.split("lora key not loaded: ")[1].strip() for line in log.splitlines() if "lora key not loaded" in line]
+    assert not_loaded == ["bundle_emb.tokb.clip_l"], log[-4000:]
+    # ComfyUI read the bundled embedding from the embeddings folder (embedding:FILE): nothing is missing.
+    assert "does not exist, ignoring" not in log and "NOT LOADED" not in log, log[-4000:]
