@@ -3,9 +3,9 @@
 Node ids are public names stored in every workflow: never rename them.
 """
 
-from . import dataset_nodes, evaluation_nodes, inversion_nodes, norm_stats_nodes, prompt_nodes, tuning_nodes
+from . import dataset_nodes, evaluation_nodes, inversion_nodes, loader_nodes, norm_stats_nodes, prompt_nodes, tuning_nodes
 
-MODULES = (dataset_nodes, inversion_nodes, tuning_nodes, norm_stats_nodes, prompt_nodes, evaluation_nodes)
+MODULES = (dataset_nodes, inversion_nodes, tuning_nodes, norm_stats_nodes, prompt_nodes, evaluation_nodes, loader_nodes)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -14,6 +14,7 @@ key (ComfyUI itself only logs "lora key not loaded"). Embeddings reach CLIP thro
 written to ComfyUI's embeddings folder (`embedding:NAME` in a prompt).
 """
 
+import copy
 import gc
 import hashlib
 import logging
@@ -31,7 +32,7 @@ import comfy.utils
 import folder_paths
 
 from ..pti_ops.errors import InvalidInputError
-from ..pti_ops.files import group_kohya_modules
+from ..pti_ops.files import group_kohya_modules, is_kohya_key
 from ..pti_ops.models import (
     COMFY_TEXT_ENCODER_NAMES,
     ComfyModels,
@@ -196,6 +197,41 @@ def apply_lora(model, clip, lora: dict[str, torch.Tensor], strength_model: float
     return comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
 
 
+def apply_lora_file(model, clip, lora: dict[str, torch.Tensor], strength_model: float, strength_clip: float):
+    """`(model, clip)` clones with a LoRA file's weights applied by ComfyUI.
+
+    A kohya file is checked key by key first (`apply_lora`); other layouts go to ComfyUI's loader as they are, as
+    stock LoraLoader would load them.
+    """
+    if all(is_kohya_key(key) for key in lora):
+        return apply_lora(model, clip, lora, strength_model, strength_clip)
+    return comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
+
+
+def clip_with_embedding_folder(clip, folder: Path):
+    """A clone of `clip` whose tokenizers look for `embedding:NAME` in `folder` before ComfyUI's embeddings folders.
+
+    ComfyUI's CLIP clones share one tokenizer object; this clone gets shallow copies of it and of each of its text
+    encoders' tokenizers (those with an `embedding_directory`), so no other CLIP sees the folder.
+    """
+    out = clip.clone()
+    tokenizer = copy.copy(clip.tokenizer)
+    changed = False
+    for name, part in list(vars(tokenizer).items()):
+        if not hasattr(part, "embedding_directory"):
+            continue
+        part = copy.copy(part)
+        before = part.embedding_directory
+        before = [before] if isinstance(before, str) else list(before or [])
+        part.embedding_directory = [str(folder), *before]
+        setattr(tokenizer, name, part)
+        changed = True
+    if not changed:
+        raise InvalidInputError("this CLIP's tokenizer reads no embeddings (no embedding folder): connect an SD1.5 or SDXL CLIP.")
+    out.tokenizer = tokenizer
+    return out
+
+
 def unmapped_lora_modules(model, clip, lora: dict[str, torch.Tensor]) -> list[str]:
     """The kohya module prefixes of `lora` that ComfyUI's key maps for `model` / `clip` lack."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
@@ -287,6 +323,24 @@ def embeddings_folder() -> Path:
 def loras_folder() -> Path:
     """ComfyUI's first loras folder (LoraLoader lists it after a refresh)."""
     return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def lora_file_names() -> list[str]:
+    """The LoRA files ComfyUI lists (LoraLoader's choices)."""
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_file_path(name: str) -> Path:
+    """The path of a LoRA file listed by `lora_file_names`."""
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise InvalidInputError(f"`lora_name` {name!r} is not in ComfyUI's loras folders: refresh the node list.")
+    return Path(path)
+
+
+def temp_directory() -> Path:
+    """ComfyUI's temporary folder (emptied when ComfyUI starts)."""
+    return Path(folder_paths.get_temp_directory())
 
 
 def output_directory() -> Path:

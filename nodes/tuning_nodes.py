@@ -166,6 +166,10 @@ class PivotalLoRATune:
                     "regularisation."),
                 **MEMORY_OPTIONS,
                 "if_exists": IF_EXISTS,
+                "bundle_embedding": bool_input(False, "Also put the token's embedding into the LoRA file "
+                    "(bundle_emb.PLACEHOLDER.clip_l, as OneTrainer writes it): one file per character, which Pivotal LoRA "
+                    "Loader applies to MODEL and CLIP with its trigger. Stock LoraLoader still loads every LoRA key of it "
+                    "(it logs the bundle key as not loaded). The embedding file is written as well."),
             },
             "hidden": NODE_ID,
         }  # fmt: skip
@@ -191,7 +195,8 @@ class PivotalLoRATune:
 
     def tune(self, model, clip, vae, dataset, embedding: Pivot, rank, alpha, targets, learning_rate,
              steps, batch_size, seed, schedule, train_text_encoder, lora_name, overwrite, regularizer=None,
-             mixed_precision="no", gradient_checkpointing=False, if_exists="increment", unique_id=None):  # fmt: skip
+             mixed_precision="no", gradient_checkpointing=False, if_exists="increment", bundle_embedding=False,
+             unique_id=None):  # fmt: skip
         config = TuneConfig(
             rank=rank, alpha=alpha or None, targets=targets, train_text_encoder=train_text_encoder,
             learning_rate=learning_rate, steps=steps, batch_size=batch_size, seed=seed, schedule=schedule,
@@ -205,7 +210,7 @@ class PivotalLoRATune:
             result = tune_around(converted(model, clip, vae), dataset, embedding, config, regularizer,
                                  on_step=bridge.progress(steps))  # fmt: skip
         result.lora = {key: value.cpu() for key, value in result.lora.items()}
-        result.save(lora_path, overwrite=policy == "overwrite")
+        result.save(lora_path, overwrite=policy == "overwrite", bundle_embedding=bundle_embedding)
         if joint_path is not None:  # the token was retrained with the LoRA: it gets its own file
             result.pivot.save(joint_path, overwrite=policy == "overwrite")
         model_out, clip_out = bridge.apply_lora(model, clip, result.lora)

@@ -181,9 +181,13 @@ class TuneResult:
             "pivotal.regularizer": json.dumps(self.regularizer) if self.regularizer else "none",
         }
 
-    def save(self, path, overwrite: bool = False):
-        """Write the LoRA file (kohya keys, atomically; an existing file only with `overwrite`)."""
-        return save_lora(path, self.lora, self.metadata(), overwrite=overwrite)
+    def save(self, path, overwrite: bool = False, bundle_embedding: bool = False):
+        """Write the LoRA file (kohya keys, atomically; an existing file only with `overwrite`).
+
+        With `bundle_embedding`, the pivot's vectors go into the file too (`bundle_emb.PLACEHOLDER.clip_l`).
+        """
+        embeddings = {self.pivot.placeholder: self.pivot.vectors_by_key} if bundle_embedding else None
+        return save_lora(path, self.lora, self.metadata(), overwrite=overwrite, embeddings=embeddings)
 
 
 def lora_config(rank: int, alpha: float, dropout: float, targets: tuple[str, ...]) -> LoraConfig:

@@ -37,9 +37,11 @@ class PivotalResult:
         """The placeholder as it is in the bundle's tokenizer."""
         return self.inversion.token if self.inversion is not None else None
 
-    def save(self, embedding_path: str | os.PathLike, lora_path: str | os.PathLike, overwrite: bool = False) -> tuple[Path, Path]:
-        """Write the embedding and the LoRA file."""
-        return self.pivot.save(embedding_path, overwrite=overwrite), self.tuning.save(lora_path, overwrite=overwrite)
+    def save(self, embedding_path: str | os.PathLike, lora_path: str | os.PathLike, overwrite: bool = False,
+             bundle_embedding: bool = False) -> tuple[Path, Path]:
+        """Write the embedding and the LoRA file (with `bundle_embedding`, the LoRA file holds the embedding too)."""
+        return (self.pivot.save(embedding_path, overwrite=overwrite),
+                self.tuning.save(lora_path, overwrite=overwrite, bundle_embedding=bundle_embedding))
 
 
 def pivotal_tune(

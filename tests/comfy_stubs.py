@@ -104,13 +104,15 @@ class FakeModel(FakePatcher):
 class FakeCLIP:
     """CLIP: `cond_stage_model.clip_l…`, a patcher over its weights, `layer_idx`, `clone`."""
 
-    def __init__(self, patcher: FakePatcher, cond_stage_model, layer_idx=None):
+    def __init__(self, patcher: FakePatcher, cond_stage_model, layer_idx=None, tokenizer=None):
         self.patcher = patcher
         self.cond_stage_model = cond_stage_model
         self.layer_idx = layer_idx
+        # ComfyUI's SD1Tokenizer: one SDTokenizer per encoder, each searching `embedding_directory` for embedding:NAME.
+        self.tokenizer = tokenizer or types.SimpleNamespace(clip_name="l", clip_l=types.SimpleNamespace(embedding_directory=[]))
 
     def clone(self):
-        return FakeCLIP(self.patcher.clone(), self.cond_stage_model, self.layer_idx)
+        return FakeCLIP(self.patcher.clone(), self.cond_stage_model, self.layer_idx, self.tokenizer)  # the tokenizer is shared
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
         return self.patcher.add_patches(patches, strength_patch, strength_model)
@@ -193,9 +195,18 @@ def make_stub_modules(state: StubState, tokenizer_root: Path) -> dict[str, types
     def get_folder_paths(name):
         return [str(state.folders[name])]
 
+    def get_filename_list(name):
+        return sorted(p.name for p in state.folders[name].iterdir() if p.is_file())
+
+    def get_full_path(name, filename):
+        path = state.folders[name] / filename
+        return str(path) if path.is_file() else None
+
     folder_paths = _module(
         "folder_paths",
         get_folder_paths=get_folder_paths,
+        get_filename_list=get_filename_list,
+        get_full_path=get_full_path,
         get_input_directory=lambda: str(state.folders["input"]),
         get_temp_directory=lambda: str(state.folders["temp"]),
         get_output_directory=lambda: str(state.folders["output"]),

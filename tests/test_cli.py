@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from pti_ops.cli import main
@@ -174,3 +175,14 @@ def test_reg_help_names_the_modes_as_other_trainers_do(capsys):
         main(["tune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Differential Output Preservation (DOP" in text and "blank-prompt preservation" in text
+
+
+def test_tune_bundles_the_embedding_into_the_lora_file(tmp_path, image_folder):
+    embedding = tmp_path / "tok1.safetensors"
+    assert main(_invert_args(image_folder, embedding, "--steps", "1")) == 0
+    lora = tmp_path / "tok1_lora.safetensors"
+    args = ["tune", *_tune_common(image_folder), "--embedding", str(embedding), "--out", str(lora), "--bundle-embedding"]
+    assert main(args) == 0
+    with safe_open(str(lora), framework="pt") as f, safe_open(str(embedding), framework="pt") as e:
+        assert torch.equal(f.get_tensor("bundle_emb.tok1.clip_l"), e.get_tensor("clip_l"))
+        assert f.metadata()["pivotal.bundled_embeddings"] == "tok1"

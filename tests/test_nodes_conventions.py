@@ -10,7 +10,7 @@ from comfy_stubs import REPO_ROOT, comfy_env, comfy_pack  # noqa: F401  (fixture
 STOCK_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "CONDITIONING", "STRING", "INT", "FLOAT", "BOOLEAN", "LORA_MODEL", "LOSS_MAP"}
 EXPECTED = {
     "PivotalDatasetFromFolder", "PivotalDatasetFromImages", "TokenInversion", "SlerpRegularizer",
-    "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt", "PivotalEvaluate", "PivotalSweep",
+    "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt", "PivotalEvaluate", "PivotalSweep", "PivotalLoRALoader",
 }  # fmt: skip
 
 
@@ -64,7 +64,9 @@ def test_training_nodes_never_replace_a_file_by_default(mappings):
         assert spec["required"]["overwrite"][1]["default"] is False
         choices, options = spec["optional"]["if_exists"]
         assert choices == ["increment", "overwrite", "error"] and options["default"] == "increment"
-        assert list(spec["optional"])[-1] == "if_exists"  # last: saved workflows' widget positions are unchanged
+        # After the older widgets: saved workflows' widget positions are unchanged.
+        assert list(spec["optional"])[-2:] == (["if_exists", "bundle_embedding"] if node_id == "PivotalLoRATune"
+                                               else list(spec["optional"])[-2:-1] + ["if_exists"])
 
 
 def test_imported_as_a_plain_module_it_registers_nothing():

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,33 @@ class Server:
     def output_files(self, prefix: str) -> list[Path]:
         return sorted((self.root / "state" / "output").glob(prefix + "*.png"))
 
+    def object_info(self, class_type: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/object_info/{class_type}", timeout=60) as answer:
+            return json.loads(answer.read())[class_type]
+
+    def stock_inputs(self, class_type: str, **given) -> dict:
+        """A stock node's API inputs: `given`, and every other required widget at its default (versions differ)."""
+        inputs = dict(given)
+        for name, spec in self.object_info(class_type)["input"]["required"].items():
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if name not in inputs and "default" in options:
+                inputs[name] = options["default"]
+            elif name not in inputs and isinstance(spec[0], list):
+                inputs[name] = spec[0][0]
+        return inputs
+
+    def output_index(self, class_type: str, kind: str) -> int:
+        return self.object_info(class_type)["output"].index(kind)
+
+
+def node_of(result: dict, class_type: str) -> tuple[str, dict]:
+    """`(node id, report)` of the first node of a class in a harness result."""
+    return next((nid, node) for nid, node in result["nodes"].items() if node["class_type"] == class_type)
+
+
+def shown_text(result: dict, node_id: str) -> str:
+    return "\n".join(result["outputs"].get(node_id, {}).get("text", []))
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -126,7 +154,8 @@ def test_pack_imports_with_all_nodes(server):
     listed = server.harness("nodes", "--json", "--port", str(server.port))
     assert listed.returncode == 0, listed.stderr
     for node_id in ("PivotalDatasetFromFolder", "PivotalDatasetFromImages", "TokenInversion", "SlerpRegularizer",
-                    "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt", "PivotalEvaluate", "PivotalSweep"):  # fmt: skip
+                    "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt", "PivotalEvaluate", "PivotalSweep",
+                    "PivotalLoRALoader"):  # fmt: skip
         assert node_id in listed.stdout
 
 
@@ -148,6 +177,111 @@ def test_use_trained_lora_workflow_loads_the_files_with_stock_nodes(server):
     assert server.output_files("pivotal_character"), text
     log = server.log()
     assert not [problem for problem in LOG_PROBLEMS if problem in log], log[-4000:]
+
+
+def test_training_workflow_queued_again_and_again_with_prompts_between(server, tmp_path):
+    """Issue #16: after another prompt ComfyUI's cache no longer holds the training nodes; each run writes the
+    next numbered file (the shipped overwrite = false, if_exists = increment) and its outputs name it."""
+    workflow = REPO_ROOT / "workflows" / "pivotal_tuning_sd15.json"
+    # The shipped workflow in API format, with the prompt text and the LoRA file name shown.
+    converted = server.harness("convert", str(workflow), "--port", str(server.port))
+    assert converted.returncode == 0, converted.stderr
+    prompt = json.loads(converted.stdout)
+    ids = {node["class_type"]: node_id for node_id, node in prompt.items()}
+    prompt["900"] = {"class_type": "PreviewAny", "inputs": {"source": [ids["PivotalPrompt"], 0]}}
+    prompt["901"] = {"class_type": "PreviewAny", "inputs": {"source": [ids["PivotalLoRATune"], 5]}}
+    api = tmp_path / "shown.json"
+    api.write_text(json.dumps(prompt))
+    # The same workflow as saved before if_exists (and bundle_embedding) existed: those widget values missing.
+    saved = json.loads(workflow.read_text())
+    for node in saved["nodes"]:
+        newer = {"TokenInversion": ["increment"], "PivotalLoRATune": ["increment", False]}.get(node["type"], [])
+        if newer:
+            assert node["widgets_values"][-len(newer):] == newer
+            del node["widgets_values"][-len(newer):]
+    old = tmp_path / "saved_before_if_exists.json"
+    old.write_text(json.dumps(saved))
+    overrides = {**TRAIN_SMALL, "TokenInversion.embedding_name": "requeue", "PivotalLoRATune.lora_name": "requeue_lora"}
+    shown = []
+    for path in (api, api, old):
+        code, result, text = server.run(path, overrides)
+        assert code == 0, text[-4000:]
+        assert "ran" in node_of(result, "TokenInversion")[1]["status"], result["nodes"]
+        shown.append((shown_text(result, "900"), shown_text(result, "901")))
+        code, _, text = server.run(REPO_ROOT / "workflows" / "norm_stats.json", {"CheckpointLoaderSimple.ckpt_name": "tiny-sd15.safetensors"})
+        assert code == 0, text[-4000:]
+    assert "embedding:requeue " in shown[0][0] and shown[0][1] == "requeue_lora.safetensors", shown
+    assert "embedding:requeue_00001 " in shown[1][0] and shown[1][1] == "requeue_lora_00001.safetensors", shown
+    assert sorted(p.name for p in (server.models / "embeddings").glob("requeue*")) == [
+        "requeue.safetensors", "requeue_00001.safetensors", "requeue_00002.safetensors"]
+    assert sorted(p.name for p in (server.models / "loras").glob("requeue_lora*")) == [
+        "requeue_lora.safetensors", "requeue_lora_00001.safetensors", "requeue_lora_00002.safetensors"]
+    log = server.log()
+    assert not [problem for problem in LOG_PROBLEMS if problem in log], log[-4000:]
+
+
+def test_a_corrupt_image_is_reported_on_every_training_run(server):
+    """on_bad_image = skip on a folder with a corrupt file, trained twice (the dataset node cached the second
+    time): both runs warn in the log and on the training node."""
+    folder = server.input / "with_corrupt"
+    folder.mkdir(exist_ok=True)
+    for image in (server.input / "character").glob("*.png"):
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "corrupt.png").write_bytes(b"not an image at all")
+    before = server.log().count("the training images: skipped 1 unreadable image(s)")
+    overrides = {**TRAIN_SMALL, "PivotalDatasetFromFolder.folder": "with_corrupt", "PivotalDatasetFromFolder.on_bad_image": "skip",
+                 "TokenInversion.embedding_name": "warned", "PivotalLoRATune.lora_name": "warned_lora"}
+    for seed in (1, 2):  # a new seed: the training nodes run again, the dataset node comes from the cache
+        code, result, text = server.run(REPO_ROOT / "workflows" / "pivotal_tuning_sd15.json", {**overrides, "TokenInversion.seed": seed})
+        assert code == 0, text[-4000:]
+        inversion_id, _ = node_of(result, "TokenInversion")
+        assert "corrupt.png" in shown_text(result, inversion_id), result["outputs"].get(inversion_id)
+    assert "cached" in node_of(result, "PivotalDatasetFromFolder")[1]["status"]
+    log = server.log()
+    # TokenInversion and PivotalLoRATune, each run
+    assert log.count("the training images: skipped 1 unreadable image(s)") - before == 4, log[-4000:]
+
+
+def test_stock_train_lora_output_into_evaluation_and_as_a_starting_point(server):
+    """Issue #16: the stock Train LoRA node's LORA_MODEL (ComfyUI's own keys, .diff/.diff_b) into PivotalEvaluate,
+    and through stock LoraModelLoader under TokenInversion."""
+    lora_slot = server.output_index("TrainLoraNode", "LORA_MODEL")
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a character", "clip": ["1", 1]}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "single.png"}},
+        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["3", 0], "vae": ["1", 2]}},
+        "5": {"class_type": "TrainLoraNode", "inputs": server.stock_inputs(
+            "TrainLoraNode", model=["1", 0], latents=["4", 0], positive=["2", 0], batch_size=1, grad_accumulation_steps=1,
+            steps=1, learning_rate=0.001, rank=2, seed=0, training_dtype="fp32", lora_dtype="fp32", algorithm="LoRA",
+            gradient_checkpointing=False, existing_lora="[None]")},
+        "6": {"class_type": "PivotalEvaluate", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "lora": ["5", lora_slot], "prompts": "a photo of {}",
+            "edit_prompts": "a photo of {} on the beach", "class_word": "character", "seeds": "0,1", "steps": 2, "cfg": 5.0,
+            "sampler": "euler", "resolution": 64, "batch_size": 4, "lpips": "off", "clip_model_folder": "",
+            "lora_strength": 1.0}},
+        "7": {"class_type": "PreviewAny", "inputs": {"source": ["6", 0]}},
+        "8": {"class_type": "LoraModelLoader", "inputs": {"model": ["1", 0], "lora": ["5", lora_slot], "strength_model": 1.0}},
+        "9": {"class_type": "PivotalDatasetFromImages", "inputs": {"images": ["3", 0], "resolution": 64, "flip": False, "captions": ""}},
+        "10": {"class_type": "TokenInversion", "inputs": {
+            "model": ["8", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["9", 0], "placeholder": "tok4",
+            "initializer": "character", "num_vectors": 1, "templates": "a photo of {}", "steps": 1, "learning_rate": 0.001,
+            "batch_size": 1, "seed": 0, "norm_mode": "none", "embedding_name": "tok_on_stock_lora", "overwrite": False}},
+        "11": {"class_type": "PreviewAny", "inputs": {"source": ["10", 2]}},
+        "12": {"class_type": "PreviewImage", "inputs": {"images": ["6", 2]}},
+    }  # fmt: skip
+    path = server.root / "stock_lora.json"
+    path.write_text(json.dumps(prompt))
+    before = server.log()
+    code, result, text = server.run(path, {})
+    assert code == 0, text[-4000:]
+    shown = shown_text(result, "7")
+    lines = {line.split("|")[1].strip(): line for line in shown.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "no prompts without the placeholder" in lines["locality_eps_mse"], shown  # measured, LoRA applied
+    assert result["outputs"].get("12", {}).get("images"), result["outputs"]  # every generation, in the grid
+    assert (server.models / "embeddings" / "tok_on_stock_lora.safetensors").is_file()
+    new_log = server.log()[len(before):]
+    assert not [problem for problem in LOG_PROBLEMS if problem in new_log], new_log[-4000:]
 
 
 def test_norm_stats_workflow(server):
@@ -224,6 +358,12 @@ def test_lr_sweep_workflow_writes_the_report_and_shows_it(server):
     # Queued again unchanged: ComfyUI's cache answers (no "folder is not empty" error, nothing rewritten).
     code, _, text = server.run(REPO_ROOT / "workflows" / "lr_sweep_sd15.json", SWEEP_SMALL)
     assert code == 0, text[-4000:]
+    # After another prompt the cache has dropped it: it runs again, into the next numbered folder.
+    code, _, text = server.run(REPO_ROOT / "workflows" / "norm_stats.json", {"CheckpointLoaderSimple.ckpt_name": "tiny-sd15.safetensors"})
+    assert code == 0, text[-4000:]
+    code, _, text = server.run(REPO_ROOT / "workflows" / "lr_sweep_sd15.json", SWEEP_SMALL)
+    assert code == 0, text[-4000:]
+    assert (folder.parent / "pivotal_lr_sweep_00001" / "sweep.json").is_file()
     log = server.log()
     assert not [problem for problem in LOG_PROBLEMS if problem in log], log[-4000:]
 
@@ -320,3 +460,72 @@ def test_cancel_leaves_no_file(server):
         time.sleep(1)
     assert "Processing interrupted" in server.log()
     assert not list((server.models / "embeddings").glob("cancelled*"))
+
+
+def test_one_file_per_character_with_the_loader_and_stock_nodes(server, tmp_path):
+    """bundle_embedding: one LoRA file holding the embedding (bundle_emb.tokb.clip_l). Pivotal LoRA Loader makes
+    the trigger work through its CLIP only; stock LoraLoader loads every LoRA key (only the bundle key is left,
+    as ComfyUI logs it); in the embeddings folder ComfyUI reads the bundled embedding as embedding:FILE.
+    Last in this file: it makes ComfyUI log a missing embedding on purpose."""
+    train = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "2": {"class_type": "PivotalDatasetFromFolder", "inputs": {"folder": "character", "resolution": 64, "flip": False,
+                                                                   "caption_source": "template", "on_bad_image": "error"}},
+        "3": {"class_type": "TokenInversion", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "placeholder": "tokb",
+            "initializer": "character", "num_vectors": 1, "templates": "a photo of {}", "steps": 2, "learning_rate": 0.01,
+            "batch_size": 1, "seed": 0, "norm_mode": "none", "embedding_name": "tokb_file", "overwrite": False}},
+        "4": {"class_type": "PivotalLoRATune", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "embedding": ["3", 0], "rank": 2,
+            "alpha": 0.0, "targets": "attention", "learning_rate": 0.01, "steps": 2, "batch_size": 1, "seed": 0,
+            "schedule": "sequential", "train_text_encoder": True, "lora_name": "character_bundle", "overwrite": False,
+            "bundle_embedding": True}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 4]}},
+    }  # fmt: skip
+
+    def generate(clip: list, model: list, text, extra: dict | None = None) -> dict:
+        return {
+            "10": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+            **(extra or {}),
+            "12": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": clip}},
+            "13": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": clip}},
+            "14": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "15": {"class_type": "KSampler", "inputs": {"model": model, "seed": 0, "steps": 2, "cfg": 5.0, "sampler_name": "euler",
+                                                        "scheduler": "normal", "positive": ["12", 0], "negative": ["13", 0],
+                                                        "latent_image": ["14", 0], "denoise": 1.0}},
+            "16": {"class_type": "VAEDecode", "inputs": {"samples": ["15", 0], "vae": ["10", 2]}},
+            "17": {"class_type": "SaveImage", "inputs": {"images": ["16", 0], "filename_prefix": "bundled"}},
+        }  # fmt: skip
+
+    def run(prompt: dict, name: str) -> tuple[dict, str]:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(prompt))
+        before = len(server.log())
+        code, result, text = server.run(path, {})
+        assert code == 0, text[-4000:]
+        return result, server.log()[before:]
+
+    run(train, "train")
+    bundled = server.models / "loras" / "character_bundle.safetensors"
+    assert bundled.is_file()
+    # 1. Pivotal LoRA Loader: the trigger through its CLIP (PivotalPrompt writes it into the text).
+    loader = {"11": {"class_type": "PivotalLoRALoader", "inputs": {"model": ["10", 0], "clip": ["10", 1],
+                                                                    "lora_name": "character_bundle.safetensors",
+                                                                    "strength_model": 1.0, "strength_clip": 1.0}},
+              "18": {"class_type": "PivotalPrompt", "inputs": {"template": "a photo of {} on the beach", "trigger": ["11", 2]}},
+              "19": {"class_type": "PreviewAny", "inputs": {"source": ["18", 0]}}}  # fmt: skip
+    result, log = run(generate(["11", 1], ["11", 0], ["18", 0], loader), "loader")
+    assert shown_text(result, "19") == "a photo of embedding:tokb on the beach"
+    assert not [problem for problem in LOG_PROBLEMS if problem in log], log[-4000:]
+    # 2. The same text through the checkpoint's own CLIP: it does not know the trigger (the loader's CLIP only).
+    _, log = run(generate(["10", 1], ["10", 0], "a photo of embedding:tokb on the beach"), "plain")
+    assert "embedding:tokb does not exist, ignoring" in log, log[-4000:]
+    # 3. Stock LoraLoader on the same file: every LoRA key loads; ComfyUI names the bundle key alone.
+    stock = {"11": {"class_type": "LoraLoader", "inputs": {"model": ["10", 0], "clip": ["10", 1], "lora_name": bundled.name,
+                                                            "strength_model": 1.0, "strength_clip": 1.0}}}
+    (server.models / "embeddings" / bundled.name).write_bytes(bundled.read_bytes())
+    _, log = run(generate(["11", 1], ["11", 0], "a photo of embedding:character_bundle", stock), "stock")
+    not_loaded = [line.split("lora key not loaded: ")[1].strip() for line in log.splitlines() if "lora key not loaded" in line]
+    assert not_loaded == ["bundle_emb.tokb.clip_l"], log[-4000:]
+    # ComfyUI read the bundled embedding from the embeddings folder (embedding:FILE): nothing is missing.
+    assert "does not exist, ignoring" not in log and "NOT LOADED" not in log, log[-4000:]

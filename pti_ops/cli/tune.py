@@ -109,6 +109,8 @@ def add_tune_command(subparsers) -> None:
     add_tune_options(p)
     add_regularizer_options(p)
     p.add_argument("--out", required=True, help="output LoRA file (.safetensors).")
+    p.add_argument("--bundle-embedding", action="store_true", help="also put the token's embedding into the LoRA file "
+                   "(bundle_emb.TOKEN.clip_l, as OneTrainer writes it): one file per character, for PivotalLoRALoader.")
     p.add_argument("--history", default=None, help="also write the loss history as JSON here.")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files.")
     p.set_defaults(handler=run_tune_command)
@@ -128,7 +130,7 @@ def run_tune_command(args: argparse.Namespace) -> int:
         result = tune_around(bundle, dataset, pivot, config, regularizer, on_step=progress)
     finally:
         progress.close()
-    path = result.save(args.out, overwrite=args.overwrite)
+    path = result.save(args.out, overwrite=args.overwrite, bundle_embedding=args.bundle_embedding)
     logger.info("wrote %s (%d tensors); final loss %.4g", path, len(result.lora), result.history[-1]["loss"])
     if args.history:
         write_json(args.history, {"config": config.to_dict(), "regularizer": result.regularizer, "history": result.history},
@@ -151,6 +153,8 @@ def add_run_command(subparsers) -> None:
                    help=f"joint: fraction of the LoRA steps the token trains for (default: {_tune_default('ti_frac')}).")
     p.add_argument("--out-embedding", required=True, help="output embedding file (.safetensors).")
     p.add_argument("--out-lora", required=True, help="output LoRA file (.safetensors).")
+    p.add_argument("--bundle-embedding", action="store_true", help="also put the token's embedding into the LoRA file "
+                   "(bundle_emb.TOKEN.clip_l, as OneTrainer writes it): one file per character, for PivotalLoRALoader.")
     p.add_argument("--history", default=None, help="also write both phases' histories as JSON here.")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files.")
     p.set_defaults(handler=run_run_command)
@@ -171,7 +175,7 @@ def run_run_command(args: argparse.Namespace) -> int:
         result = pivotal_tune(bundle, dataset, inversion, tuning, regularizer, on_step=progress)
     finally:
         progress.close()
-    result.save(args.out_embedding, args.out_lora, overwrite=args.overwrite)
+    result.save(args.out_embedding, args.out_lora, overwrite=args.overwrite, bundle_embedding=args.bundle_embedding)
     logger.info("wrote %s and %s", args.out_embedding, args.out_lora)
     if args.history:
         write_json(args.history, {

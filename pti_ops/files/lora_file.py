@@ -34,6 +34,7 @@ from ..models.families.sdxl_lora import CLIP_G_LORA_PREFIX, CLIP_L_LORA_PREFIX, 
 from ..safe_write import write_safetensors
 # Re-exported: the key maps were defined here before they got their own module.
 from .comfy_lora_keys import comfyui_lora_key_map, comfyui_sdxl_lora_key_map  # noqa: F401
+from .bundled_embeddings import bundle_tensors, split_bundled
 from .lora_formats import ALPHA, DIFF, DIFF_B, DOWN, LORA_PARTS, UP, module_aliases, split_key, to_kohya
 from .weight_deltas import add_weight_delta
 
@@ -166,6 +167,11 @@ def _copy(weight: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def is_kohya_key(key: str) -> bool:
+    """Whether `key` is a kohya LoRA key (`lora_unet_…` / `lora_te_…` + `.lora_down.weight`, `.alpha`, `.diff`, …)."""
+    return _KOHYA_KEY.match(key) is not None
+
+
 def group_kohya_modules(kohya_dict: dict[str, torch.Tensor], where: str = "LoRA") -> dict[str, dict[str, torch.Tensor]]:
     """Group a kohya dict by module prefix after checking it, raising on the first bad key.
 
@@ -224,6 +230,7 @@ def save_lora(
     kohya_dict: dict[str, torch.Tensor],
     metadata: dict[str, str],
     overwrite: bool = False,
+    embeddings: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a kohya LoRA `.safetensors` file atomically, after checking every key.
 
@@ -235,6 +242,8 @@ def save_lora(
         kohya_dict (`dict[str, Tensor]`): from `lora_state_dict_to_kohya`.
         metadata (`dict[str, str]`): at least `pivotal.placeholder` and `pivotal.base_model`.
         overwrite (`bool`): replace an existing file instead of refusing.
+        embeddings (`dict`, *optional*): embeddings to bundle into the file, `{name: {encoder key: vectors}}`, as
+            `bundle_emb.NAME.clip_l` keys (`bundled_embeddings.py`): one file per character.
     """
     if Path(path).suffix.lower() != ".safetensors":
         raise InvalidInputError(f"LoRA path {str(path)!r} must end in .safetensors (the only format LoraLoader reads safely).")
@@ -249,6 +258,10 @@ def save_lora(
     file_metadata = {"pivotal.rank": rank, "pivotal.alpha": alpha, **metadata}
     file_metadata.update(ss_network_module="networks.lora", ss_network_dim=rank, ss_network_alpha=alpha)
     tensors = {key: value.detach().contiguous() for key, value in kohya_dict.items()}
+    for name, vectors in (embeddings or {}).items():
+        tensors.update(bundle_tensors(name, vectors))
+    if embeddings:
+        file_metadata["pivotal.bundled_embeddings"] = ",".join(embeddings)
     return write_safetensors(path, tensors, file_metadata, overwrite=overwrite)
 
 
@@ -263,7 +276,7 @@ def _summary(modules: dict[str, dict[str, torch.Tensor]]) -> tuple[str, str]:
 
 
 def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read and check a LoRA file; returns `(tensors, metadata)`.
+    """Read and check a LoRA file; returns `(tensors, metadata)`, bundled embeddings' keys included.
 
     A kohya file (ours) is checked in full here. Files of ComfyUI's stock trainer and of diffusers/PEFT
     (`lora_formats.py`) have their keys checked here and are converted, module by module, when applied to a
@@ -281,7 +294,7 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
             metadata = dict(file.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise InvalidInputError(f"{path} is not a readable .safetensors file: {err}") from err
-    check_lora_keys(tensors, str(path))
+    check_lora_keys(split_bundled(tensors, str(path))[0], str(path))
     return tensors, metadata
 
 
@@ -331,6 +344,7 @@ def apply_kohya_lora(
         family (`ModelFamily` or `str`): the model family, whose rule names the modules.
     """
     family = get_family(family)
+    kohya_dict = split_bundled(kohya_dict)[0]  # bundled embeddings are not weights (`bundled_embeddings.py`)
     aliases = module_aliases(unet and _unwrap(unet), _encoder_list(text_encoder, family), family)
     converted, unmatched = to_kohya(kohya_dict, aliases, "LoRA to apply")
     modules = group_kohya_modules(converted, "LoRA to apply") if converted else {}
