@@ -26,11 +26,12 @@ from .checks import check_choice, check_positive_int, check_positive_number
 from .training.batches import BatchSampler, batch_time_ids, build_caption_table
 from .models.bundle import ModelBundle
 from .dataset import ImageDataset
-from .training.diffusion_loss import NoisedBatch, add_noise, check_timestep_range
+from .training.diffusion_loss import LossWeighting, NoisedBatch, add_noise, check_timestep_range, diffusion_mse
 from .errors import InvalidInputError, TokenizerError, TrainingStopped
 from .training.image_locality import image_locality_loss
 from .training.latent_cache import encode_latents
 from .files.lora_file import lora_state_dict_to_kohya, save_lora
+from .training.options import TrainingOptions, build_lr_scheduler, build_optimizer, lr_factor
 from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
 from .pivot import Pivot
 from .models.conditioning import Conditioning
@@ -55,8 +56,8 @@ ADAPTER_NAME = "pivotal"
 
 
 @dataclass
-class TuneConfig:
-    """Settings of the LoRA tuning around the pivot.
+class TuneConfig(TrainingOptions):
+    """Settings of the LoRA tuning around the pivot (with the optimiser, schedule and loss options of `TrainingOptions`).
 
     Args:
         rank (`int`): LoRA rank of each adapted layer (capacity; 4–16 is light tuning).
@@ -116,6 +117,7 @@ class TuneConfig:
         check_mixed_precision(self.mixed_precision)
         for name in ("rank", "steps", "batch_size", "gradient_accumulation_steps", "history_every"):
             check_positive_int(name, getattr(self, name))
+        self.check_training_options()
         if self.clip_skip is not None:
             check_positive_int("clip_skip", self.clip_skip)
         check_positive_number("learning_rate", self.learning_rate)
@@ -356,7 +358,15 @@ class _Trainer:
                            "name": "token"})
         # foreach: one fused update over the ~100 small LoRA tensors (torch picks it only on CUDA;
         # on the CPU the per-tensor loop cost ~2 % of a tiny-model step).
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, foreach=True)
+        self.optimizer = build_optimizer(config.optimizer, groups, config.learning_rate, config.weight_decay, foreach=True)
+        schedule = lr_factor(config.lr_schedule, config.warmup_steps, config.steps)
+        token_schedule = lr_factor(config.lr_schedule, min(config.warmup_steps, max(0, config.token_steps - 1)), max(1, config.token_steps))
+        # the token's schedule runs over its own phase and ends at 0 (frozen, Adam state kept)
+        factors = [(lambda step: token_schedule(step) if step < config.token_steps else 0.0) if g["name"] == "token" else schedule
+                   for g in groups]
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, factors)
+        self.weighting = LossWeighting(bundle.noise_scheduler, config.snr_gamma) if config.snr_gamma is not None else None
+        self.step_lrs: dict[str, float] = {}
         self.trained = [p for group in groups for p in group["params"]]
         self.gradient_step = GradientStep(self.optimizer, self.trained, config.max_grad_norm, bundle.device, config.mixed_precision)
         self.progress = LossRecorder(("loss", "reg_loss"), bundle.device, config.history_every, config.steps)
@@ -422,10 +432,7 @@ class _Trainer:
         return progress.history
 
     def _freeze_token(self) -> None:
-        """End of the token phase: lr 0 for the token group (Adam state kept, no optimiser rebuild)."""
-        for group in self.optimizer.param_groups:
-            if group["name"] == "token":
-                group["lr"] = 0.0
+        """End of the token phase: its schedule is at lr 0 from here (Adam state kept, no optimiser rebuild)."""
         for vectors in self.vectors:
             vectors.raw.requires_grad_(False)
 
@@ -433,8 +440,8 @@ class _Trainer:
         """Append a history record; keep a copy of the trained tensors while the losses are finite."""
         record = self.progress.record()
         check_losses_finite(record, self.config.learning_rate, "LoRA", self.last_good["step"] if self.last_good else None)
-        for group in self.optimizer.param_groups:
-            record[f"lr_{group['name']}"] = group["lr"]
+        for name, lr in self.step_lrs.items():
+            record[f"lr_{name}"] = lr
         self.progress.history.append(record)
         self.last_good = {"step": record["step"], "trained": [p.detach().clone() for p in self.trained],
                           "history": list(self.progress.history)}
@@ -458,6 +465,7 @@ class _Trainer:
             "config": self.config.to_dict(),
             "trained": [p.detach().cpu().clone() for p in self.trained],
             "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "global_rng": torch.get_rng_state(),
             "sampler_order": list(self.sampler._order),
@@ -470,6 +478,7 @@ class _Trainer:
             raise InvalidInputError("the checkpoint's trained tensors do not fit this model and these settings.")
         self.load_trained(state["trained"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["global_rng"])
         self.sampler._order = list(state["sampler_order"])
@@ -479,6 +488,7 @@ class _Trainer:
         """One optimiser step; returns the mean denoising loss and the locality loss (no host sync)."""
         config, accum = self.config, self.config.gradient_accumulation_steps
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
         totals: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             reg_conditioning = self.locality.conditionings(step, self.generator) if (self.locality and micro == 0) else None
@@ -489,6 +499,7 @@ class _Trainer:
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.detach() / (accum if key == "loss" else 1)
         self.gradient_step.step()
+        self.lr_scheduler.step()
         return totals
 
     def _conditioning(self, ids_per_encoder: tuple[torch.Tensor, ...]) -> Conditioning:
@@ -507,13 +518,13 @@ class _Trainer:
         bundle = self.bundle
         batch = self.sampler.next_batch(self.latents)
         batch_latents = batch.latents.to(bundle.device)
-        noised = add_noise(bundle.noise_scheduler, batch_latents, self.generator, self.t_range)
+        noised = add_noise(bundle.noise_scheduler, batch_latents, self.generator, self.t_range, self.config.noise_offset)
         conditioning = self._conditioning(batch.ids_per_encoder)
         # SDXL also conditions on each image's original size and crop (SD1.5: none)
         time_ids = None if conditioning.pooled is None else batch_time_ids(self.dataset, batch.indices, device=bundle.device)
         if reg_conditioning is None:
             prediction = bundle.unet(noised.noisy_latents, noised.timesteps, **conditioning.unet_kwargs(time_ids)).sample
-            return {"loss": torch.nn.functional.mse_loss(prediction.float(), noised.target.float())}
+            return {"loss": diffusion_mse(prediction, noised, self.weighting)}
         picks = torch.arange(reg_conditioning.batch_size) % len(batch_latents)
         reg = self._regularisation_batch(batch_latents, noised, picks)
         reg_time_ids = None if time_ids is None else time_ids[picks]
@@ -531,7 +542,7 @@ class _Trainer:
             l2_weight = self.locality.config.image_l2_weight
             reg_loss = reg_loss + image_locality_loss(bundle, self.lpips_model, reg, prediction[n:], base, l2_weight)
         return {
-            "loss": torch.nn.functional.mse_loss(prediction[:n].float(), noised.target.float()),
+            "loss": diffusion_mse(prediction[:n], noised, self.weighting),
             "reg_loss": reg_loss,
         }
 
