@@ -78,6 +78,28 @@ def history_every(steps: int, eval_every: int = 0) -> int:
 # --- running the core on ComfyUI's models -------------------------------------------------------
 
 
+def trainer_options(widgets: dict) -> dict:
+    """The `TrainingOptions` of a training node's TRAINER_OPTIONS widgets (absent ones: the defaults; 0 = off)."""
+    from ..pti_ops.training import TrainingOptions
+
+    defaults = TrainingOptions()
+    options = {name: widgets.get(name, getattr(defaults, name)) for name in ("optimizer", "lr_schedule", "warmup_steps", "noise_offset")}
+    return {**options, "snr_gamma": widgets.get("snr_gamma") or None}
+
+
+def snapshots_beside(path, widgets: dict, overwrite: bool):
+    """The `save_every` snapshots beside output `path`, or None when 0 / absent."""
+    from ..pti_ops.training import Snapshots
+
+    every = widgets.get("save_every") or 0
+    return Snapshots(path, every, overwrite=overwrite) if every else None
+
+
+def snapshot_names(snapshots) -> str:
+    """The snapshot files written, one name per line (the nodes' `snapshots` output)."""
+    return "" if snapshots is None else "\n".join(p.name for p in snapshots.written)
+
+
 @contextlib.contextmanager
 def core_run(train: bool = True):
     """Run core code on converted models: outside ComfyUI's inference mode (the core adds placeholder rows

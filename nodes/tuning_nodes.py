@@ -8,8 +8,8 @@ from ..pti_ops.pivot import Pivot
 from ..pti_ops.regularizer import INTERPOLATION_MODES, MODES, REGULARIZER_MODES, RegularizerConfig
 from . import bridge
 from .common import converted, core_run, history_every, history_plot, if_exists_policy, node_result, node_warnings
-from .common import split_lines, validate_name
-from .inputs import IF_EXISTS, MEMORY_OPTIONS, NODE_ID, OVERWRITE, SEED, TRAINING_INPUTS, bool_input, combo, default_of
+from .common import snapshot_names, snapshots_beside, split_lines, trainer_options, validate_name
+from .inputs import IF_EXISTS, MEMORY_OPTIONS, NODE_ID, OVERWRITE, SEED, TRAINER_OPTIONS, TRAINING_INPUTS, bool_input, combo, default_of
 from .inputs import float_input, int_input, lines_input, link, string_input
 
 # The mode combo's tooltip, from the registry's one-line summaries (the CLI's --reg help reads the same).
@@ -173,12 +173,13 @@ class PivotalLoRATune:
                 "offload_text_encoders": bool_input(_tune("offload_text_encoders"), "Move the text encoders to the CPU "
                     "once every prompt is encoded (SDXL's two take 1.6 GB in bf16). Needs them frozen: not with the joint "
                     "schedule or train_text_encoder."),
+                **TRAINER_OPTIONS,
             },
             "hidden": NODE_ID,
         }  # fmt: skip
 
-    RETURN_TYPES = ("MODEL", "CLIP", "LORA_MODEL", "LOSS_MAP", "IMAGE", "STRING", "STRING")
-    RETURN_NAMES = ("model", "clip", "lora", "loss", "plot", "lora_file", "trigger")
+    RETURN_TYPES = ("MODEL", "CLIP", "LORA_MODEL", "LOSS_MAP", "IMAGE", "STRING", "STRING", "STRING")
+    RETURN_NAMES = ("model", "clip", "lora", "loss", "plot", "lora_file", "trigger", "snapshots")
     OUTPUT_TOOLTIPS = (
         "The model with the trained LoRA applied (a patched clone), ready for KSampler in this run.",
         "The CLIP with the text-encoder LoRA applied when train_text_encoder is on (a clone otherwise).",
@@ -187,6 +188,8 @@ class PivotalLoRATune:
         "Plot of the training loss and the locality loss against the step.",
         "The name of the LoRA file written in models/loras (with its counter when if_exists incremented it).",
         "embedding:NAME of the token to prompt with (the joint schedule's own embedding when joint).",
+        "The snapshot LoRA files written in models/loras (save_every), one name per line; empty when off. With the joint "
+        "schedule each carries its step's token (bundle_emb), for Pivotal LoRA Loader.",
     )
     FUNCTION = "tune"
     CATEGORY = "pivotal_tuning/train"
@@ -199,32 +202,39 @@ class PivotalLoRATune:
     def tune(self, model, clip, vae, dataset, embedding: Pivot, rank, alpha, targets, learning_rate,
              steps, batch_size, seed, schedule, train_text_encoder, lora_name, overwrite, regularizer=None,
              mixed_precision="no", gradient_checkpointing=False, if_exists="increment", bundle_embedding=False,
-             offload_text_encoders=False, unique_id=None):  # fmt: skip
+             offload_text_encoders=False, unique_id=None, **trainer_widgets):  # fmt: skip
         config = TuneConfig(
             rank=rank, alpha=alpha or None, targets=targets, train_text_encoder=train_text_encoder,
             learning_rate=learning_rate, steps=steps, batch_size=batch_size, seed=seed, schedule=schedule,
             templates=embedding.templates or _tune("templates"), clip_skip=bridge.clip_skip(clip),
             history_every=history_every(steps), mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
+            **trainer_options(trainer_widgets),
         )  # fmt: skip
         policy = if_exists_policy(overwrite, if_exists)
         lora_path, joint_path = _output_paths(lora_name, schedule, policy)
+        snapshots = snapshots_beside(lora_path, trainer_widgets, overwrite=policy == "overwrite")
         with node_warnings(dataset) as warned, core_run():
             result = tune_around(converted(model, clip, vae), dataset, embedding, config, regularizer,
-                                 on_step=bridge.progress(steps))  # fmt: skip
-        result.lora = {key: value.cpu() for key, value in result.lora.items()}
-        result.save(lora_path, overwrite=policy == "overwrite", bundle_embedding=bundle_embedding)
-        if joint_path is not None:  # the token was retrained with the LoRA: it gets its own file
-            result.pivot.save(joint_path, overwrite=policy == "overwrite")
+                                 on_step=bridge.progress(steps), snapshots=snapshots)  # fmt: skip
+        _write(result, lora_path, joint_path, policy == "overwrite", bundle_embedding)
         model_out, clip_out = bridge.apply_lora(model, clip, result.lora)
         plot = history_plot(result.history, "loss", "reg_loss", f"PivotalLoRATune {lora_path.name}")
         outputs = (model_out, clip_out, result.lora, bridge.loss_map(result.history), plot, lora_path.name,
-                   result.pivot.trigger)  # fmt: skip
+                   result.pivot.trigger, snapshot_names(snapshots))  # fmt: skip
         return node_result(outputs, warned, unique_id)
 
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name=None):
         return validate_name(lora_name, "lora_name")
+
+
+def _write(result, lora_path, joint_path, overwrite: bool, bundle_embedding: bool) -> None:
+    """The LoRA file, and the `joint` schedule's retrained token in a file of its own."""
+    result.lora = {key: value.cpu() for key, value in result.lora.items()}
+    result.save(lora_path, overwrite=overwrite, bundle_embedding=bundle_embedding)
+    if joint_path is not None:
+        result.pivot.save(joint_path, overwrite=overwrite)
 
 
 def _output_paths(lora_name: str, schedule: str, policy: str):

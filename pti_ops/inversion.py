@@ -26,6 +26,7 @@ from .metrics.distance import embedding_distance, nearest_tokens
 from .training.options import TrainingOptions, build_lr_scheduler, build_optimizer, lr_factor
 from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
 from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, TrainableVectors, add_placeholders, check_templates, placeholder_vectors, spliced_placeholders
+from .training.snapshots import Snapshots
 from .training.recorder import LossRecorder, StepCallback, diverged
 from .training.text_conditioning import encode_ids
 
@@ -179,6 +180,7 @@ def invert(
     dataset: ImageDataset,
     config: InversionConfig,
     on_step: StepCallback | None = None,
+    snapshots: Snapshots | None = None,
 ) -> InversionResult:
     """Invert: train the placeholder's embedding on `dataset`; add the trained token to `bundle`.
 
@@ -195,7 +197,10 @@ def invert(
         config (`InversionConfig`): the settings.
         on_step (`callable`, *optional*): `on_step(step, total, logs)` after every optimiser step;
             `logs` holds the latest history record on recording steps. It may raise to stop.
+        snapshots (`Snapshots`, *optional*): write the embedding every `snapshots.every` steps beside its final file.
     """
+    if snapshots is not None:
+        snapshots.check(config.steps)
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
     bundle.check_resolution(dataset.resolution)
@@ -232,6 +237,9 @@ def invert(
                             v.raw.copy_(tracker.last_good_raw[i] if tracker.last_good_raw is not None else initials[i])
                     err.partial = _result(bundle, tokens, [v().detach() for v in vectors], initials, vocab_norms, tracker, config)
                     raise
+                if snapshots is not None and snapshots.due(step, config.steps):
+                    current = _result(bundle, tokens, [v().detach() for v in vectors], initials, vocab_norms, tracker, config)
+                    snapshots.write(step, lambda path, overwrite: current.save(path, overwrite=overwrite))
                 if on_step is not None:
                     on_step(step, config.steps, logs)
     finally:

@@ -40,6 +40,7 @@ from .placeholder import (DEFAULT_TEMPLATES, PlaceholderToken, TrainableVectors,
 from .regularizer import LocalityRegularizer, RegularizerConfig, locality_loss
 from .training.text_conditioning import encode_ids
 from .training.checkpoints import load_checkpoint, save_checkpoint
+from .training.snapshots import Snapshots
 from .training.recorder import LossRecorder, StepCallback, check_losses_finite
 
 logger = logging.getLogger(__name__)
@@ -233,6 +234,8 @@ def run_tuning(
     resume_from: str | None = None,
     lpips_model: torch.nn.Module | None = None,
     pivot: Pivot | None = None,
+    checkpoint_every: int | None = None,
+    snapshots: Snapshots | None = None,
 ) -> TuneResult:
     """Train LoRA adapters around the pivot `token`; leave them active on the bundle's models.
 
@@ -254,7 +257,17 @@ def run_tuning(
             local files (`metrics.load_lpips`) when needed and not given.
         pivot (`Pivot`, *optional*): what `token` stands for (templates, history, how it was made);
             recorded in the result. Default: a pivot of the token's current rows.
+        checkpoint_every (`int`, *optional*): also write `checkpoint` every this many steps (a run killed
+            outright resumes from the last one).
+        snapshots (`Snapshots`, *optional*): write the LoRA every `snapshots.every` steps beside its final
+            file (with the token bundled in it for the `joint` schedule, whose token moves).
     """
+    if checkpoint_every is not None:
+        check_positive_int("checkpoint_every", checkpoint_every)
+        if checkpoint is None:
+            raise InvalidInputError("`checkpoint_every` needs a `checkpoint` path to write to.")
+    if snapshots is not None:
+        snapshots.check(config.steps)
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
     bundle.check_resolution(dataset.resolution)
@@ -272,6 +285,8 @@ def run_tuning(
     trainer = _Trainer(bundle, dataset, tokens, config, locality, captions, latents, generator, t_range)
     trainer.lpips_model = lpips_model
     reg_settings = locality.config.to_dict() if locality is not None else None
+    trainer.pivot, trainer.reg_settings, trainer.snapshots = pivot, reg_settings, snapshots
+    trainer.checkpoint, trainer.checkpoint_every = checkpoint, checkpoint_every
     try:
         if resume_from is not None:
             trainer.restore(load_checkpoint(resume_from, config.to_dict()))
@@ -307,6 +322,8 @@ def tune_around(
     checkpoint: str | None = None,
     resume_from: str | None = None,
     lpips_model: torch.nn.Module | None = None,
+    checkpoint_every: int | None = None,
+    snapshots: Snapshots | None = None,
 ) -> TuneResult:
     """Tune: train LoRA adapters around `pivot` (put into `bundle` first); the phase call of step 2.
 
@@ -314,7 +331,8 @@ def tune_around(
     """
     token = pivot.apply(bundle)
     return run_tuning(bundle, dataset, token, config, regularizer, on_step=on_step, checkpoint=checkpoint,
-                      resume_from=resume_from, lpips_model=lpips_model, pivot=pivot)
+                      resume_from=resume_from, lpips_model=lpips_model, pivot=pivot, checkpoint_every=checkpoint_every,
+                      snapshots=snapshots)
 
 
 def _pivot_after(bundle, token, vectors, config: TuneConfig, pivot: Pivot | None, history) -> Pivot:
@@ -367,6 +385,11 @@ class _Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, factors)
         self.weighting = LossWeighting(bundle.noise_scheduler, config.snr_gamma) if config.snr_gamma is not None else None
         self.step_lrs: dict[str, float] = {}
+        # set by run_tuning: what snapshots and periodic checkpoints are made of
+        self.pivot: Pivot | None = None
+        self.reg_settings: dict | None = None
+        self.snapshots: Snapshots | None = None
+        self.checkpoint, self.checkpoint_every = None, None
         self.trained = [p for group in groups for p in group["params"]]
         self.gradient_step = GradientStep(self.optimizer, self.trained, config.max_grad_norm, bundle.device, config.mixed_precision)
         self.progress = LossRecorder(("loss", "reg_loss"), bundle.device, config.history_every, config.steps)
@@ -426,10 +449,22 @@ class _Trainer:
                 if progress.step == freeze_at:
                     self._freeze_token()
                 logs = self._record() if progress.add(self._step(progress.step)) else {}
+                self._write_along(progress.step)
                 if on_step is not None:
                     on_step(progress.step, config.steps, logs)
         self.text_encoders_back()
         return progress.history
+
+    def _write_along(self, step: int) -> None:
+        """The periodic checkpoint and snapshot of `step`, when due."""
+        total = self.config.steps
+        if self.checkpoint_every and step % self.checkpoint_every == 0 and step < total:
+            save_checkpoint(self.checkpoint, self.state())
+        if self.snapshots is not None and self.snapshots.due(step, total):
+            vectors = [v().detach() for v in self.vectors]
+            pivot = _pivot_after(self.bundle, self.tokens[0], vectors, self.config, self.pivot, list(self.progress.history))
+            current = TuneResult(self.export(), pivot, list(self.progress.history), self.config, self.reg_settings)
+            self.snapshots.write(step, lambda path, overwrite: current.save(path, overwrite=overwrite, bundle_embedding=self.joint))
 
     def _freeze_token(self) -> None:
         """End of the token phase: its schedule is at lr 0 from here (Adam state kept, no optimiser rebuild)."""

@@ -15,6 +15,7 @@ from .dataset import ImageDataset
 from .inversion import InversionConfig, InversionResult, invert
 from .lora_tune import TuneConfig, TuneResult, tune_around
 from .models.bundle import ModelBundle
+from .training.snapshots import Snapshots
 from .pivot import Pivot
 from .regularizer import RegularizerConfig
 from .training.recorder import StepCallback, offset_steps
@@ -51,6 +52,8 @@ def pivotal_tune(
     tuning: TuneConfig,
     regularizer: RegularizerConfig | None = None,
     on_step: StepCallback | None = None,
+    inversion_snapshots: Snapshots | None = None,
+    tuning_snapshots: Snapshots | None = None,
 ) -> PivotalResult:
     """Invert the placeholder (`sequential`) or start it at its initializer (`joint`), then tune the LoRA.
 
@@ -63,13 +66,20 @@ def pivotal_tune(
         tuning (`TuneConfig`): the LoRA's settings (and the schedule).
         regularizer (`RegularizerConfig`, *optional*): the locality regulariser.
         on_step (`callable`, *optional*): progress callback, may raise to stop.
+        inversion_snapshots, tuning_snapshots (`Snapshots`, *optional*): intermediate embeddings (`sequential`
+            only) and LoRAs, every so many steps of each phase.
     """
+    for snapshots, steps in ((inversion_snapshots, inversion.steps), (tuning_snapshots, tuning.steps)):
+        if snapshots is not None:  # both phases' files checked before the first step
+            snapshots.check(steps)
     if tuning.schedule == "joint":
         pivot = Pivot.at_initializer(bundle, inversion.placeholder, inversion.initializer, inversion.num_vectors, inversion.templates)
-        return PivotalResult(None, tune_around(bundle, dataset, pivot, tuning, regularizer, on_step=on_step))
+        return PivotalResult(None, tune_around(bundle, dataset, pivot, tuning, regularizer, on_step=on_step,
+                                               snapshots=tuning_snapshots))
     total = inversion.steps + tuning.steps
-    inverted = invert(bundle, dataset, inversion, offset_steps(on_step, 0, total))
-    tuned = tune_around(bundle, dataset, inverted.pivot, tuning, regularizer, on_step=offset_steps(on_step, inversion.steps, total))
+    inverted = invert(bundle, dataset, inversion, offset_steps(on_step, 0, total), snapshots=inversion_snapshots)
+    tuned = tune_around(bundle, dataset, inverted.pivot, tuning, regularizer, on_step=offset_steps(on_step, inversion.steps, total),
+                        snapshots=tuning_snapshots)
     return PivotalResult(inverted, tuned)
 
 

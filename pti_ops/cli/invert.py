@@ -10,7 +10,7 @@ from ..errors import InvalidInputError, OutputExistsError
 from ..inversion import NORM_MODES, InversionConfig, invert
 from ..models import load_bundle
 from ..placeholder import DEFAULT_TEMPLATES
-from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, write_json
+from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, add_training_options, snapshots_for, training_options_from, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +32,12 @@ def add_invert_command(subparsers) -> None:
                    help=f"micro-batches per optimiser step (default: {default_of(InversionConfig, 'gradient_accumulation_steps')}).")
     p.add_argument("--seed", type=int, default=default_of(InversionConfig, "seed"),
                    help=f"random seed; the same seed gives the same embedding on CPU (default: {default_of(InversionConfig, 'seed')}).")
-    p.add_argument("--t-min", type=int, default=None, help="lowest training timestep (default: 0).")
-    p.add_argument("--t-max", type=int, default=None, help="highest training timestep, exclusive (default: the schedule's length).")
     p.add_argument("--clip-skip", type=int, default=default_of(InversionConfig, "clip_skip"),
                    help="1 = last text-encoder layer, 2 = penultimate (default: the model's, 1 for SD1.5 and 2 for SDXL).")
     p.add_argument("--history-every", type=int, default=default_of(InversionConfig, "history_every"),
                    help=f"record loss and distances every N steps (default: {default_of(InversionConfig, 'history_every')}).")
     add_precision_options(p)
+    add_training_options(p)
     p.add_argument("--out", required=True, help="output embedding file (.safetensors).")
     p.add_argument("--history", default=None, help="also write the run's history (loss, distance, norm, cosine, nearest tokens) as JSON here.")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files.")
@@ -75,6 +74,7 @@ def inversion_config_from(args: argparse.Namespace, prefix: str = "") -> Inversi
         seed=args.seed, timestep_range=timestep_range_from(args), norm_mode=args.norm_mode,
         norm_strength=args.norm_strength, clip_skip=args.clip_skip, history_every=args.history_every,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        **training_options_from(args),
     )
 
 
@@ -110,11 +110,14 @@ def run_invert_command(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--out {args.out!r} must end in .safetensors.")
     check_outputs(args, args.out, args.history)
     config = inversion_config_from(args)
+    snapshots = snapshots_for(args, args.out)
+    if snapshots is not None:
+        snapshots.check(config.steps)
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
     dataset = load_dataset_for(args, bundle)
     progress = TerminalProgress(config.steps, f"invert {config.placeholder}")
     try:
-        result = invert(bundle, dataset, config, on_step=progress)
+        result = invert(bundle, dataset, config, on_step=progress, snapshots=snapshots)
     finally:
         progress.close()
     path = result.save(args.out, overwrite=args.overwrite)

@@ -34,6 +34,45 @@ def add_precision_options(parser: argparse.ArgumentParser) -> None:
                         help="recompute UNet activations in the backward pass: less memory, about 30%% slower.")
 
 
+def add_training_options(parser) -> None:
+    """Optimiser, schedule and loss options (`TrainingOptions`, shared by both phases of `run`)."""
+    from ..checks import default_of
+    from ..training import LR_SCHEDULES, OPTIMIZERS, TrainingOptions
+
+    def default(name):
+        return default_of(TrainingOptions, name)
+
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=default("optimizer"),
+                        help="adamw (default); adafactor; prodigy (pip install prodigyopt; it sets its own step size: "
+                             "give --lr 1, and --ti-lr 1 in `run`).")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=default("lr_schedule"),
+                        help="learning-rate schedule after --warmup-steps of linear warm-up (default: constant).")
+    parser.add_argument("--warmup-steps", type=int, default=default("warmup_steps"),
+                        help="steps of linear warm-up from 0 (not with --lr-schedule constant; default: 0).")
+    parser.add_argument("--snr-gamma", type=float, default=default("snr_gamma"),
+                        help="min-SNR-γ loss weighting, e.g. 5 (default: off).")
+    parser.add_argument("--noise-offset", type=float, default=default("noise_offset"),
+                        help="offset noise per image and channel, e.g. 0.05 (default: 0, off).")
+    parser.add_argument("--t-min", type=int, default=None, help="lowest training timestep (default: 0).")
+    parser.add_argument("--t-max", type=int, default=None, help="highest training timestep, exclusive (default: the schedule's length).")
+    parser.add_argument("--save-every", type=int, default=None,
+                        help="also write the embedding / LoRA every N steps beside the output, as NAME_stepNNNN.safetensors "
+                             "(pick the step before the LoRA learns the images' positions; default: off).")
+
+
+def snapshots_for(args, path) -> "Snapshots | None":
+    """The `--save-every` snapshots beside output `path` (None when off)."""
+    from ..training import Snapshots
+
+    return None if args.save_every is None else Snapshots(path, args.save_every, overwrite=args.overwrite)
+
+
+def training_options_from(args) -> dict:
+    """The `TrainingOptions` fields of the parsed options, as keyword arguments."""
+    return {"optimizer": args.optimizer, "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps,
+            "snr_gamma": args.snr_gamma, "noise_offset": args.noise_offset}
+
+
 def add_sampling_options(parser, steps_option: str = "--steps", batch_option: str = "--batch-size") -> None:
     """How evaluation images are generated; the defaults are `SamplingConfig`'s.
 

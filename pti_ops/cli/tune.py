@@ -2,6 +2,8 @@
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 
 from ..checks import default_of
 from ..errors import InvalidInputError
@@ -11,8 +13,8 @@ from ..pivot import Pivot
 from ..pivotal import pivotal_tune
 from ..placeholder import DEFAULT_TEMPLATES
 from ..regularizer import INTERPOLATION_MODES, MODES, REGULARIZER_MODES, RegularizerConfig
-from .invert import add_inversion_options, check_outputs, inversion_config_from, load_dataset_for
-from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, write_json
+from .invert import add_inversion_options, check_outputs, inversion_config_from, load_dataset_for, timestep_range_from
+from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, add_training_options, snapshots_for, training_options_from, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +40,13 @@ def add_tune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", type=int, default=_tune_default("gradient_accumulation_steps"),
                    help=f"micro-batches per optimiser step (default: {_tune_default('gradient_accumulation_steps')}).")
     g.add_argument("--seed", type=int, default=_tune_default("seed"), help=f"random seed (default: {_tune_default('seed')}).")
-    g.add_argument("--max-timestep", type=int, default=None, help="train only on timesteps below this (default: all).")
+    g.add_argument("--max-timestep", type=int, default=None, help=argparse.SUPPRESS)  # the older name of --t-max
     g.add_argument("--clip-skip", type=int, default=_tune_default("clip_skip"),
                    help="1 = last text-encoder layer, 2 = penultimate (default: the model family's, 1 for SD1.5, 2 for SDXL).")
     g.add_argument("--history-every", type=int, default=_tune_default("history_every"),
                    help=f"record losses every N steps (default: {_tune_default('history_every')}).")
     add_precision_options(g)
+    add_training_options(g)
     g.add_argument("--offload-text-encoders", action="store_true",
                    help="move the text encoders to the CPU once every prompt is encoded (SDXL's two take 1.6 GB in bf16); "
                         "not with the joint schedule or --train-text-encoder, which train through them.")
@@ -73,10 +76,10 @@ def tune_config_from(args: argparse.Namespace, templates: list[str], schedule: s
     return TuneConfig(
         rank=args.rank, alpha=args.alpha, targets=args.targets, train_text_encoder=args.train_text_encoder,
         learning_rate=args.lr, steps=args.steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        seed=args.seed, timestep_range=(0, args.max_timestep) if args.max_timestep else None, schedule=schedule,
+        seed=args.seed, timestep_range=timestep_range_from(args), schedule=schedule,
         templates=templates, clip_skip=args.clip_skip, history_every=args.history_every,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        offload_text_encoders=args.offload_text_encoders,
+        offload_text_encoders=args.offload_text_encoders, **training_options_from(args),
         ti_learning_rate=args.ti_lr if joint else _tune_default("ti_learning_rate"),
         ti_frac=args.ti_frac if joint else _tune_default("ti_frac"),
     )
@@ -116,6 +119,11 @@ def add_tune_command(subparsers) -> None:
     p.add_argument("--bundle-embedding", action="store_true", help="also put the token's embedding into the LoRA file "
                    "(bundle_emb.TOKEN.clip_l, as OneTrainer writes it): one file per character, for PivotalLoRALoader.")
     p.add_argument("--history", default=None, help="also write the loss history as JSON here.")
+    p.add_argument("--checkpoint", default=None, help="resumable checkpoint of the run, written when it is interrupted "
+                   "(Ctrl-C) and every --checkpoint-every steps; continue with --resume.")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="also write --checkpoint every N steps (default: only on interrupt).")
+    p.add_argument("--resume", default=None, help="continue the run saved in this checkpoint (same settings; --steps may grow): "
+                   "the result is bit-identical to an uninterrupted run on the CPU.")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files.")
     p.set_defaults(handler=run_tune_command)
 
@@ -123,15 +131,29 @@ def add_tune_command(subparsers) -> None:
 def run_tune_command(args: argparse.Namespace) -> int:
     _check_suffix(args.out, "--out")
     check_outputs(args, args.out, args.history)
+    if args.checkpoint_every is not None and args.checkpoint is None:
+        raise InvalidInputError("--checkpoint-every needs --checkpoint PATH to write to.")
+    if args.resume is not None and not Path(args.resume).is_file():
+        raise InvalidInputError(f"--resume {args.resume!r}: no such checkpoint file.")
     config_templates = args.template or list(DEFAULT_TEMPLATES)
     config = tune_config_from(args, config_templates)
+    snapshots = snapshots_for(args, args.out)
+    if snapshots is not None:
+        snapshots.check(config.steps)
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
     pivot = Pivot.load(args.embedding, bundle, placeholder=args.token)
     regularizer = regularizer_from(args, pivot.initializer, config_templates)
     dataset = load_dataset_for(args, bundle)
     progress = TerminalProgress(config.steps, f"tune LoRA around {pivot.placeholder}")
     try:
-        result = tune_around(bundle, dataset, pivot, config, regularizer, on_step=progress)
+        result = tune_around(bundle, dataset, pivot, config, regularizer, on_step=progress, checkpoint=args.checkpoint,
+                             resume_from=args.resume, checkpoint_every=args.checkpoint_every, snapshots=snapshots)
+    except KeyboardInterrupt:
+        if args.checkpoint is None:
+            raise
+        print(f"interrupted: no LoRA was written; the run is saved in {args.checkpoint}: continue it with "
+              f"--resume {args.checkpoint}.", file=sys.stderr)
+        return 130
     finally:
         progress.close()
     path = result.save(args.out, overwrite=args.overwrite, bundle_embedding=args.bundle_embedding)
@@ -170,13 +192,19 @@ def run_run_command(args: argparse.Namespace) -> int:
     check_outputs(args, args.out_embedding, args.out_lora, args.history)
     inversion = inversion_config_from(args, prefix="ti_")
     tuning = tune_config_from(args, inversion.templates, args.schedule)
+    inversion_snapshots = snapshots_for(args, args.out_embedding) if args.schedule == "sequential" else None
+    tuning_snapshots = snapshots_for(args, args.out_lora)
+    for snapshots, steps in ((inversion_snapshots, inversion.steps), (tuning_snapshots, tuning.steps)):
+        if snapshots is not None:
+            snapshots.check(steps)
     regularizer = regularizer_from(args, inversion.initializer, inversion.templates)
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
     dataset = load_dataset_for(args, bundle)
     total = tuning.steps + (inversion.steps if args.schedule == "sequential" else 0)
     progress = TerminalProgress(total, f"pivotal tuning of {inversion.placeholder}")
     try:
-        result = pivotal_tune(bundle, dataset, inversion, tuning, regularizer, on_step=progress)
+        result = pivotal_tune(bundle, dataset, inversion, tuning, regularizer, on_step=progress,
+                              inversion_snapshots=inversion_snapshots, tuning_snapshots=tuning_snapshots)
     finally:
         progress.close()
     result.save(args.out_embedding, args.out_lora, overwrite=args.overwrite, bundle_embedding=args.bundle_embedding)
