@@ -94,6 +94,6 @@ def warn_unmasked(unmasked: list[str], source: MaskSource, total: int) -> list[s
     """The warning for images that have no mask while masks were asked for (they count everywhere)."""
     if not unmasked:
         return []
-    what = "an alpha channel" if source == "alpha" else f"a NAME{MASK_SUFFIX}.png file"
+    what = "alpha channel" if source == "alpha" else f"NAME{MASK_SUFFIX}.png file"
     shown = ", ".join(unmasked[:5]) + (" …" if len(unmasked) > 5 else "")
     return [warn_user(f"{len(unmasked)} of {total} image(s) have no {what}, so the whole image counts in their loss: {shown}")]

@@ -7,7 +7,7 @@ import pytest
 from comfy_stubs import REPO_ROOT, comfy_env, comfy_pack  # noqa: F401  (fixtures)
 
 # Types ComfyUI itself defines; ours are prefixed PIVOTAL_.
-STOCK_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "CONDITIONING", "STRING", "INT", "FLOAT", "BOOLEAN", "LORA_MODEL", "LOSS_MAP"}
+STOCK_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "MASK", "LATENT", "CONDITIONING", "STRING", "INT", "FLOAT", "BOOLEAN", "LORA_MODEL", "LOSS_MAP"}
 EXPECTED = {
     "PivotalDatasetFromFolder", "PivotalDatasetFromImages", "TokenInversion", "SlerpRegularizer",
     "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt", "PivotalEvaluate", "PivotalSweep", "PivotalLoRALoader",
