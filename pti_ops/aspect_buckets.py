@@ -34,7 +34,9 @@ def default_bucket_step(resolution: int, multiple: int = MIN_BUCKET_STEP) -> int
 
 def check_bucket_step(step: int, resolution: int) -> int:
     if not isinstance(step, int) or isinstance(step, bool) or not 1 <= step <= resolution:
-        raise InvalidInputError(f"`bucket_step` must be a whole number of pixels from 1 to the resolution {resolution}, got {step!r}.")
+        raise InvalidInputError(
+            f"`bucket_step` must be a whole number of pixels from 1 to the resolution {resolution}, got {step!r}."
+        )
     return step
 
 

@@ -320,8 +320,8 @@ def load_image_folder(folder: str | Path, config: DatasetConfig | None = None) -
     if len(names) < len(files):
         images = images[: len(names)].clone() if buckets is None else images[: len(names)]
     masks, mask_warnings = kept_masks(masks, names, config.mask_from, images)
-    return ImageDataset(images, names, kept_captions, flip=config.flip, warnings=problems + mask_warnings, original_sizes=sizes,
-                        crops_top_left=crops, **_options(config, masks))
+    return ImageDataset(images, names, kept_captions, flip=config.flip, warnings=problems + mask_warnings,
+                        original_sizes=sizes, crops_top_left=crops, **_options(config, masks))
 
 
 def _options(config: "DatasetConfig", masks) -> dict:

@@ -34,7 +34,9 @@ class TagCaptions:
         if not isinstance(self.keep_tokens, int) or isinstance(self.keep_tokens, bool) or self.keep_tokens < 0:
             raise InvalidInputError(f"`keep_tokens` must be a whole number of at least 0, got {self.keep_tokens!r}.")
         if check_number("caption_dropout", self.caption_dropout, 0.0, 1.0) == 1.0:
-            raise InvalidInputError("`caption_dropout` must be below 1: at 1 no caption (and no placeholder) is ever trained on.")
+            raise InvalidInputError(
+                "`caption_dropout` must be below 1: at 1 no caption (and no placeholder) is ever trained on."
+            )
 
     @property
     def active(self) -> bool:
