@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .checks import check_choice, check_positive_int, check_positive_number
 from .training.batches import BatchSampler, batch_time_ids, build_caption_table
+from .training.bucket_batches import check_training_sizes, report_buckets, training_groups
 from .models.bundle import ModelBundle
 from .dataset import ImageDataset
 from .training.diffusion_loss import LossWeighting, add_noise, check_timestep_range, denoising_loss
@@ -23,6 +24,7 @@ from .errors import InvalidInputError, TrainingStopped
 from .pivot import Pivot, family_name
 from .training.latent_cache import encode_latents
 from .metrics.previews import Previews
+from .training.loss_masks import LatentMasks, batch_weighting, latent_masks
 from .metrics.distance import embedding_distance, nearest_tokens
 from .training.options import TrainingOptions, build_lr_scheduler, build_optimizer, lr_factor
 from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
@@ -209,8 +211,9 @@ def invert(
         previews.check(config.steps)
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
-    bundle.check_resolution(dataset.resolution)
+    check_training_sizes(bundle, dataset)
     t_range = check_timestep_range(config.timestep_range, bundle.noise_scheduler)
+    report_buckets(dataset)
     encoders = bundle.text_encoders
     tokens = add_placeholders(bundle.tokenizers, encoders, config.placeholder, config.initializer, config.num_vectors)
     captions = build_caption_table(dataset, config.templates, tokens[0], list(bundle.tokenizers))
@@ -221,14 +224,15 @@ def invert(
     latents = encode_latents(bundle.vae, dataset, batch_size=max(config.batch_size, 4))
 
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = BatchSampler(len(dataset), config.batch_size, latents.num_views, captions, generator)
+    sampler = BatchSampler(len(dataset), config.batch_size, latents.num_views, captions, generator, training_groups(dataset))
     params = [v.raw for v in vectors]
     optimizer = build_optimizer(config.optimizer, [{"params": params}], config.learning_rate, config.weight_decay)
     gradient_step = GradientStep(optimizer, params, config.max_grad_norm, bundle.device, config.mixed_precision)
     lr_scheduler = build_lr_scheduler(optimizer, [lr_factor(config.lr_schedule, config.warmup_steps, config.steps)])
     weighting = LossWeighting(bundle.noise_scheduler, config.snr_gamma) if config.snr_gamma is not None else None
     run = _Run(bundle, dataset, sampler, latents, vectors, gradient_step, config, t_range, vocab_norms,
-               bundle.family.default_clip_skip if config.clip_skip is None else config.clip_skip, lr_scheduler, weighting)
+               bundle.family.default_clip_skip if config.clip_skip is None else config.clip_skip, lr_scheduler, weighting,
+               latent_masks(dataset, bundle.vae_scale_factor, bundle.device))
     tracker = _HistoryTracker(bundle, tokens, initials, vocab_norms, config)
     try:
         with spliced_placeholders(encoders, tokens, vectors), gradient_checkpointing(bundle.unet, config.gradient_checkpointing):
@@ -286,6 +290,7 @@ class _Run:
     clip_skip: int
     lr_scheduler: torch.optim.lr_scheduler.LambdaLR
     weighting: LossWeighting | None
+    masks: LatentMasks | None = None
 
 
 def _inversion_step(run: _Run) -> torch.Tensor:
@@ -302,7 +307,8 @@ def _inversion_step(run: _Run) -> torch.Tensor:
             conditioning = encode_ids(bundle, batch.ids_per_encoder, run.clip_skip)
             # SDXL also conditions on each image's original size and crop (SD1.5: none)
             time_ids = None if conditioning.pooled is None else batch_time_ids(run.dataset, batch.indices, device=bundle.device)
-            loss = denoising_loss(bundle.unet, noised, conditioning, time_ids, run.weighting)
+            weighting = batch_weighting(run.weighting, run.masks, batch.indices, batch.views, bundle.noise_scheduler)
+            loss = denoising_loss(bundle.unet, noised, conditioning, time_ids, weighting)
         if config.norm_mode == "pull":  # each encoder's vectors pulled to its own vocabulary's mean norm
             for vectors, vocab_norm in zip(run.vectors, run.vocab_norms):
                 loss = loss + config.norm_strength * (vectors().norm(dim=-1) - vocab_norm).pow(2).mean()

@@ -24,12 +24,14 @@ from peft import LoraConfig
 from .training.adapters import adapters_disabled, lora_layers
 from .checks import check_choice, check_positive_int, check_positive_number
 from .training.batches import BatchSampler, batch_time_ids, build_caption_table
+from .training.bucket_batches import check_training_sizes, report_buckets, training_groups
 from .models.bundle import ModelBundle
 from .dataset import ImageDataset
 from .training.diffusion_loss import LossWeighting, NoisedBatch, add_noise, check_timestep_range, diffusion_mse
 from .errors import InvalidInputError, TokenizerError, TrainingStopped
 from .training.image_locality import image_locality_loss
 from .training.latent_cache import encode_latents
+from .training.loss_masks import batch_weighting, latent_masks
 from .files.lora_file import lora_state_dict_to_kohya, save_lora
 from .training.options import TrainingOptions, build_lr_scheduler, build_optimizer, lr_factor
 from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
@@ -276,10 +278,16 @@ def run_tuning(
         previews.check(config.steps)
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
-    bundle.check_resolution(dataset.resolution)
+    check_training_sizes(bundle, dataset)
     tokens = check_token_in_bundle(bundle, token)
     t_range = check_timestep_range(config.timestep_range, bundle.noise_scheduler)
     captions = build_caption_table(dataset, config.templates, token, list(bundle.tokenizers))
+    if config.offload_text_encoders and captions.varies:
+        raise InvalidInputError(
+            "`offload_text_encoders` needs the training prompts encoded once, but the dataset's `shuffle_tags` or "
+            "`caption_dropout` make new prompts every step: turn one of them off."
+        )
+    report_buckets(dataset)
     locality = _build_regularizer(bundle, token, regularizer, config)
     latents = encode_latents(bundle.vae, dataset, batch_size=max(config.batch_size, 4))
     generator = torch.Generator().manual_seed(config.seed)
@@ -367,7 +375,9 @@ class _Trainer:
         self.bundle, self.dataset, self.tokens, self.config, self.locality = bundle, dataset, tokens, config, locality
         self.latents, self.generator, self.t_range = latents, generator, t_range
         self.clip_skip = bundle.family.default_clip_skip if config.clip_skip is None else config.clip_skip
-        self.sampler = BatchSampler(len(latents.mean), config.batch_size, latents.num_views, captions, generator)
+        self.sampler = BatchSampler(len(latents.mean), config.batch_size, latents.num_views, captions, generator,
+                                    training_groups(dataset))
+        self.masks = latent_masks(dataset, bundle.vae_scale_factor, bundle.device)
         self.unet_params = self._add_adapter(bundle.unet, UNET_TARGETS[config.targets])
         self.te_params = [p for encoder in bundle.text_encoders for p in self._add_adapter(encoder, TEXT_ENCODER_TARGETS)
                           ] if config.train_text_encoder else []
@@ -402,10 +412,11 @@ class _Trainer:
         self.gradient_step = GradientStep(self.optimizer, self.trained, config.max_grad_norm, bundle.device, config.mixed_precision)
         self.progress = LossRecorder(("loss", "reg_loss"), bundle.device, config.history_every, config.steps)
         self.last_good: dict | None = None
-        # With the text encoders frozen the training prompts' encodings never change: encode them once.
+        # With the text encoders frozen the training prompts' encodings never change: encode them once
+        # (unless tag shuffling or caption dropout make new prompts each step: then each batch's).
         self.cached_conditioning: Conditioning | None = None
         self.offloaded_from: torch.device | None = None
-        if not self.joint and not self.te_params:
+        if not self.joint and not self.te_params and not captions.varies:
             with torch.no_grad():
                 self.cached_conditioning = encode_ids(bundle, captions.ids_per_encoder, self.clip_skip)
             self.caption_rows = {tuple(row.tolist()): i for i, row in enumerate(captions.input_ids)}
@@ -577,9 +588,11 @@ class _Trainer:
         conditioning = self._conditioning(batch.ids_per_encoder)
         # SDXL also conditions on each image's original size and crop (SD1.5: none)
         time_ids = None if conditioning.pooled is None else batch_time_ids(self.dataset, batch.indices, device=bundle.device)
+        # masked loss on the training images only: the regulariser's term is about other prompts
+        weighting = batch_weighting(self.weighting, self.masks, batch.indices, batch.views, bundle.noise_scheduler)
         if reg_conditioning is None:
             prediction = bundle.unet(noised.noisy_latents, noised.timesteps, **conditioning.unet_kwargs(time_ids)).sample
-            return {"loss": diffusion_mse(prediction, noised, self.weighting)}
+            return {"loss": diffusion_mse(prediction, noised, weighting)}
         picks = torch.arange(reg_conditioning.batch_size) % len(batch_latents)
         reg = self._regularisation_batch(batch_latents, noised, picks)
         reg_time_ids = None if time_ids is None else time_ids[picks]
@@ -597,7 +610,7 @@ class _Trainer:
             l2_weight = self.locality.config.image_l2_weight
             reg_loss = reg_loss + image_locality_loss(bundle, self.lpips_model, reg, prediction[n:], base, l2_weight)
         return {
-            "loss": diffusion_mse(prediction[:n], noised, self.weighting),
+            "loss": diffusion_mse(prediction[:n], noised, weighting),
             "reg_loss": reg_loss,
         }
 

@@ -40,3 +40,26 @@ def write_example_images(folder: str | Path, count: int = 6, size: int = 64) -> 
         draw_character(size, centre, scale).save(path)
         paths.append(path)
     return paths
+
+
+def write_shaped_images(folder: str | Path, sizes: list[tuple[int, int]], alpha_left: bool = False) -> list[Path]:
+    """One PNG of the character per `(width, height)` in `sizes` (mixed aspect ratios, for buckets).
+
+    With `alpha_left`, each is RGBA with its left half fully transparent (an alpha-channel mask).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (width, height) in enumerate(sizes):
+        side = max(width, height)
+        image = draw_character(side, (0.5, 0.5), 0.2).crop(((side - width) // 2, (side - height) // 2,
+                                                           (side - width) // 2 + width, (side - height) // 2 + height))
+        if alpha_left:
+            image = image.convert("RGBA")
+            alpha = Image.new("L", (width, height), 255)
+            alpha.paste(0, (0, 0, width // 2, height))
+            image.putalpha(alpha)
+        path = folder / f"shaped_{i:02d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths

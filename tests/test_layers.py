@@ -22,7 +22,7 @@ ROOM_LAYERS = [
     {"safe_write", "interpolation"},
     {"models"},
     {"files"},
-    {"dataset", "placeholder"},
+    {"dataset", "placeholder", "aspect_buckets", "image_masks", "tag_captions"},
     {"training"},
     {"metrics", "regularizer"},
     {"pivot", "inversion", "lora_tune", "pivotal"},

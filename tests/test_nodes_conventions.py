@@ -10,7 +10,7 @@ TRAINER_OPTIONS = ("optimizer", "lr_schedule", "warmup_steps", "snr_gamma", "noi
                    "preview_prompts")
 
 # Types ComfyUI itself defines; ours are prefixed PIVOTAL_.
-STOCK_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "CONDITIONING", "STRING", "INT", "FLOAT", "BOOLEAN", "LORA_MODEL", "LOSS_MAP"}
+STOCK_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "MASK", "LATENT", "CONDITIONING", "STRING", "INT", "FLOAT", "BOOLEAN", "LORA_MODEL", "LOSS_MAP"}
 EXPECTED = {
     "PivotalDatasetFromFolder", "PivotalDatasetFromImages", "TokenInversion", "SlerpRegularizer",
     "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt", "PivotalEvaluate", "PivotalSweep", "PivotalLoRALoader",

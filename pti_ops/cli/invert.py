@@ -10,7 +10,9 @@ from ..errors import InvalidInputError, OutputExistsError
 from ..inversion import NORM_MODES, InversionConfig, invert
 from ..models import load_bundle
 from ..placeholder import DEFAULT_TEMPLATES
-from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, add_preview_options, add_training_options, at_resolution, previews_for, snapshots_for, training_options_from, write_json
+from .options import (TerminalProgress, add_dataset_options, add_model_options, add_precision_options, add_preview_options,
+                      add_training_options, at_resolution, dataset_training_settings, previews_for, snapshots_for,
+                      training_options_from, write_json)
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ def load_dataset_for(args: argparse.Namespace, bundle) -> ImageDataset:
     dataset = load_image_folder(args.images, DatasetConfig(
         resolution=resolution, flip=args.flip, caption_source=args.captions,
         on_bad_image="skip" if args.skip_bad_images else "error",
+        **dataset_training_settings(args, resolution, bundle.resolution_multiple),
     ))
     logger.info("model %s, %d image(s) at %d px", bundle.name, len(dataset), resolution)
     return dataset

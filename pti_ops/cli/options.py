@@ -24,6 +24,56 @@ def add_dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--captions", default="template", choices=["template", "files", "files_or_template"],
                         help="where prompts come from: the templates, NAME.txt files (with {} for the placeholder), or files where present.")
     parser.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out with a warning instead of stopping.")
+    add_dataset_training_options(parser)
+
+
+def add_dataset_training_options(parser: argparse.ArgumentParser) -> None:
+    """Aspect-ratio buckets, masked loss and tag captions: options of the images that every training reads."""
+    from ..checks import default_of
+    from ..dataset import DatasetConfig
+    from ..image_masks import MASK_SOURCES
+
+    def default(name: str):
+        return default_of(DatasetConfig, name)
+
+    g = parser.add_argument_group("buckets, masks and tag captions")
+    g.add_argument("--buckets", action="store_true",
+                   help="aspect-ratio buckets: each image keeps its aspect ratio, resized to the bucket of nearest aspect "
+                        "ratio at about the resolution's pixel area, instead of a centre-cropped square; a batch holds one "
+                        "bucket's images (the histogram is printed at the start).")
+    g.add_argument("--bucket-step", type=int, default=default("bucket_step"),
+                   help="bucket sides are multiples of this many pixels (default: 64 from 256 px up, resolution/8 below, "
+                        "rounded up to what the model needs).")
+    g.add_argument("--mask-from", choices=MASK_SOURCES, default=default("mask_from"),
+                   help="loss masks: none; alpha (each image's alpha channel: the transparent background stays out of the "
+                        "loss); files (NAME_mask.png beside NAME.png, white counts, black does not). "
+                        f"Default: {default('mask_from')}.")
+    g.add_argument("--mask-floor", type=float, default=default("mask_floor"),
+                   help=f"loss weight outside the mask, 0 to 1 (default: {default('mask_floor'):g}).")
+    g.add_argument("--shuffle-tags", action="store_true",
+                   help="captions are comma-separated tags (booru style): shuffle them each time they are drawn.")
+    g.add_argument("--keep-tokens", type=int, default=default("keep_tokens"),
+                   help=f"with --shuffle-tags, the first N tags stay in place; a caption without {{}} gets the token "
+                        f"prepended as its first tag (default: {default('keep_tokens')}).")
+    g.add_argument("--caption-dropout", type=float, default=default("caption_dropout"),
+                   help=f"probability that a drawn caption is replaced by the empty prompt, as kohya's caption_dropout_rate "
+                        f"(default: {default('caption_dropout'):g}).")
+
+
+def dataset_training_settings(args: argparse.Namespace, resolution: int, multiple: int) -> dict:
+    """The `DatasetConfig` fields of the options `add_dataset_training_options` declared.
+
+    Args:
+        resolution (`int`): the training resolution.
+        multiple (`int`): the model's `resolution_multiple`, which the default bucket step is rounded up to.
+    """
+    from ..aspect_buckets import default_bucket_step
+
+    step = args.bucket_step
+    if args.buckets and step is None:
+        step = default_bucket_step(resolution, multiple)
+    return dict(buckets=args.buckets, bucket_step=step, mask_from=args.mask_from, mask_floor=args.mask_floor,
+                shuffle_tags=args.shuffle_tags, keep_tokens=args.keep_tokens, caption_dropout=args.caption_dropout)
 
 
 def add_precision_options(parser: argparse.ArgumentParser) -> None:
