@@ -129,6 +129,11 @@ def initial_noise(bundle: ModelBundle, seed: int, resolution: int | None = None)
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
+def sampling_side(bundle: ModelBundle, resolution: int | None = None) -> int:
+    """The side in pixels images are generated at: `resolution`, or the model's native size when None."""
+    return resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
+
+
 def _latent_side(bundle: ModelBundle, resolution: int | None) -> int:
     if resolution is None:
         return bundle.unet.config.sample_size
@@ -316,7 +321,9 @@ def apply_lora(bundle: ModelBundle, kohya_dict: dict[str, torch.Tensor], strengt
         strength (`float`): multiplier of the LoRA update (1 = as trained, 0 = base model).
         adapter_name (`str`): peft adapter name; must not exist yet.
     """
-    apply_kohya_lora(bundle.unet, bundle.text_encoder, kohya_dict, adapter_name=adapter_name, strict=True, family=bundle.family)
+    # SDXL's `lora_te1_` / `lora_te2_` modules go to the encoders in family order.
+    encoders = bundle.text_encoder if len(bundle.text_encoders) == 1 else list(bundle.text_encoders)
+    apply_kohya_lora(bundle.unet, encoders, kohya_dict, adapter_name=adapter_name, strict=True, family=bundle.family)
     for layer in lora_layers(bundle):
         layer.requires_grad_(False)
     set_lora_strength(bundle, strength, adapter_name)
