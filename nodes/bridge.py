@@ -294,9 +294,20 @@ def progress(total: int):
 
     def on_step(step: int, steps: int, logs: dict) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update_absolute(step, steps)
+        preview = logs.get("preview")  # a training preview grid: shown as the sampler nodes show theirs
+        bar.update_absolute(step, steps, None if preview is None else ("JPEG", _pil_image(preview), PREVIEW_MAX_SIDE))
 
     return on_step
+
+
+# The longest side of a preview sent to the browser, as ComfyUI's latent previews are sized.
+PREVIEW_MAX_SIDE = 512
+
+
+def _pil_image(image: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray((image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy())
 
 
 def show_text(node_id, text: str) -> None:

@@ -95,6 +95,18 @@ def snapshots_beside(path, widgets: dict, overwrite: bool):
     return Snapshots(path, every, overwrite=overwrite) if every else None
 
 
+def previews_from(widgets: dict, clip, dataset):
+    """The `preview_every` previews (shown in the progress bar only), or None when 0 / absent."""
+    every = widgets.get("preview_every") or 0
+    if not every:
+        return None
+    from ..pti_ops.metrics import PreviewConfig, Previews, SamplingConfig
+
+    sampling = SamplingConfig(steps=20, resolution=dataset.resolution, clip_skip=bridge.clip_skip(clip))
+    prompts = split_lines(widgets.get("preview_prompts") or "an anime illustration of {}")
+    return Previews(PreviewConfig(every, prompts, [0], sampling))
+
+
 def snapshot_names(snapshots) -> str:
     """The snapshot files written, one name per line (the nodes' `snapshots` output)."""
     return "" if snapshots is None else "\n".join(p.name for p in snapshots.written)

@@ -118,4 +118,8 @@ TRAINER_OPTIONS = {
         "and channel (0.05–0.1 usual): lets the model shift overall brightness. 0: off."),
     "save_every": int_input(0, 0, 100000, "Also write the file every N steps as NAME_stepNNNN.safetensors (pick the "
         "step just before the LoRA learns the images' positions); the snapshots output lists them. 0: off."),
+    "preview_every": int_input(0, 0, 100000, "Every N steps (and at the end), sample preview images of the model as it "
+        "is now and show them in the node's progress bar. Each costs one sampling (20 steps) per prompt. 0: off."),
+    "preview_prompts": lines_input("an anime illustration of {}", "Preview prompts, one per line, with {} for the "
+        "token; seed 0, at the dataset's resolution."),
 }  # fmt: skip

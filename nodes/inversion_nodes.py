@@ -5,7 +5,7 @@ from ..pti_ops.inversion import NORM_MODES, InversionConfig, invert
 from ..pti_ops.placeholder import MAX_VECTORS
 from . import bridge
 from .common import converted, core_run, history_every, history_plot, if_exists_policy, node_result, node_warnings
-from .common import snapshot_names, snapshots_beside, split_lines, trainer_options, validate_name
+from .common import previews_from, snapshot_names, snapshots_beside, split_lines, trainer_options, validate_name
 from .inputs import IF_EXISTS, MEMORY_OPTIONS, NODE_ID, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINER_OPTIONS, TRAINING_INPUTS, combo, default_of
 from .inputs import float_input, int_input, lines_input, string_input
 
@@ -79,7 +79,8 @@ class TokenInversion:
         path = output_path(bridge.embeddings_folder(), embedding_name, ".safetensors", policy, "embedding_name")
         snapshots = snapshots_beside(path, trainer_widgets, overwrite=policy == "overwrite")
         with node_warnings(dataset) as warned, core_run():
-            result = invert(converted(model, clip, vae), dataset, config, on_step=bridge.progress(steps), snapshots=snapshots)
+            result = invert(converted(model, clip, vae), dataset, config, on_step=bridge.progress(steps), snapshots=snapshots,
+                            previews=previews_from(trainer_widgets, clip, dataset))
         result.save(path, overwrite=policy == "overwrite")
         pivot = result.pivot
         plot = history_plot(result.history, "loss", "distance", f"TokenInversion {pivot.trigger}")

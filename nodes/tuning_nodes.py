@@ -8,7 +8,7 @@ from ..pti_ops.pivot import Pivot
 from ..pti_ops.regularizer import INTERPOLATION_MODES, MODES, REGULARIZER_MODES, RegularizerConfig
 from . import bridge
 from .common import converted, core_run, history_every, history_plot, if_exists_policy, node_result, node_warnings
-from .common import snapshot_names, snapshots_beside, split_lines, trainer_options, validate_name
+from .common import previews_from, snapshot_names, snapshots_beside, split_lines, trainer_options, validate_name
 from .inputs import IF_EXISTS, MEMORY_OPTIONS, NODE_ID, OVERWRITE, SEED, TRAINER_OPTIONS, TRAINING_INPUTS, bool_input, combo, default_of
 from .inputs import float_input, int_input, lines_input, link, string_input
 
@@ -218,7 +218,8 @@ class PivotalLoRATune:
         snapshots = snapshots_beside(lora_path, trainer_widgets, overwrite=policy == "overwrite")
         with node_warnings(dataset) as warned, core_run():
             result = tune_around(converted(model, clip, vae), dataset, embedding, config, regularizer,
-                                 on_step=bridge.progress(steps), snapshots=snapshots)  # fmt: skip
+                                 on_step=bridge.progress(steps), snapshots=snapshots,
+                                 previews=previews_from(trainer_widgets, clip, dataset))  # fmt: skip
         _write(result, lora_path, joint_path, policy == "overwrite", bundle_embedding)
         model_out, clip_out = bridge.apply_lora(model, clip, result.lora)
         plot = history_plot(result.history, "loss", "reg_loss", f"PivotalLoRATune {lora_path.name}")

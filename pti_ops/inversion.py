@@ -21,6 +21,7 @@ from .training.diffusion_loss import LossWeighting, add_noise, check_timestep_ra
 from .errors import InvalidInputError, TrainingStopped
 from .pivot import Pivot, family_name
 from .training.latent_cache import encode_latents
+from .metrics.previews import Previews
 from .metrics.distance import embedding_distance, nearest_tokens
 from .training.options import TrainingOptions, build_lr_scheduler, build_optimizer, lr_factor
 from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
@@ -192,6 +193,7 @@ def invert(
     config: InversionConfig,
     on_step: StepCallback | None = None,
     snapshots: Snapshots | None = None,
+    previews: Previews | None = None,
 ) -> InversionResult:
     """Invert: train the placeholder's embedding on `dataset`; add the trained token to `bundle`.
 
@@ -209,9 +211,13 @@ def invert(
         on_step (`callable`, *optional*): `on_step(step, total, logs)` after every optimiser step;
             `logs` holds the latest history record on recording steps. It may raise to stop.
         snapshots (`Snapshots`, *optional*): write the embedding every `snapshots.every` steps beside its final file.
+        previews (`Previews`, *optional*): sample preview images every `previews.config.every` steps (and at
+            the end), given to `on_step` as `logs["preview"]`; the training is unchanged by them.
     """
     if snapshots is not None:
         snapshots.check(config.steps)
+    if previews is not None:
+        previews.check(config.steps)
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
     bundle.check_resolution(dataset.resolution)
@@ -251,6 +257,8 @@ def invert(
                 if snapshots is not None and snapshots.due(step, config.steps):
                     current = _result(bundle, tokens, [v().detach() for v in vectors], initials, vocab_norms, tracker, config)
                     snapshots.write(step, lambda path, overwrite: current.save(path, overwrite=overwrite))
+                if previews is not None and previews.due(step, config.steps):
+                    logs = {**logs, "preview": previews.make(step, bundle, tokens[0])}
                 if on_step is not None:
                     on_step(step, config.steps, logs)
     finally:

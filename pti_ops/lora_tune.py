@@ -40,6 +40,7 @@ from .placeholder import (DEFAULT_TEMPLATES, PlaceholderToken, TrainableVectors,
 from .regularizer import LocalityRegularizer, RegularizerConfig, locality_loss
 from .training.text_conditioning import encode_ids
 from .training.checkpoints import load_checkpoint, save_checkpoint
+from .metrics.previews import Previews
 from .training.snapshots import Snapshots
 from .training.recorder import LossRecorder, StepCallback, check_losses_finite
 
@@ -236,6 +237,7 @@ def run_tuning(
     pivot: Pivot | None = None,
     checkpoint_every: int | None = None,
     snapshots: Snapshots | None = None,
+    previews: Previews | None = None,
 ) -> TuneResult:
     """Train LoRA adapters around the pivot `token`; leave them active on the bundle's models.
 
@@ -261,6 +263,8 @@ def run_tuning(
             outright resumes from the last one).
         snapshots (`Snapshots`, *optional*): write the LoRA every `snapshots.every` steps beside its final
             file (with the token bundled in it for the `joint` schedule, whose token moves).
+        previews (`Previews`, *optional*): sample preview images every `previews.config.every` steps (and at
+            the end), given to `on_step` as `logs["preview"]`; the training is unchanged by them.
     """
     if checkpoint_every is not None:
         check_positive_int("checkpoint_every", checkpoint_every)
@@ -268,6 +272,8 @@ def run_tuning(
             raise InvalidInputError("`checkpoint_every` needs a `checkpoint` path to write to.")
     if snapshots is not None:
         snapshots.check(config.steps)
+    if previews is not None:
+        previews.check(config.steps)
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
     bundle.check_resolution(dataset.resolution)
@@ -285,7 +291,7 @@ def run_tuning(
     trainer = _Trainer(bundle, dataset, tokens, config, locality, captions, latents, generator, t_range)
     trainer.lpips_model = lpips_model
     reg_settings = locality.config.to_dict() if locality is not None else None
-    trainer.pivot, trainer.reg_settings, trainer.snapshots = pivot, reg_settings, snapshots
+    trainer.pivot, trainer.reg_settings, trainer.snapshots, trainer.previews = pivot, reg_settings, snapshots, previews
     trainer.checkpoint, trainer.checkpoint_every = checkpoint, checkpoint_every
     try:
         if resume_from is not None:
@@ -324,6 +330,7 @@ def tune_around(
     lpips_model: torch.nn.Module | None = None,
     checkpoint_every: int | None = None,
     snapshots: Snapshots | None = None,
+    previews: Previews | None = None,
 ) -> TuneResult:
     """Tune: train LoRA adapters around `pivot` (put into `bundle` first); the phase call of step 2.
 
@@ -332,7 +339,7 @@ def tune_around(
     token = pivot.apply(bundle)
     return run_tuning(bundle, dataset, token, config, regularizer, on_step=on_step, checkpoint=checkpoint,
                       resume_from=resume_from, lpips_model=lpips_model, pivot=pivot, checkpoint_every=checkpoint_every,
-                      snapshots=snapshots)
+                      snapshots=snapshots, previews=previews)
 
 
 def _pivot_after(bundle, token, vectors, config: TuneConfig, pivot: Pivot | None, history) -> Pivot:
@@ -389,6 +396,7 @@ class _Trainer:
         self.pivot: Pivot | None = None
         self.reg_settings: dict | None = None
         self.snapshots: Snapshots | None = None
+        self.previews: Previews | None = None
         self.checkpoint, self.checkpoint_every = None, None
         self.trained = [p for group in groups for p in group["params"]]
         self.gradient_step = GradientStep(self.optimizer, self.trained, config.max_grad_norm, bundle.device, config.mixed_precision)
@@ -450,6 +458,8 @@ class _Trainer:
                     self._freeze_token()
                 logs = self._record() if progress.add(self._step(progress.step)) else {}
                 self._write_along(progress.step)
+                if self.previews is not None and self.previews.due(progress.step, config.steps):
+                    logs = {**logs, "preview": self._preview(progress.step)}
                 if on_step is not None:
                     on_step(progress.step, config.steps, logs)
         self.text_encoders_back()
@@ -465,6 +475,16 @@ class _Trainer:
             pivot = _pivot_after(self.bundle, self.tokens[0], vectors, self.config, self.pivot, list(self.progress.history))
             current = TuneResult(self.export(), pivot, list(self.progress.history), self.config, self.reg_settings)
             self.snapshots.write(step, lambda path, overwrite: current.save(path, overwrite=overwrite, bundle_embedding=self.joint))
+
+    def _preview(self, step: int) -> torch.Tensor:
+        """The preview grid of `step`, with offloaded text encoders brought back for it."""
+        offloaded = self.offloaded_from is not None
+        self.text_encoders_back()
+        try:
+            return self.previews.make(step, self.bundle, self.tokens[0])
+        finally:
+            if offloaded:
+                self._offload_text_encoders()
 
     def _freeze_token(self) -> None:
         """End of the token phase: its schedule is at lr 0 from here (Adam state kept, no optimiser rebuild)."""

@@ -6,7 +6,8 @@ import runpy
 import pytest
 from comfy_stubs import REPO_ROOT, comfy_env, comfy_pack  # noqa: F401  (fixtures)
 
-TRAINER_OPTIONS = ("optimizer", "lr_schedule", "warmup_steps", "snr_gamma", "noise_offset", "save_every")
+TRAINER_OPTIONS = ("optimizer", "lr_schedule", "warmup_steps", "snr_gamma", "noise_offset", "save_every", "preview_every",
+                   "preview_prompts")
 
 # Types ComfyUI itself defines; ours are prefixed PIVOTAL_.
 STOCK_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "CONDITIONING", "STRING", "INT", "FLOAT", "BOOLEAN", "LORA_MODEL", "LOSS_MAP"}

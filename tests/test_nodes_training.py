@@ -82,6 +82,11 @@ def test_training_nodes_take_the_trainer_options_and_list_their_snapshots(nodes,
     *_, snapshots = tune(nodes, fake_models, dataset, embedding, steps=4, save_every=2, optimizer="adafactor")
     assert snapshots.splitlines() == ["tok1_lora_step0002.safetensors"]
     assert (state.folders["loras"] / "tok1_lora_step0002.safetensors").is_file()
+    assert state.previews == []
+    invert(nodes, fake_models, dataset, steps=3, preview_every=2, preview_prompts="a photo of {}", embedding_name="seen")
+    assert [step for step, _ in state.previews] == [2, 3]
+    kind, image, side = state.previews[0][1]
+    assert kind == "JPEG" and side == 512 and image.size[0] > 0  # a PIL image, as ComfyUI's previewers send
     with pytest.raises(Exception, match="`warmup_steps` needs a schedule with warm-up"):
         invert(nodes, fake_models, dataset, steps=3, warmup_steps=1, embedding_name="third")
 

@@ -10,7 +10,7 @@ from ..errors import InvalidInputError, OutputExistsError
 from ..inversion import NORM_MODES, InversionConfig, invert
 from ..models import load_bundle
 from ..placeholder import DEFAULT_TEMPLATES
-from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, add_training_options, snapshots_for, training_options_from, write_json
+from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, add_preview_options, add_training_options, at_resolution, previews_for, snapshots_for, training_options_from, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def add_invert_command(subparsers) -> None:
                    help=f"record loss and distances every N steps (default: {default_of(InversionConfig, 'history_every')}).")
     add_precision_options(p)
     add_training_options(p)
+    add_preview_options(p)
     p.add_argument("--out", required=True, help="output embedding file (.safetensors).")
     p.add_argument("--history", default=None, help="also write the run's history (loss, distance, norm, cosine, nearest tokens) as JSON here.")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files.")
@@ -110,14 +111,17 @@ def run_invert_command(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--out {args.out!r} must end in .safetensors.")
     check_outputs(args, args.out, args.history)
     config = inversion_config_from(args)
-    snapshots = snapshots_for(args, args.out)
+    snapshots, previews = snapshots_for(args, args.out), previews_for(args, args.out)
     if snapshots is not None:
         snapshots.check(config.steps)
+    if previews is not None:
+        previews.check(config.steps)
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
     dataset = load_dataset_for(args, bundle)
+    at_resolution(previews, dataset.resolution)
     progress = TerminalProgress(config.steps, f"invert {config.placeholder}")
     try:
-        result = invert(bundle, dataset, config, on_step=progress, snapshots=snapshots)
+        result = invert(bundle, dataset, config, on_step=progress, snapshots=snapshots, previews=previews)
     finally:
         progress.close()
     path = result.save(args.out, overwrite=args.overwrite)

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import InvalidInputError
+
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads a model."""
@@ -58,6 +60,44 @@ def add_training_options(parser) -> None:
     parser.add_argument("--save-every", type=int, default=None,
                         help="also write the embedding / LoRA every N steps beside the output, as NAME_stepNNNN.safetensors "
                              "(pick the step before the LoRA learns the images' positions; default: off).")
+
+
+def add_preview_options(parser) -> None:
+    """Preview images along the run (`invert`, `tune`, `run`)."""
+    parser.add_argument("--preview-every", type=int, default=None,
+                        help="sample preview images every N steps (and at the end) into --preview-dir as step_NNNN.png "
+                             "grids (default: off; costs a sampling of every prompt and seed each time).")
+    parser.add_argument("--preview-prompt", action="append", default=None,
+                        help="prompt of the previews, with {} for the token; repeat for several (default: 'an anime illustration of {}').")
+    parser.add_argument("--preview-seeds", default="0", help="comma-separated seeds of the previews (default: 0).")
+    parser.add_argument("--preview-steps", type=int, default=20, help="sampling steps of a preview (default: 20).")
+    parser.add_argument("--preview-dir", default=None, help="folder of the preview grids (default: previews/ beside the output).")
+
+
+def previews_for(args, output_path, resolution: int | None = None):
+    """The `--preview-every` previews of a command writing `output_path` (None when off), sampled at `resolution`."""
+    if args.preview_every is None:
+        return None
+    from ..metrics import PreviewConfig, Previews, SamplingConfig
+
+    try:
+        seeds = [int(s) for s in args.preview_seeds.split(",") if s.strip()]
+    except ValueError:
+        raise InvalidInputError(f"--preview-seeds {args.preview_seeds!r} must be comma-separated whole numbers, e.g. 0,1,2.") from None
+    layer = {"clip_skip": args.clip_skip} if getattr(args, "clip_skip", None) else {}
+    sampling = SamplingConfig(steps=args.preview_steps, resolution=resolution, **layer)
+    config = PreviewConfig(args.preview_every, args.preview_prompt or ["an anime illustration of {}"], seeds, sampling)
+    folder = Path(args.preview_dir) if args.preview_dir else Path(output_path).parent / "previews"
+    return Previews(config, folder, overwrite=args.overwrite)
+
+
+def at_resolution(previews, resolution: int):
+    """`previews` sampled at the dataset's `resolution` (known once the dataset is loaded)."""
+    if previews is not None:
+        from dataclasses import replace
+
+        previews.config.sampling = replace(previews.config.sampling, resolution=resolution)
+    return previews
 
 
 def snapshots_for(args, path) -> "Snapshots | None":

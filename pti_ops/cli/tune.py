@@ -14,7 +14,7 @@ from ..pivotal import pivotal_tune
 from ..placeholder import DEFAULT_TEMPLATES
 from ..regularizer import INTERPOLATION_MODES, MODES, REGULARIZER_MODES, RegularizerConfig
 from .invert import add_inversion_options, check_outputs, inversion_config_from, load_dataset_for, timestep_range_from
-from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, add_training_options, snapshots_for, training_options_from, write_json
+from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, add_preview_options, add_training_options, at_resolution, previews_for, snapshots_for, training_options_from, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ def add_tune_options(p: argparse.ArgumentParser) -> None:
                    help=f"record losses every N steps (default: {_tune_default('history_every')}).")
     add_precision_options(g)
     add_training_options(g)
+    add_preview_options(g)
     g.add_argument("--offload-text-encoders", action="store_true",
                    help="move the text encoders to the CPU once every prompt is encoded (SDXL's two take 1.6 GB in bf16); "
                         "not with the joint schedule or --train-text-encoder, which train through them.")
@@ -140,17 +141,21 @@ def run_tune_command(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--resume {args.resume!r}: no such checkpoint file.")
     config_templates = args.template or list(DEFAULT_TEMPLATES)
     config = tune_config_from(args, config_templates)
-    snapshots = snapshots_for(args, args.out)
+    snapshots, previews = snapshots_for(args, args.out), previews_for(args, args.out)
     if snapshots is not None:
         snapshots.check(config.steps)
+    if previews is not None:
+        previews.check(config.steps)
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
     pivot = Pivot.load(args.embedding, bundle, placeholder=args.token)
     regularizer = regularizer_from(args, pivot.initializer, config_templates)
     dataset = load_dataset_for(args, bundle)
+    at_resolution(previews, dataset.resolution)
     progress = TerminalProgress(config.steps, f"tune LoRA around {pivot.placeholder}")
     try:
         result = tune_around(bundle, dataset, pivot, config, regularizer, on_step=progress, checkpoint=args.checkpoint,
-                             resume_from=args.resume, checkpoint_every=args.checkpoint_every, snapshots=snapshots)
+                             resume_from=args.resume, checkpoint_every=args.checkpoint_every, snapshots=snapshots,
+                             previews=previews)
     except KeyboardInterrupt:
         if args.checkpoint is None:
             raise
@@ -197,17 +202,19 @@ def run_run_command(args: argparse.Namespace) -> int:
     tuning = tune_config_from(args, inversion.templates, args.schedule)
     inversion_snapshots = snapshots_for(args, args.out_embedding) if args.schedule == "sequential" else None
     tuning_snapshots = snapshots_for(args, args.out_lora)
+    previews = previews_for(args, args.out_lora)
     for snapshots, steps in ((inversion_snapshots, inversion.steps), (tuning_snapshots, tuning.steps)):
         if snapshots is not None:
             snapshots.check(steps)
     regularizer = regularizer_from(args, inversion.initializer, inversion.templates)
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
     dataset = load_dataset_for(args, bundle)
+    at_resolution(previews, dataset.resolution)
     total = tuning.steps + (inversion.steps if args.schedule == "sequential" else 0)
     progress = TerminalProgress(total, f"pivotal tuning of {inversion.placeholder}")
     try:
         result = pivotal_tune(bundle, dataset, inversion, tuning, regularizer, on_step=progress,
-                              inversion_snapshots=inversion_snapshots, tuning_snapshots=tuning_snapshots)
+                              inversion_snapshots=inversion_snapshots, tuning_snapshots=tuning_snapshots, previews=previews)
     finally:
         progress.close()
     result.save(args.out_embedding, args.out_lora, overwrite=args.overwrite, bundle_embedding=args.bundle_embedding)
