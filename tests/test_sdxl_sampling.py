@@ -123,3 +123,23 @@ def test_sd15_sampling_takes_no_time_ids(tiny_bundle):
     assert SamplingConfig().clip_skip is None  # the family's layer: SD1.5's last, as before
     base = sample_images(build_tiny_bundle(), ["a cat"], [0], SamplingConfig(steps=2)).images
     assert torch.equal(base, sample_images(tiny_bundle, ["a cat"], [0], SamplingConfig(steps=2, clip_skip=1)).images)
+
+
+def test_previews_during_sdxl_inversion_leave_both_encoders_vectors_unchanged(tmp_path):
+    """Previews sample the SDXL model mid-run (the spliced vectors of both encoders); training is unchanged."""
+    from pti_ops.dataset import dataset_from_tensor
+    from pti_ops.inversion import InversionConfig, invert
+    from pti_ops.metrics import PreviewConfig, Previews
+
+    def run(previews=None, seen=None):
+        dataset = dataset_from_tensor(torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(0)), 32)
+        callback = None if seen is None else (lambda step, total, logs: seen.update({step: logs.get("preview")}))
+        return invert(build_tiny_sdxl_bundle(), dataset, InversionConfig(steps=4, learning_rate=5e-2), previews=previews,
+                      on_step=callback)  # fmt: skip
+
+    seen = {}
+    previews = Previews(PreviewConfig(2, ["a photo of {}"], [0], SamplingConfig(steps=2, cfg_scale=1.0)), tmp_path)
+    with_previews, plain = run(previews, seen), run()
+    assert all(torch.equal(with_previews.pivot.vectors_by_key[k], v) for k, v in plain.pivot.vectors_by_key.items())
+    assert sorted(k for k, v in seen.items() if v is not None) == [2, 4]
+    assert not torch.equal(seen[2], seen[4]) and [p.name for p in previews.written] == ["step_0002.png", "step_0004.png"]
