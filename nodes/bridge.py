@@ -91,6 +91,16 @@ def text_encoder_from_comfy(clip):
     return tokenizer, encoder.requires_grad_(False)
 
 
+def text_encoders_from_comfy(clip):
+    """`(family, tokenizers, text_encoders)` of ComfyUI's CLIP in family order, float32 on the CPU (not modified).
+
+    What this bridge converts of a CLIP so far: the first text encoder (all of SD1.5's); a family with more
+    encoders gets them here once its CLIP conversion lands, and until then the core refuses the lone one.
+    """
+    tokenizer, encoder = text_encoder_from_comfy(clip)
+    return _clip_family(clip), (tokenizer,), (encoder,)
+
+
 def clip_skip(clip) -> int:
     """The text-encoder layer ComfyUI's CLIP uses, as `clip_skip` (1 = last; CLIPSetLastLayer -2 → 2)."""
     layer_idx = getattr(clip, "layer_idx", None)

@@ -329,7 +329,8 @@ def _sweep_token(kind: str, embedding, placeholder: str, initializer: str, templ
     if embedding is None:
         raise InvalidInputError("kind `lora` needs `embedding`: connect the trained token (TokenInversion) the LoRAs "
                                 "are tuned around.")  # fmt: skip
-    return embedding.placeholder, embedding.initializer, list(embedding.templates), embedding.vectors.clone()
+    vectors = {key: v.clone() for key, v in embedding.vectors_by_key.items()}  # every encoder's (SDXL: clip_l, clip_g)
+    return embedding.placeholder, embedding.initializer, list(embedding.templates), vectors
 
 
 def _regularizers(regularizer, compare_without: bool) -> list:

@@ -83,7 +83,7 @@ class SlerpRegularizer:
               timestep_min, timestep_max, norm_stats=None, image_space=False, image_l2_weight=0.1):  # fmt: skip
         config = RegularizerConfig(
             mode=mode, anchor=anchor, templates=split_lines(templates), interpolation=interpolation,
-            centre=_centre_from_stats(norm_stats, interpolation), t=t if not t_jitter else _reg("t"),
+            **_centres_from_stats(norm_stats, interpolation), t=t if not t_jitter else _reg("t"),
             t_range=_jittered(t, t_jitter), weight=weight, every=every, samples=samples, image_space=image_space,
             image_l2_weight=image_l2_weight, timestep_range=_timestep_range(timestep_min, timestep_max),
         )  # fmt: skip
@@ -114,10 +114,12 @@ def _check_lpips_weights() -> None:
         )
 
 
-def _centre_from_stats(norm_stats, interpolation: str):
-    """The vSLERP centres `[tokens, dim]` of connected `hidden`-space statistics (None when none are connected)."""
+def _centres_from_stats(norm_stats, interpolation: str) -> dict:
+    """`centre` and `pooled_centre` of connected `hidden`-space statistics: the per-position vSLERP centres
+    `[tokens, sum(widths)]` (SDXL: both encoders') and the pooled conditioning's (SDXL; None for SD1.5).
+    Both None when none are connected."""
     if norm_stats is None:
-        return None
+        return {"centre": None, "pooled_centre": None}
     if interpolation != "vslerp":
         raise InvalidInputError(
             "`norm_stats` is connected but `interpolation` is `slerp`, which has no centre: choose `vslerp` or "
@@ -128,7 +130,7 @@ def _centre_from_stats(norm_stats, interpolation: str):
             f"`norm_stats` measure the `{norm_stats.space}` space, but the regulariser interpolates the text "
             "encoder's output: connect statistics of the `hidden` space."
         )
-    return norm_stats.centre_for_positions()
+    return {"centre": norm_stats.centre_for_positions(), "pooled_centre": norm_stats.pooled_centre()}
 
 
 class PivotalLoRATune:

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from .checks import check_choice, check_positive_int, check_positive_number
 from .training.batches import BatchSampler, batch_time_ids, build_caption_table
@@ -138,6 +137,8 @@ class InversionResult:
         tokens (`tuple[PlaceholderToken, ...]`): the placeholder in each tokenizer, in family order.
         initial_by_key (`dict[str, torch.Tensor]`): each encoder's vectors before training.
         vocabulary_norms (`dict[str, float]`): each encoder's vocabulary mean norm.
+        extra_snapshots (`dict[int, dict[str, torch.Tensor]]`): the other encoders' vectors at each
+            recorded step, keyed as the file (SDXL: `clip_g`); empty for one-encoder families.
     """
 
     token: PlaceholderToken
@@ -149,6 +150,16 @@ class InversionResult:
     tokens: tuple[PlaceholderToken, ...] = ()
     initial_by_key: dict[str, torch.Tensor] = field(default_factory=dict)
     vocabulary_norms: dict[str, float] = field(default_factory=dict)
+    extra_snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def snapshot_by_key(self, step: int) -> dict[str, torch.Tensor]:
+        """Every encoder's vectors at a recorded `step` (0: before training), keyed as the embedding file."""
+        if step == 0:
+            return dict(self.initial_by_key)
+        if step not in self.snapshots:
+            raise InvalidInputError(f"step {step} was not recorded; recorded steps: {sorted(self.snapshots)}.")
+        first = next(iter(self.pivot.vectors_by_key))
+        return {first: self.snapshots[step], **self.extra_snapshots.get(step, {})}
 
     @property
     def vectors(self) -> torch.Tensor:
@@ -271,7 +282,8 @@ def _result(bundle, tokens, vectors, initials, vocab_norms, tracker, config) -> 
     pivot = Pivot(token.placeholder, token.initializer, vectors[0], family_name(bundle), config.templates,
                   history=tracker.history, made_by=config.made_by(), base_model=bundle.name, extra_vectors=extra)
     return InversionResult(token, pivot, initials[0].cpu(), vocab_norms[0], config, tracker.snapshots, tuple(tokens),
-                           {k: v.cpu() for k, v in zip(keys, initials)}, dict(zip(keys, vocab_norms)))
+                           {k: v.cpu() for k, v in zip(keys, initials)}, dict(zip(keys, vocab_norms)),
+                           extra_snapshots=tracker.extra_snapshots)
 
 
 @dataclass
@@ -337,6 +349,7 @@ class _HistoryTracker:
         self.vocab_norms = vocab_norms
         self.losses = LossRecorder(("loss",), initials[0].device, config.history_every, config.steps)
         self.snapshots: dict[int, torch.Tensor] = {}
+        self.extra_snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self.last_good_raw: tuple[torch.Tensor, ...] | None = None
 
     @property
@@ -354,6 +367,8 @@ class _HistoryTracker:
         record.update(self.measure(current))
         self.history.append(record)
         self.snapshots[step] = current[0].cpu().clone()
+        if len(current) > 1:
+            self.extra_snapshots[step] = {key: c.cpu().clone() for key, c in zip(self.keys[1:], current[1:])}
         self.last_good_raw = tuple(v.raw.detach().clone() for v in vectors)
         return record
 
@@ -379,17 +394,9 @@ class _HistoryTracker:
             for i, key in enumerate(self.keys):
                 measured = embedding_distance(current[i], self.initials[i])
                 record.update({f"{key}_{name}": value for name, value in measured.items()})
-                record[f"{key}_nearest"] = _nearest_in(self.bundle.tokenizers[i], self.bundle.text_encoders[i], current[i],
-                                                       self.vocabulary_sizes[i], self.config.nearest_k)
+                record[f"{key}_nearest"] = nearest_tokens(self.bundle, current[i], self.vocabulary_sizes[i],
+                                                          self.config.nearest_k, encoder=i)  # fmt: skip
         return record
-
-
-def _nearest_in(tokenizer, text_encoder, vectors: torch.Tensor, vocabulary_size: int, k: int) -> list[list[str]]:
-    """`metrics.distance.nearest_tokens` for any encoder of the bundle (that one reads the first encoder)."""
-    weight = text_encoder.get_input_embeddings().weight.detach().float()[:vocabulary_size]
-    similarity = F.normalize(vectors.float().to(weight.device), dim=-1) @ F.normalize(weight, dim=-1).T
-    ids = similarity.topk(min(k, vocabulary_size), dim=-1).indices.tolist()
-    return [tokenizer.convert_ids_to_tokens(row) for row in ids]
 
 
 def config_to_dict(config: InversionConfig) -> dict:

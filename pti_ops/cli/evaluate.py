@@ -16,7 +16,16 @@ from ..dataset import DatasetConfig, load_image_folder
 from ..errors import InvalidInputError
 from ..files import atomic_write, check_output_folder, load_embedding, load_lora
 from ..pivot import Pivot
-from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, EvaluationConfig, Scorers, evaluate_tuned, load_lpips, try_load_clip
+from ..metrics import (
+    DEFAULT_EDIT_PROMPTS,
+    DEFAULT_PROMPTS,
+    EvaluationConfig,
+    Scorers,
+    evaluate_tuned,
+    load_lpips,
+    sampling_side,
+    try_load_clip,
+)
 from ..models import load_bundle
 from .options import add_model_options, add_sampling_options, sampling_config, write_json
 
@@ -109,7 +118,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
     pivot = Pivot.load(args.embedding, bundle, placeholder=args.token, initializer=args.init_word) if args.embedding else None
     lora = load_lora(args.lora)[0] if args.lora else None
-    side = config.sampling.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
+    side = sampling_side(bundle, config.sampling.resolution)
     dataset = load_image_folder(args.images, DatasetConfig(resolution=side)) if args.images else None
     logger.info("model %s: generating with %d seed(s) per prompt", bundle.name, len(config.seeds))
     result = evaluate_tuned(bundle, config, scorers, pivot=pivot, lora=lora, lora_strength=args.lora_strength,

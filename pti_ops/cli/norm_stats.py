@@ -6,8 +6,10 @@ Example (the method's regularisation prompt; position 5 is `tok1`):
         --template "an anime illustration of {}" --class-word character --embedding tok1.safetensors \
         --out stats.json --plot stats.png
 
-Add `--centre layernorm_bias` (hidden and pooled only) to centre on the final LayerNorm's bias β
-rather than on the captions' mean.
+Add `--centre layernorm_bias` (spaces read right after the final LayerNorm) to centre on its bias β
+rather than on the captions' mean. On SDXL every text encoder is measured (`--encoder` picks one), and
+the `hidden` statistics also hold the pooled conditioning's centre: both centres `tune --norm-stats`
+reads.
 """
 
 import argparse
@@ -16,10 +18,9 @@ from pathlib import Path
 
 from ..models import load_bundle
 from .options import add_model_options
-from ..files import load_embedding
 from ..errors import InvalidInputError, OutputExistsError
-from ..norm_stats import CENTRES, EOS, SPACES, NormStatsConfig, compute_norm_stats
-from ..placeholder import add_placeholder
+from ..norm_stats import CENTRES, ENCODERS, EOS, SPACES, NormStatsConfig, measure_norm_stats
+from ..pivot import Pivot
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +42,20 @@ def add_norm_stats_command(subparsers) -> None:
     add_model_options(p)
     p.add_argument("--captions", required=True, help="UTF-8 text file, one caption per line (blank lines skipped).")
     p.add_argument("--space", choices=SPACES, default="hidden",
-                   help="hidden: per-token UNet conditioning (after the final LayerNorm); hidden_prenorm: before it; "
-                   "pooled: EOS vector; projected: EOS through the text projection (the paper's space; needs a model "
-                   "that has one); token_embedding: input rows (default: hidden).")
+                   help="hidden: per-token UNet conditioning (SD1.5: after the final LayerNorm; SDXL: the penultimate "
+                   "layer without it); hidden_prenorm / hidden_postnorm: the same layer before / through the final "
+                   "LayerNorm (--clip-skip 1 --space hidden_postnorm: the final hidden state); pooled: EOS vector; "
+                   "projected: EOS through the text projection (the paper's space, SDXL's pooled conditioning; needs "
+                   "an encoder that has one: SDXL's clip_g); token_embedding: input rows (default: hidden).")
+    p.add_argument("--encoder", choices=("all", *ENCODERS), default="all",
+                   help="text encoder to measure, by its embedding key (SDXL: clip_l or clip_g); all: every encoder "
+                   "of the model, each reported on its own (the regulariser's vSLERP needs all; default: all).")
     p.add_argument("--position", default=None,
                    help="token index (5 = tok1 in 'an anime illustration of tok1'), 'eos', or a word located in each "
                    "caption (default: the --template placeholder's index, else eos).")
-    p.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer, 2 = penultimate (hidden spaces; default: 1).")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="1 = last text-encoder layer, 2 = penultimate (hidden spaces; default: the model family's "
+                   "conditioning layer, 1 for SD1.5, 2 for SDXL).")
     p.add_argument("--template", default=None, help="prompt with {} for the SLERP endpoints, e.g. 'an anime illustration of {}'.")
     p.add_argument("--class-word", default=None, help="class word of the class prompt, e.g. character (needed with --template).")
     p.add_argument("--embedding", default=None,
@@ -94,15 +102,17 @@ def run_norm_stats_command(args: argparse.Namespace) -> int:
     config = NormStatsConfig(
         space=args.space, position=parse_position(args.position), clip_skip=args.clip_skip,
         template=args.template, class_word=args.class_word, batch_size=args.batch_size, centre=args.centre,
+        encoder=None if args.encoder == "all" else args.encoder,
     )
     # 2. Load the model; this command owns it, so adding the placeholder to it is safe.
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
+    config.check_family(bundle.family)
     placeholder = None
-    if args.embedding:
-        vectors = load_embedding(args.embedding).for_family(bundle.family, bundle.embedding_dim)
-        placeholder = add_placeholder(bundle.tokenizer, bundle.text_encoder, args.placeholder, args.class_word, vectors=vectors)
+    if args.embedding:  # every encoder's vectors (SDXL: clip_l and clip_g)
+        placeholder = Pivot.load(args.embedding, bundle, placeholder=args.placeholder, initializer=args.class_word).apply(bundle)
     # 3. Measure and write.
-    stats = compute_norm_stats(bundle.tokenizer, bundle.text_encoder, args.captions, config, placeholder, model_name=bundle.name)
+    stats = measure_norm_stats(bundle.tokenizers, bundle.text_encoders, args.captions, config, placeholder,
+                               family=bundle.family, model_name=bundle.name)  # fmt: skip
     stats.save_json(args.out, overwrite=args.overwrite)
     if args.plot:
         stats.save_plot(args.plot, overwrite=args.overwrite)

@@ -163,13 +163,16 @@ def training_options_from(args) -> dict:
             "snr_gamma": args.snr_gamma, "noise_offset": args.noise_offset}
 
 
-def add_sampling_options(parser, steps_option: str = "--steps", batch_option: str = "--batch-size") -> None:
+def add_sampling_options(parser, steps_option: str = "--steps", batch_option: str = "--batch-size",
+                         resolution_option: str = "--resolution") -> None:  # fmt: skip
     """How evaluation images are generated; the defaults are `SamplingConfig`'s.
 
     Args:
         parser: the command's parser or one of its argument groups.
         steps_option (`str`): the option of the sampling steps (`--sample-steps` where `--steps` trains).
         batch_option (`str`): the option of the sampling batch size (`--sample-batch-size` likewise).
+        resolution_option (`str`): the option of the image side (`--sample-resolution` where `--resolution`
+            is the training images').
     """
     from ..metrics import SAMPLERS, SamplingConfig
 
@@ -184,7 +187,10 @@ def add_sampling_options(parser, steps_option: str = "--steps", batch_option: st
                         help=f"images generated together (default: {default.batch_size}).")
     parser.add_argument("--clip-skip", type=int, default=default.clip_skip,
                         help="1 = last text-encoder layer, 2 = penultimate, as the model is used; a sweep also trains "
-                             f"with it (default: {default.clip_skip}).")
+                             "with it (default: the model family's: 1 for SD1.5, 2 for SDXL).")
+    parser.add_argument(resolution_option, dest="sample_resolution", type=int, default=default.resolution,
+                        help="side of the generated images in pixels, a multiple of the model's latent factor; SDXL's "
+                             "size time ids follow it (default: the model's native size, 512 for SD1.5, 1024 for SDXL).")
 
 
 def sampling_config(args: argparse.Namespace):
@@ -192,7 +198,7 @@ def sampling_config(args: argparse.Namespace):
     from ..metrics import SamplingConfig
 
     return SamplingConfig(steps=args.sample_steps, cfg_scale=args.cfg, sampler=args.sampler,
-                          batch_size=args.sample_batch_size, clip_skip=args.clip_skip)
+                          batch_size=args.sample_batch_size, clip_skip=args.clip_skip, resolution=args.sample_resolution)
 
 
 class TerminalProgress:

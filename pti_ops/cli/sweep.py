@@ -87,7 +87,8 @@ def add_sweep_command(subparsers) -> None:
     g.add_argument("--edit-prompts", action="append", default=None, help="edit prompt with {}; repeat (default: three built-in edits).")
     seeds = ",".join(map(str, _default("sample_seeds")))
     g.add_argument("--seeds", default=seeds, help=f"comma-separated sampling seeds, the same for every run (default: {seeds}).")
-    add_sampling_options(g, steps_option="--sample-steps", batch_option="--sample-batch-size")
+    add_sampling_options(g, steps_option="--sample-steps", batch_option="--sample-batch-size",
+                         resolution_option="--sample-resolution")  # fmt: skip
     g.add_argument("--clip-model", default=None, help="local transformers CLIPModel folder for the CLIP scores (nothing is downloaded).")
     g.add_argument("--lpips", choices=LPIPS_CHOICES, default="alex",
                    help="LPIPS backbone: alex or vgg (torchvision weights from the torch hub cache); random = untrained, "
@@ -141,7 +142,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     # 2. Load once for the dataset; that bundle serves the first run, later runs load fresh ones.
     first = [load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)]
     dataset = load_dataset_for(args, first[0])
-    vectors = None if embedding is None else embedding.for_family(first[0].family, first[0].embedding_dim)
+    vectors = None if embedding is None else embedding.vectors_for(first[0].family, first[0].embedding_dims)
 
     def bundle_factory():
         return first.pop() if first else load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)

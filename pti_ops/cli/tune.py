@@ -69,7 +69,9 @@ def add_regularizer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reg-interp", choices=INTERPOLATION_MODES, default=_reg_default("interpolation"),
                    help="slerp, or vslerp around the centres of --norm-stats.")
     g.add_argument("--reg-template", action="append", default=None, help="regulariser prompt template(s) with {} (default: the training templates).")
-    g.add_argument("--norm-stats", default=None, help="norm statistics JSON (from `norm-stats --space hidden`) giving vSLERP centres.")
+    g.add_argument("--norm-stats", default=None,
+                   help="norm statistics JSON (from `norm-stats --space hidden`, every text encoder) giving the vSLERP "
+                   "centres (SDXL: both encoders' and the pooled conditioning's).")
 
 
 def tune_config_from(args: argparse.Namespace, templates: list[str], schedule: str = "sequential") -> TuneConfig:
@@ -90,14 +92,15 @@ def regularizer_from(args: argparse.Namespace, anchor: str, templates: list[str]
     """The regulariser of the command-line options (None for `--reg none`), its vSLERP centre inside."""
     if args.reg == "none":
         return None
-    centre = None
-    if args.norm_stats:
-        from ..norm_stats import NormStats
+    centre = pooled_centre = None
+    if args.norm_stats:  # SDXL's statistics give every encoder's per-position centres and the pooled one
+        from ..norm_stats import load_norm_stats
 
-        centre = NormStats.load_json(args.norm_stats).centre_for_positions()
+        stats = load_norm_stats(args.norm_stats)
+        centre, pooled_centre = stats.centre_for_positions(), stats.pooled_centre()
     return RegularizerConfig(
         mode=args.reg, anchor=args.reg_anchor or anchor, templates=args.reg_template or templates,
-        interpolation=args.reg_interp, centre=centre, t=args.reg_t,
+        interpolation=args.reg_interp, centre=centre, pooled_centre=pooled_centre, t=args.reg_t,
         t_range=tuple(args.reg_t_range) if args.reg_t_range else None,
         weight=args.reg_weight, every=args.reg_every, samples=args.reg_samples,
     )

@@ -249,7 +249,7 @@ def fixed_noisy_latents(bundle: ModelBundle, count: int, timesteps: tuple[int, .
 
 
 def locality_eps_mse(bundle: ModelBundle, prompts: list[str], timesteps: tuple[int, ...] = LOCALITY_TIMESTEPS,
-                     seed: int = 0, clip_skip: int = 1, batch_size: int = 8) -> float:
+                     seed: int = 0, clip_skip: int | None = None, batch_size: int = 8) -> float:
     """Mean squared difference between tuned and base (adapters off) predictions on fixed noisy latents.
 
     Args:
@@ -257,7 +257,7 @@ def locality_eps_mse(bundle: ModelBundle, prompts: list[str], timesteps: tuple[i
         prompts (`list[str]`): prompts without the placeholder.
         timesteps (`tuple[int, ...]`): noise levels, each used with every prompt.
         seed (`int`): seed of the fixed latents.
-        clip_skip (`int`): text-encoder layer, as sampled.
+        clip_skip (`int`, *optional*): text-encoder layer, as sampled (None: the family's).
         batch_size (`int`): latents per UNet call.
     """
     if not prompts:
