@@ -16,7 +16,7 @@ from ..pti_ops.user_warnings import warn_user
 from ..pti_ops.sweeps import SWEEP_KINDS, SweepConfig, check_learning_rates, run_sweep
 from . import bridge
 from .common import converted, core_run, history_every, parse_floats, parse_ints, split_lines
-from .common import if_exists_policy, node_result, node_warnings, validation_message, with_warnings
+from .common import if_exists_policy, in_widget_words, node_result, node_warnings, validation_message, with_warnings
 from .inputs import IF_EXISTS, MEMORY_OPTIONS, MODEL_INPUTS, NODE_ID, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, bool_input, combo
 from .inputs import default_of, float_input, format_numbers, int_input, lines_input, link, retooltip, string_input
 
@@ -154,6 +154,7 @@ class PivotalEvaluate:
         "diversity and position spread, and the token's distance from its initializer."
     )
 
+    @in_widget_words(cfg_scale="cfg")
     def evaluate(self, model, clip, vae, prompts, edit_prompts, class_word, seeds, steps, cfg, sampler, resolution,
                  batch_size, lpips, clip_model_folder, embedding: Pivot | None = None, lora=None,
                  lora_strength=1.0, dataset=None, unique_id=None):  # fmt: skip
@@ -278,6 +279,7 @@ class PivotalSweep:
         "writes the table, plots, grids and every trained file into a folder of ComfyUI's output."
     )
 
+    @in_widget_words(rank="lora_rank", cfg_scale="cfg", out="output_folder", regularizers="regularizer")
     def sweep(self, model, clip, vae, dataset, kind, learning_rates, steps, eval_every, placeholder, initializer,
               templates, batch_size, seed, lora_rank, compare_without_regularizer, prompts, edit_prompts, sample_seeds,
               sample_steps, cfg, sampler, resolution, lpips, clip_model_folder, output_folder, overwrite,

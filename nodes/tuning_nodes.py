@@ -8,7 +8,7 @@ from ..pti_ops.pivot import Pivot
 from ..pti_ops.regularizer import INTERPOLATION_MODES, MODES, REGULARIZER_MODES, RegularizerConfig
 from . import bridge
 from .common import converted, core_run, history_every, history_plot, if_exists_policy, node_result, node_warnings
-from .common import split_lines, validate_name
+from .common import in_widget_words, split_lines, validate_name
 from .inputs import IF_EXISTS, MEMORY_OPTIONS, NODE_ID, OVERWRITE, SEED, TRAINING_INPUTS, bool_input, combo, default_of
 from .inputs import float_input, int_input, lines_input, link, string_input
 
@@ -79,6 +79,7 @@ class SlerpRegularizer:
         "predicting what the original predicts for prompts near the token's (between it and the class word)."
     )
 
+    @in_widget_words(t_range="t_jitter", timestep_range="timestep_min/timestep_max", centre="norm_stats")
     def build(self, mode, anchor, templates, interpolation, t, t_jitter, weight, every, samples,
               timestep_min, timestep_max, norm_stats=None, image_space=False, image_l2_weight=0.1):  # fmt: skip
         config = RegularizerConfig(

@@ -18,6 +18,7 @@ from ..files import atomic_write, check_output_folder, load_embedding, load_lora
 from ..pivot import Pivot
 from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, EvaluationConfig, Scorers, evaluate_tuned, load_lpips, try_load_clip
 from ..models import load_bundle
+from .option_words import in_option_words
 from .options import add_model_options, add_sampling_options, sampling_config, write_json
 
 logger = logging.getLogger(__name__)
@@ -82,12 +83,14 @@ def fill_names_from_embedding(args: argparse.Namespace) -> dict[str, str]:
 
 def build_config(args: argparse.Namespace) -> EvaluationConfig:
     """The evaluation settings from the command line (checked before any model is loaded)."""
-    return EvaluationConfig(
-        prompts=args.prompts or list(DEFAULT_PROMPTS),
-        edit_prompts=args.edit_prompts if args.edit_prompts is not None else list(DEFAULT_EDIT_PROMPTS),
-        locality_prompts=args.locality_prompts, placeholder=args.token, class_word=args.init_word,
-        seeds=parse_seeds(args.seeds), sampling=sampling_config(args),
-    )
+    sampling, seeds = sampling_config(args), parse_seeds(args.seeds)
+    with in_option_words(args, {"placeholder": "token", "class_word": "init_word"}):
+        return EvaluationConfig(
+            prompts=args.prompts or list(DEFAULT_PROMPTS),
+            edit_prompts=args.edit_prompts if args.edit_prompts is not None else list(DEFAULT_EDIT_PROMPTS),
+            locality_prompts=args.locality_prompts, placeholder=args.token, class_word=args.init_word,
+            seeds=seeds, sampling=sampling,
+        )
 
 
 def build_scorers(args: argparse.Namespace) -> Scorers:

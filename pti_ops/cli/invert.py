@@ -10,6 +10,7 @@ from ..errors import InvalidInputError, OutputExistsError
 from ..inversion import NORM_MODES, InversionConfig, invert
 from ..models import load_bundle
 from ..placeholder import DEFAULT_TEMPLATES
+from .option_words import in_option_words
 from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, write_json
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def add_invert_command(subparsers) -> None:
     p.add_argument("--out", required=True, help="output embedding file (.safetensors).")
     p.add_argument("--history", default=None, help="also write the run's history (loss, distance, norm, cosine, nearest tokens) as JSON here.")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files.")
-    p.set_defaults(handler=run_invert_command)
+    p.set_defaults(handler=run_invert_command, option_fields=inversion_fields())
 
 
 def add_inversion_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -66,8 +67,20 @@ def add_inversion_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help=f"weight of the pull term (default: {default_of(InversionConfig, 'norm_strength')}).")
 
 
+def inversion_fields(prefix: str = "") -> dict[str, str]:
+    """`InversionConfig` field → the dest of the option that fills it, where the two differ."""
+    return {"placeholder": "token", "initializer": "init_word", "templates": "template", "steps": f"{prefix}steps",
+            "learning_rate": f"{prefix}lr", "gradient_accumulation_steps": "grad_accum",
+            "timestep_range": "--t-min/--t-max" if not prefix else "max_timestep"}
+
+
 def inversion_config_from(args: argparse.Namespace, prefix: str = "") -> InversionConfig:
     """The `InversionConfig` of the parsed options (`prefix` as given to `add_inversion_options`, with `_`)."""
+    with in_option_words(args, inversion_fields(prefix)):
+        return _inversion_config(args, prefix)
+
+
+def _inversion_config(args: argparse.Namespace, prefix: str) -> InversionConfig:
     return InversionConfig(
         placeholder=args.token, initializer=args.init_word, num_vectors=args.num_vectors,
         templates=args.template or list(DEFAULT_TEMPLATES), steps=getattr(args, f"{prefix}steps"),
@@ -78,13 +91,18 @@ def inversion_config_from(args: argparse.Namespace, prefix: str = "") -> Inversi
     )
 
 
+# `DatasetConfig` field → dest, where they differ.
+DATASET_FIELDS = {"caption_source": "captions", "on_bad_image": "skip_bad_images"}
+
+
 def load_dataset_for(args: argparse.Namespace, bundle) -> ImageDataset:
     """The image folder of the options, at `--resolution` or the model's native size."""
     resolution = args.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
-    dataset = load_image_folder(args.images, DatasetConfig(
-        resolution=resolution, flip=args.flip, caption_source=args.captions,
-        on_bad_image="skip" if args.skip_bad_images else "error",
-    ))
+    with in_option_words(args, DATASET_FIELDS):
+        dataset = load_image_folder(args.images, DatasetConfig(
+            resolution=resolution, flip=args.flip, caption_source=args.captions,
+            on_bad_image="skip" if args.skip_bad_images else "error",
+        ))
     logger.info("model %s, %d image(s) at %d px", bundle.name, len(dataset), resolution)
     return dataset
 

@@ -8,13 +8,14 @@ import argparse
 import logging
 import sys
 
-from ..errors import PivotalError
+from ..errors import InvalidInputError, PivotalError
 from ..user_warnings import collect_warnings
 from .benchmark import add_benchmark_command
 from .demo import add_demo_command
 from .evaluate import add_evaluate_command
 from .invert import add_invert_command
 from .norm_stats import add_norm_stats_command
+from .option_words import name_option, option_names
 from .sweep import add_sweep_command
 from .tune import add_run_command, add_tune_command
 
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in COMMANDS:
         add_command(subparsers)
+    for command in subparsers.choices.values():  # so that errors can name the options (`option_words.py`)
+        command.set_defaults(option_names=option_names(command))
     return parser
 
 
@@ -56,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         _repeat_warnings(warned)
         return code
     except PivotalError as err:
-        # Errors a user can fix: one clear sentence, no traceback.
+        # Errors a user can fix: one clear sentence, no traceback, naming the option the user typed.
+        if isinstance(err, InvalidInputError):
+            name_option(err, args, getattr(args, "option_fields", None))
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

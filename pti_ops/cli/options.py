@@ -61,9 +61,11 @@ def add_sampling_options(parser, steps_option: str = "--steps", batch_option: st
 def sampling_config(args: argparse.Namespace):
     """The `SamplingConfig` of the options `add_sampling_options` declared."""
     from ..metrics import SamplingConfig
+    from .option_words import in_option_words
 
-    return SamplingConfig(steps=args.sample_steps, cfg_scale=args.cfg, sampler=args.sampler,
-                          batch_size=args.sample_batch_size, clip_skip=args.clip_skip)
+    with in_option_words(args, {"steps": "sample_steps", "cfg_scale": "cfg", "batch_size": "sample_batch_size"}):
+        return SamplingConfig(steps=args.sample_steps, cfg_scale=args.cfg, sampler=args.sampler,
+                              batch_size=args.sample_batch_size, clip_skip=args.clip_skip)
 
 
 class TerminalProgress:

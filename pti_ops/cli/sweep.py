@@ -30,6 +30,7 @@ from ..sweeps import (
 )
 from .evaluate import LPIPS_CHOICES, build_scorers, parse_seeds
 from .invert import load_dataset_for
+from .option_words import in_option_words
 from .options import (
     TerminalProgress,
     add_dataset_options,
@@ -123,20 +124,13 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if args.kind == "inversion" and args.reg != "none":
         logger.warning("--reg is ignored by the inversion sweep (it applies to --kind lora).")
     regularizers = [None]
-    if args.kind == "lora":
-        regularizers = regularizers_for_modes(args.reg.split(","), anchor=init_word, templates=templates, t=args.reg_t,
-                                              weight=args.reg_weight, what="--reg")  # fmt: skip
-    config = SweepConfig(
-        kind=args.kind, learning_rates=lrs, steps=args.steps, placeholder=token, initializer=init_word,
-        num_vectors=args.num_vectors, templates=templates, batch_size=args.batch_size, seed=args.seed,
-        clip_skip=args.clip_skip, history_every=args.history_every, eval_every=args.eval_every, rank=args.rank,
-        alpha=args.alpha, targets=args.targets, regularizers=regularizers,
-        prompts=args.prompts or list(DEFAULT_PROMPTS),
-        edit_prompts=args.edit_prompts if args.edit_prompts is not None else list(DEFAULT_EDIT_PROMPTS),
-        sample_seeds=parse_seeds(args.seeds), sampling=sampling_config(args), knee_threshold=knee_threshold,
-        onset_fraction=onset_fraction, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, out=Path(args.out), overwrite=args.overwrite,
-    )  # fmt: skip
+    sampling, seeds = sampling_config(args), parse_seeds(args.seeds)
+    with in_option_words(args, SWEEP_FIELDS):
+        if args.kind == "lora":
+            regularizers = regularizers_for_modes(args.reg.split(","), anchor=init_word, templates=templates,
+                                                  t=args.reg_t, weight=args.reg_weight, what="--reg")  # fmt: skip
+        config = _sweep_config(args, lrs, token, init_word, templates, regularizers, sampling, seeds, knee_threshold,
+                               onset_fraction)  # fmt: skip
     scorers = build_scorers(args)  # a missing LPIPS weight file stops here
     # 2. Load once for the dataset; that bundle serves the first run, later runs load fresh ones.
     first = [load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)]
@@ -155,6 +149,27 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         progress.close()
     logger.info("%s", "\n".join(f"{key}: {value}" for key, value in report.summary.items()))
     return 0
+
+
+# `SweepConfig` (and its regularisers', inversion's and evaluation's) field → dest, where they differ.
+SWEEP_FIELDS = {"learning_rates": "lrs", "learning_rate": "lrs", "placeholder": "token", "initializer": "init_word",
+                "class_word": "init_word", "templates": "template", "sample_seeds": "seeds", "regularizers": "reg",
+                "t": "reg_t", "weight": "reg_weight"}
+
+
+def _sweep_config(args, lrs, token, init_word, templates, regularizers, sampling, seeds, knee_threshold,
+                  onset_fraction) -> SweepConfig:  # fmt: skip
+    return SweepConfig(
+        kind=args.kind, learning_rates=lrs, steps=args.steps, placeholder=token, initializer=init_word,
+        num_vectors=args.num_vectors, templates=templates, batch_size=args.batch_size, seed=args.seed,
+        clip_skip=args.clip_skip, history_every=args.history_every, eval_every=args.eval_every, rank=args.rank,
+        alpha=args.alpha, targets=args.targets, regularizers=regularizers,
+        prompts=args.prompts or list(DEFAULT_PROMPTS),
+        edit_prompts=args.edit_prompts if args.edit_prompts is not None else list(DEFAULT_EDIT_PROMPTS),
+        sample_seeds=seeds, sampling=sampling, knee_threshold=knee_threshold,
+        onset_fraction=onset_fraction, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, out=Path(args.out), overwrite=args.overwrite,
+    )  # fmt: skip
 
 
 def _token_names(args: argparse.Namespace, kind: str):

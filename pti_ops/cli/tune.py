@@ -12,6 +12,7 @@ from ..pivotal import pivotal_tune
 from ..placeholder import DEFAULT_TEMPLATES
 from ..regularizer import INTERPOLATION_MODES, MODES, REGULARIZER_MODES, RegularizerConfig
 from .invert import add_inversion_options, check_outputs, inversion_config_from, load_dataset_for
+from .option_words import in_option_words
 from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, write_json
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,20 @@ def add_regularizer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--norm-stats", default=None, help="norm statistics JSON (from `norm-stats --space hidden`) giving vSLERP centres.")
 
 
+# `TuneConfig` and `RegularizerConfig` field → the dest of the option that fills it, where the two differ.
+TUNE_FIELDS = {"learning_rate": "lr", "gradient_accumulation_steps": "grad_accum", "timestep_range": "max_timestep",
+               "ti_learning_rate": "ti_lr", "templates": "template"}
+REGULARIZER_FIELDS = {"mode": "reg", "anchor": "reg_anchor", "templates": "reg_template", "interpolation": "reg_interp",
+                      "centre": "norm_stats", "t": "reg_t", "t_range": "reg_t_range", "weight": "reg_weight",
+                      "every": "reg_every", "samples": "reg_samples"}
+
+
 def tune_config_from(args: argparse.Namespace, templates: list[str], schedule: str = "sequential") -> TuneConfig:
+    with in_option_words(args, TUNE_FIELDS):
+        return _tune_config(args, templates, schedule)
+
+
+def _tune_config(args: argparse.Namespace, templates: list[str], schedule: str) -> TuneConfig:
     joint = schedule == "joint"
     return TuneConfig(
         rank=args.rank, alpha=args.alpha, targets=args.targets, train_text_encoder=args.train_text_encoder,
@@ -87,6 +101,11 @@ def regularizer_from(args: argparse.Namespace, anchor: str, templates: list[str]
         from ..norm_stats import NormStats
 
         centre = NormStats.load_json(args.norm_stats).centre_for_positions()
+    with in_option_words(args, REGULARIZER_FIELDS):
+        return _regularizer(args, anchor, templates, centre)
+
+
+def _regularizer(args: argparse.Namespace, anchor: str, templates: list[str], centre) -> RegularizerConfig:
     return RegularizerConfig(
         mode=args.reg, anchor=args.reg_anchor or anchor, templates=args.reg_template or templates,
         interpolation=args.reg_interp, centre=centre, t=args.reg_t,
@@ -113,7 +132,7 @@ def add_tune_command(subparsers) -> None:
                    "(bundle_emb.TOKEN.clip_l, as OneTrainer writes it): one file per character, for PivotalLoRALoader.")
     p.add_argument("--history", default=None, help="also write the loss history as JSON here.")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files.")
-    p.set_defaults(handler=run_tune_command)
+    p.set_defaults(handler=run_tune_command, option_fields={**TUNE_FIELDS, **REGULARIZER_FIELDS})
 
 
 def run_tune_command(args: argparse.Namespace) -> int:
@@ -157,7 +176,8 @@ def add_run_command(subparsers) -> None:
                    "(bundle_emb.TOKEN.clip_l, as OneTrainer writes it): one file per character, for PivotalLoRALoader.")
     p.add_argument("--history", default=None, help="also write both phases' histories as JSON here.")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files.")
-    p.set_defaults(handler=run_run_command)
+    # Fields both phases have (steps, learning_rate) are named where each config is built.
+    p.set_defaults(handler=run_run_command, option_fields={**REGULARIZER_FIELDS, "timestep_range": "max_timestep"})
 
 
 def run_run_command(args: argparse.Namespace) -> int:
