@@ -1,5 +1,6 @@
 """Training images as a `PIVOTAL_DATASET`: from a folder of files, or from an IMAGE batch."""
 
+from ..pti_ops.limits import MAX_RESOLUTION
 from ..pti_ops.dataset import (
     BAD_IMAGE_POLICIES,
     CAPTION_SOURCES,
@@ -14,7 +15,7 @@ from .common import node_result, node_warnings, split_lines
 from .inputs import NODE_ID, bool_input, combo, default_of, int_input, link, string_input
 
 CATEGORY = "pivotal_tuning/dataset"
-RESOLUTION = int_input(default_of(DatasetConfig, "resolution"), 64, 2048, "Side of the square training images in "
+RESOLUTION = int_input(default_of(DatasetConfig, "resolution"), 64, MAX_RESOLUTION, "Side of the square training images in "
     "pixels: images are resized (shorter side) and centre-cropped to it. 512 for SD1.5; smaller trains faster but "
     "learns less detail.", step=8)
 FLIP = bool_input(default_of(DatasetConfig, "flip"), "Also train on mirror images (picked at random per sample). "

@@ -7,6 +7,7 @@ reason; nothing is downloaded.
 
 import logging
 
+from ..pti_ops.limits import MAX_BATCH_SIZE, MAX_RANK, MAX_RESOLUTION, MAX_SAMPLE_STEPS, MAX_STEPS
 from ..pti_ops.errors import InvalidInputError, ModelLoadError
 from ..pti_ops.files import check_output_name, output_folder
 from ..pti_ops.metrics import LPIPS_NETS, SAMPLERS, EvaluationConfig, SamplingConfig, Scorers, evaluate_tuned
@@ -45,15 +46,15 @@ EDIT_PROMPTS = lines_input(default_of(EvaluationConfig, "edit_prompts"), "Prompt
 SAMPLE_SEEDS = string_input(",".join(map(str, default_of(EvaluationConfig, "seeds"))), "Comma-separated sampling seeds, "
     "one image per seed and prompt, the same in every set and run so results compare image for image. More seeds: "
     "steadier numbers, proportionally slower.")
-SAMPLE_STEPS = int_input(_sampling("steps"), 1, 1000, "Denoising steps per image: more are cleaner and proportionally "
+SAMPLE_STEPS = int_input(_sampling("steps"), 1, MAX_SAMPLE_STEPS, "Denoising steps per image: more are cleaner and proportionally "
     "slower.")
 CFG = float_input(_sampling("cfg_scale"), 0.0, 100.0, 0.1, "Classifier-free guidance. Higher values follow the prompt "
     "more closely but vary less; 1 skips the unconditional pass (half the work).", round=0.01)
 SAMPLER = combo(SAMPLERS, _sampling("sampler"), "ddim (deterministic) or euler; both from the model's training schedule.")
-RESOLUTION = int_input(_sampling("resolution") or 0, 0, 2048, "Side of the generated images in pixels; 0 = the model's "
+RESOLUTION = int_input(_sampling("resolution") or 0, 0, MAX_RESOLUTION, "Side of the generated images in pixels; 0 = the model's "
     "native size (512 for SD1.5). Smaller is much faster; the dataset's images are resized to it for reconstruction.",
     step=8)
-SAMPLE_BATCH = int_input(_sampling("batch_size"), 1, 64, "Images generated together: faster on a GPU, more memory; no "
+SAMPLE_BATCH = int_input(_sampling("batch_size"), 1, MAX_BATCH_SIZE, "Images generated together: faster on a GPU, more memory; no "
     "image changes.")
 LPIPS = combo(LPIPS_CHOICES, "alex", "LPIPS backbone: alex (LPIPS' default) or vgg, read from torchvision's weights in "
     "the torch hub cache (nothing is downloaded; a missing file makes the LPIPS metrics 'not computed' with where to "
@@ -216,9 +217,9 @@ class PivotalSweep:
                 "learning_rates": string_input(format_numbers(_sweep("learning_rates")), "Comma-separated learning "
                     "rates, one training run each (the token's for inversion, the LoRA's for lora). Each run costs "
                     "`steps` training steps plus its evaluation."),
-                "steps": int_input(_sweep("steps"), 1, 100000, "Training steps of every run (the notes fix 1000 and "
+                "steps": int_input(_sweep("steps"), 1, MAX_STEPS, "Training steps of every run (the notes fix 1000 and "
                     "vary the learning rate, so the distance travelled ≈ lr × steps)."),
-                "eval_every": int_input(_sweep("eval_every") or 0, 0, 100000, "inversion: also evaluate the token every "
+                "eval_every": int_input(_sweep("eval_every") or 0, 0, MAX_STEPS, "inversion: also evaluate the token every "
                     "N steps along each run (more points on the curves from the same runs; each evaluation costs far "
                     "more than a training step). 0: the last step only. Ignored by lora."),
                 "placeholder": string_input(_sweep("placeholder"), "inversion: the new word being learned (not a word "
@@ -227,10 +228,10 @@ class PivotalSweep:
                     "edit prompts are scored with. lora uses the embedding's."),
                 "templates": lines_input(_sweep("templates"), TEMPLATES_TOOLTIP + " lora uses the embedding's templates "
                     "when it has them."),
-                "batch_size": int_input(_sweep("batch_size"), 1, 64, "Training images per step (more memory, smoother "
+                "batch_size": int_input(_sweep("batch_size"), 1, MAX_BATCH_SIZE, "Training images per step (more memory, smoother "
                     "steps)."),
                 "seed": SEED,
-                "lora_rank": int_input(_sweep("rank"), 1, 256, "lora: LoRA rank of every run (capacity; 4-16 is light)."),
+                "lora_rank": int_input(_sweep("rank"), 1, MAX_RANK, "lora: LoRA rank of every run (capacity; 4-16 is light)."),
                 "compare_without_regularizer": bool_input(True, "lora with a connected regularizer: also run every "
                     "learning rate without it, so the regulariser's effect shows side by side (twice the runs). Without "
                     "a regularizer every run is unregularised anyway."),

@@ -59,11 +59,12 @@ def add_norm_stats_command(subparsers) -> None:
                    "captions' mean vector per position; layernorm_bias: the final LayerNorm's bias, the exact centre "
                    "of the shell that hidden and pooled vectors lie on (a sphere only when the LayerNorm's gain is "
                    "uniform; only for --space hidden or pooled). Default: mean.")
-    p.add_argument("--batch-size", type=int, default=128, help="captions per forward pass (default: 128).")
+    # Its own dest: captions per text-encoder pass are cheap, not the limited image batches of the training commands.
+    p.add_argument("--batch-size", dest="caption_batch_size", type=int, default=128, help="captions per forward pass (default: 128).")
     p.add_argument("--out", required=True, help="output statistics file (.json), read by the regulariser for vSLERP centres.")
     p.add_argument("--plot", default=None, help="also write histograms of raw vs centred norms here (.png).")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files.")
-    p.set_defaults(handler=run_norm_stats_command)
+    p.set_defaults(handler=run_norm_stats_command, option_fields={"batch_size": "caption_batch_size"})
 
 
 def parse_position(text: str | None) -> int | str | None:
@@ -93,7 +94,7 @@ def run_norm_stats_command(args: argparse.Namespace) -> int:
         raise InvalidInputError("--embedding is only used for the SLERP endpoints: give --template and --class-word too.")
     config = NormStatsConfig(
         space=args.space, position=parse_position(args.position), clip_skip=args.clip_skip,
-        template=args.template, class_word=args.class_word, batch_size=args.batch_size, centre=args.centre,
+        template=args.template, class_word=args.class_word, batch_size=args.caption_batch_size, centre=args.centre,
     )
     # 2. Load the model; this command owns it, so adding the placeholder to it is safe.
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)

@@ -6,6 +6,45 @@ import json
 import sys
 from pathlib import Path
 
+from .. import limits
+from ..errors import InvalidInputError
+
+# Options whose cost grows with their value, by dest, and their limit (`limits.py`); `--no-limits` lifts them.
+LIMITED_OPTIONS = {
+    "resolution": limits.MAX_RESOLUTION, "steps": limits.MAX_STEPS, "ti_steps": limits.MAX_STEPS,
+    "sample_steps": limits.MAX_SAMPLE_STEPS, "batch_size": limits.MAX_BATCH_SIZE,
+    "sample_batch_size": limits.MAX_BATCH_SIZE, "grad_accum": limits.MAX_GRADIENT_ACCUMULATION,
+    "rank": limits.MAX_RANK, "reg_samples": limits.MAX_REG_SAMPLES,
+}
+
+
+def add_limits_option(parser: argparse.ArgumentParser) -> None:
+    """`--no-limits` on a command that has limited options."""
+    shown = ", ".join(f"{name} {LIMITED_OPTIONS[dest]}" for dest, name in sorted(_limited(parser).items()))
+    parser.add_argument("--no-limits", action="store_true",
+                        help=f"accept values above the documented limits ({shown}): for deliberate very large runs.")
+
+
+def _limited(parser: argparse.ArgumentParser) -> dict[str, str]:
+    from .option_words import option_names
+
+    return {dest: name for dest, name in option_names(parser).items() if dest in LIMITED_OPTIONS}
+
+
+def check_limits(args: argparse.Namespace) -> None:
+    """Refuse a limited option above its limit (before anything loads), unless `--no-limits`."""
+    if getattr(args, "no_limits", True):
+        return
+    for dest, limit in LIMITED_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, int) and value > limit:
+            option = args.option_names.get(dest, dest)
+            raise InvalidInputError(
+                f"{option} {value} is above its limit of {limit} (see README, Limits): a typo would otherwise ask "
+                f"for days of compute or more memory than the machine has. Give a smaller value, or pass --no-limits "
+                "to go past it deliberately."
+            )
+
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads a model."""
