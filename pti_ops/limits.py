@@ -17,7 +17,7 @@ MAX_RANK = 256  # LoRA rank: a rank-256 SD1.5 LoRA file is already hundreds of M
 MAX_REG_SAMPLES = 64  # regularisation prompts per application, a UNet pass each
 
 # Training images (`dataset.py`).
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 Mpx (8192 x 8192): 192 MB decoded as RGB; larger is refused
+MAX_IMAGE_PIXELS = 64_000_000  # 64 Mpx (8000 x 8000): 192 MB decoded as RGB; larger is refused
 # PIL's own decompression-bomb error starts at 2 x its `Image.MAX_IMAGE_PIXELS` (179 Mpx), above ours,
 # so ours is the one users meet; a header claiming more than PIL's is refused as too large too.
 MAX_UPSCALE = 4  # an image whose shorter side is under resolution / 4 is refused, not blown up 4x+

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from example_images import write_example_images, write_png_header
 from pti_ops.cli import main
 from pti_ops.files.embedding_file import save_embedding
 
@@ -33,6 +34,11 @@ def files(tmp_path, image_folder):
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (tmp_path / "bomb").mkdir()
+    write_example_images(tmp_path / "bomb", count=2, size=48)
+    write_png_header(tmp_path / "bomb" / "huge.png", 20000, 20000)
+    (tmp_path / "dot").mkdir()
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot" / "one.png")
     (tmp_path / "grey").mkdir()
     Image.new("L", (48, 48), 200).save(tmp_path / "grey" / "g.png")
     return tmp_path
@@ -51,6 +57,8 @@ CASES = [
     ("empty image folder", invert("empty_dir"), "contains no image"),
     ("missing image folder", invert("nowhere"), "does not exist or is not a folder"),
     ("only unreadable images", invert("broken"), "could not be read as images: a.png"),
+    ("decompression-bomb image", invert("bomb"), "huge.png \\(400 Mpx, above the limit of 64 Mpx\\).*pass --skip-bad-images"),
+    ("a 1x1 image", invert("dot"), "one.png \\(1x1 px, shorter side under 8 px.*No usable image is left"),
     ("steps 0", invert("IMAGES", "--steps", "0"), "--steps must be a positive integer, got 0"),
     ("lr 0", invert("IMAGES", "--lr", "0"), "--lr must be a positive finite number"),
     ("lr nan", invert("IMAGES", "--lr", "nan"), "--lr must be a positive finite number"),
@@ -92,4 +100,12 @@ def test_bad_input_is_refused_clearly_and_nothing_is_written(files, image_folder
 def test_grayscale_images_train(files, monkeypatch):
     monkeypatch.chdir(files)
     assert main(invert("grey")) == 0
+    assert (files / "out" / "e.safetensors").is_file()
+
+
+def test_a_bomb_beside_good_images_is_skipped_with_a_warning_under_skip_bad_images(files, monkeypatch, capsys):
+    monkeypatch.chdir(files)
+    assert main(invert("bomb", "--skip-bad-images")) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 image(s) of a refused size" in err and "huge.png (400 Mpx" in err and "Traceback" not in err
     assert (files / "out" / "e.safetensors").is_file()

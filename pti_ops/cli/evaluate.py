@@ -113,7 +113,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     pivot = Pivot.load(args.embedding, bundle, placeholder=args.token, initializer=args.init_word) if args.embedding else None
     lora = load_lora(args.lora)[0] if args.lora else None
     side = config.sampling.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
-    dataset = load_image_folder(args.images, DatasetConfig(resolution=side)) if args.images else None
+    dataset = load_image_folder(args.images, DatasetConfig(resolution=side), skip_hint=None) if args.images else None
     logger.info("model %s: generating with %d seed(s) per prompt", bundle.name, len(config.seeds))
     result = evaluate_tuned(bundle, config, scorers, pivot=pivot, lora=lora, lora_strength=args.lora_strength,
                             dataset=dataset)  # fmt: skip

@@ -102,7 +102,7 @@ def load_dataset_for(args: argparse.Namespace, bundle) -> ImageDataset:
         dataset = load_image_folder(args.images, DatasetConfig(
             resolution=resolution, flip=args.flip, caption_source=args.captions,
             on_bad_image="skip" if args.skip_bad_images else "error",
-        ))
+        ), skip_hint="pass --skip-bad-images")
     logger.info("model %s, %d image(s) at %d px", bundle.name, len(dataset), resolution)
     return dataset
 

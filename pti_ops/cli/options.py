@@ -60,7 +60,8 @@ def add_dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip", action="store_true", help="also train on mirrored images.")
     parser.add_argument("--captions", default="template", choices=["template", "files", "files_or_template"],
                         help="where prompts come from: the templates, NAME.txt files (with {} for the placeholder), or files where present.")
-    parser.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out with a warning instead of stopping.")
+    parser.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images, and images of a refused size (over 64 Mpx, or a shorter side under a "
+                        "quarter of the resolution), out with a warning instead of stopping.")
 
 
 def add_precision_options(parser: argparse.ArgumentParser) -> None:
