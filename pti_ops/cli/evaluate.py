@@ -109,9 +109,9 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     fill_names_from_embedding(args)
     config = build_config(args)
     scorers = build_scorers(args)
+    lora = load_lora(args.lora)[0] if args.lora else None  # a damaged file stops before the model loads
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
     pivot = Pivot.load(args.embedding, bundle, placeholder=args.token, initializer=args.init_word) if args.embedding else None
-    lora = load_lora(args.lora)[0] if args.lora else None
     side = config.sampling.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
     dataset = load_image_folder(args.images, DatasetConfig(resolution=side), skip_hint=None) if args.images else None
     logger.info("model %s: generating with %d seed(s) per prompt", bundle.name, len(config.seeds))

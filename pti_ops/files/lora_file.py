@@ -28,6 +28,7 @@ from peft import LoraConfig, PeftModel, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
 
+from ..checks import check_finite
 from ..errors import InvalidInputError, MissingModelFileError
 from ..models import DEFAULT_FAMILY, FAMILIES, ModelFamily, get_family, supported_families
 from ..models.families.sdxl_lora import CLIP_G_LORA_PREFIX, CLIP_L_LORA_PREFIX, LORA_UNET_PREFIX
@@ -295,7 +296,15 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     except (SafetensorError, OSError) as err:
         raise InvalidInputError(f"{path} is not a readable .safetensors file: {err}") from err
     check_lora_keys(split_bundled(tensors, str(path))[0], str(path))
+    check_lora_finite(tensors, f"LoRA file {path}")
     return tensors, metadata
+
+
+def check_lora_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise naming the first tensor with NaN or infinite values (a diverged run's or a damaged file)."""
+    for key in sorted(tensors):
+        if tensors[key].is_floating_point():
+            check_finite(tensors[key], f"tensor {key!r} of {where}")
 
 
 def check_lora_keys(tensors: dict[str, torch.Tensor], where: str = "LoRA") -> None:
@@ -345,6 +354,7 @@ def apply_kohya_lora(
     """
     family = get_family(family)
     kohya_dict = split_bundled(kohya_dict)[0]  # bundled embeddings are not weights (`bundled_embeddings.py`)
+    check_lora_finite(kohya_dict, "the LoRA to apply")  # also a LORA_MODEL from another node
     aliases = module_aliases(unet and _unwrap(unet), _encoder_list(text_encoder, family), family)
     converted, unmatched = to_kohya(kohya_dict, aliases, "LoRA to apply")
     modules = group_kohya_modules(converted, "LoRA to apply") if converted else {}
