@@ -8,10 +8,10 @@ reason; nothing is downloaded.
 import logging
 
 from ..pti_ops.limits import MAX_BATCH_SIZE, MAX_RANK, MAX_RESOLUTION, MAX_SAMPLE_STEPS, MAX_STEPS
-from ..pti_ops.errors import InvalidInputError, ModelLoadError
+from ..pti_ops.errors import InvalidInputError
 from ..pti_ops.files import check_output_name, output_folder
-from ..pti_ops.metrics import LPIPS_NETS, SAMPLERS, EvaluationConfig, SamplingConfig, Scorers, evaluate_tuned
-from ..pti_ops.metrics import evaluation_batches, load_lpips, try_load_clip
+from ..pti_ops.metrics import LPIPS_CHOICES, SAMPLERS, EvaluationConfig, SamplingConfig, Scorers, evaluate_tuned
+from ..pti_ops.metrics import evaluation_batches, load_scorers as load_core_scorers
 from ..pti_ops.pivot import Pivot
 from ..pti_ops.user_warnings import warn_user
 from ..pti_ops.sweeps import SWEEP_KINDS, SweepConfig, check_learning_rates, run_sweep
@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 
 CATEGORY = "pivotal_tuning/analysis"
 DEFAULT_CLASS_WORD = default_of(EvaluationConfig, "class_word")
-LPIPS_CHOICES = (*LPIPS_NETS, "off")
 
 
 def _sampling(name: str):
@@ -56,9 +55,10 @@ RESOLUTION = int_input(_sampling("resolution") or 0, 0, MAX_RESOLUTION, "Side of
     step=8)
 SAMPLE_BATCH = int_input(_sampling("batch_size"), 1, MAX_BATCH_SIZE, "Images generated together: faster on a GPU, more memory; no "
     "image changes.")
-LPIPS = combo(LPIPS_CHOICES, "alex", "LPIPS backbone: alex (LPIPS' default) or vgg, read from torchvision's weights in "
-    "the torch hub cache (nothing is downloaded; a missing file makes the LPIPS metrics 'not computed' with where to "
-    "put it). off: no LPIPS metrics (L2 and position spread remain).")
+LPIPS = combo(LPIPS_CHOICES, "auto", "LPIPS backbone: auto = alex (LPIPS' default) where torchvision's weights are in "
+    "the torch hub cache; alex or vgg likewise (nothing is downloaded: a missing file makes the LPIPS metrics 'not "
+    "computed' with where to put it). random: an untrained backbone, only to test a workflow. off: no LPIPS metrics "
+    "(L2 and position spread remain).")
 CLIP_MODEL_FOLDER = string_input("", "Optional local transformers CLIPModel folder (e.g. clip-vit-large-patch14 with "
     "config.json, weights and tokenizer files): an absolute path, or a folder inside models/clip_vision. Empty or "
     "missing: the CLIP metrics (editability, CLIP reconstruction) are 'not computed' with the reason.")  # fmt: skip
@@ -72,20 +72,9 @@ def sampling_config(clip, steps: int, cfg: float, sampler: str, resolution: int,
 
 
 def load_scorers(lpips: str, clip_model_folder: str) -> Scorers:
-    """LPIPS and CLIP scorers on ComfyUI's device; a missing one is None with the reason, never an error."""
-    device = bridge.torch_device()
+    """LPIPS and CLIP scorers on ComfyUI's device (the core's `load_scorers`); a missing one is None with the reason."""
     folder = bridge.resolve_clip_folder(clip_model_folder) if clip_model_folder.strip() else None
-    clip_scorer, clip_reason = try_load_clip(folder, device)
-    if folder is None:
-        clip_reason = "no CLIP model folder given (clip_model_folder): CLIP scores need a local transformers CLIPModel folder"
-    if lpips == "off":
-        return Scorers(None, clip_scorer, "LPIPS switched off (lpips = off)", clip_reason)
-    try:
-        model = load_lpips(lpips, device=device)
-    except (ModelLoadError, ModuleNotFoundError) as err:  # MissingModelFileError included
-        logger.warning("LPIPS metrics not computed: %s", err)
-        return Scorers(None, clip_scorer, str(err), clip_reason)
-    return Scorers(model, clip_scorer, "", clip_reason)
+    return load_core_scorers(lpips, folder, bridge.torch_device())
 
 
 def _clip_folder_changed(clip_model_folder: str) -> str:

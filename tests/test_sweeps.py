@@ -314,3 +314,15 @@ def test_a_diverging_run_is_reported_and_the_sweep_goes_on(dataset, scorers):
     assert "training diverged" in report.summary["stopped_before_any_record"]["lr=1"]
     assert [(r["run"], r["step"]) for r in report.rows] == [("initial", 0), ("lr=0.001", 2)]
     assert list(report.traces) == ["lr=0.001"] and set(report.plots) == {"inversion_curves", "distance_fit"}
+
+
+def test_sweep_with_default_scorers_on_a_fresh_machine_goes_on_without_lpips(tmp_path, image_folder, monkeypatch, capsys):
+    """A default never needs a file the package cannot ship: no AlexNet weights → LPIPS 'not computed', with the reason."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "fresh_hub"))
+    out = tmp_path / "report"
+    assert main(["sweep", "--model", "tiny", "--images", str(image_folder), "--resolution", "32", "--kind", "inversion",
+                 "--lrs", "1e-3", "--steps", "1", "--history-every", "1", "--seeds", "0,1", "--sample-steps", "1",
+                 "--out", str(out)]) == 0  # fmt: skip
+    data = json.loads((out / "sweep.json").read_text())
+    assert any("alexnet-owt-7be5be79.pth" in reason for reason in data["not_computed"].values()), data["not_computed"]
+    assert "LPIPS metrics not computed" in capsys.readouterr().err

@@ -16,14 +16,14 @@ from ..dataset import DatasetConfig, load_image_folder
 from ..errors import InvalidInputError
 from ..files import atomic_write, check_output_folder, load_embedding, load_lora
 from ..pivot import Pivot
-from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, EvaluationConfig, Scorers, evaluate_tuned, load_lpips, try_load_clip
+from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, LPIPS_CHOICES, EvaluationConfig, Scorers, evaluate_tuned
+from ..metrics import load_scorers
 from ..models import load_bundle
 from .option_words import in_option_words
 from .options import add_model_options, add_sampling_options, sampling_config, write_json
 
 logger = logging.getLogger(__name__)
 
-LPIPS_CHOICES = ("alex", "vgg", "random", "off")
 OUTPUT_FILES = ("metrics.json", "metrics.md", "grid.png")
 
 
@@ -50,9 +50,7 @@ def add_evaluate_command(subparsers) -> None:
     p.add_argument("--seeds", default=seeds, help=f"comma-separated seeds, the same in every set (default: {seeds}).")
     add_sampling_options(p)
     p.add_argument("--clip-model", default=None, help="local transformers CLIPModel folder for the CLIP scores (nothing is downloaded).")
-    p.add_argument("--lpips", choices=LPIPS_CHOICES, default="alex",
-                   help="LPIPS backbone: alex or vgg (torchvision weights from the torch hub cache); random = untrained "
-                        "backbone, only to test the pipeline; off = LPIPS scores not computed (default: alex).")
+    add_lpips_option(p)
     p.add_argument("--out", required=True, help="report folder (metrics.json, metrics.md, grid.png).")
     p.add_argument("--overwrite", action="store_true", help="replace existing report files.")
     p.set_defaults(handler=run_evaluate_command)
@@ -93,15 +91,18 @@ def build_config(args: argparse.Namespace) -> EvaluationConfig:
         )
 
 
+def add_lpips_option(parser) -> None:
+    """`--lpips` of `evaluate` and `sweep`."""
+    parser.add_argument("--lpips", choices=LPIPS_CHOICES, default="auto",
+                        help="LPIPS backbone: auto = alex where torchvision's weights are in the torch hub cache, else "
+                             "the LPIPS scores are reported as not computed, with the reason; alex or vgg = required "
+                             "(a missing file stops before any generation); random = untrained backbone, only to test "
+                             "the pipeline; off = not computed (default: auto).")
+
+
 def build_scorers(args: argparse.Namespace) -> Scorers:
-    """LPIPS (a missing weight file stops here, before any generation) and CLIP (missing → reason)."""
-    clip, clip_reason = try_load_clip(args.clip_model, args.device)
-    if args.lpips == "off":
-        return Scorers(None, clip, "LPIPS switched off (--lpips off)", clip_reason)
-    if args.lpips == "random":
-        logger.warning("LPIPS with a random backbone: its values test the pipeline and are not perceptual distances.")
-        return Scorers(load_lpips("alex", random_backbone=True, device=args.device), clip, "", clip_reason)
-    return Scorers(load_lpips(args.lpips, device=args.device), clip, "", clip_reason)
+    """LPIPS and CLIP scorers of the options (`metrics.load_scorers`); an explicit --lpips alex/vgg must load."""
+    return load_scorers(args.lpips, args.clip_model, args.device, required=True, what="--lpips", clip_what="--clip-model")
 
 
 def run_evaluate_command(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from ..sweeps import (
     regularizers_for_modes,
     run_sweep,
 )
-from .evaluate import LPIPS_CHOICES, build_scorers, parse_seeds
+from .evaluate import add_lpips_option, build_scorers, parse_seeds
 from .invert import load_dataset_for
 from .option_words import in_option_words
 from .options import (
@@ -90,9 +90,7 @@ def add_sweep_command(subparsers) -> None:
     g.add_argument("--seeds", default=seeds, help=f"comma-separated sampling seeds, the same for every run (default: {seeds}).")
     add_sampling_options(g, steps_option="--sample-steps", batch_option="--sample-batch-size")
     g.add_argument("--clip-model", default=None, help="local transformers CLIPModel folder for the CLIP scores (nothing is downloaded).")
-    g.add_argument("--lpips", choices=LPIPS_CHOICES, default="alex",
-                   help="LPIPS backbone: alex or vgg (torchvision weights from the torch hub cache); random = untrained, "
-                        "only to test the pipeline; off = LPIPS scores not computed (default: alex).")
+    add_lpips_option(g)
     g.add_argument("--knee-threshold", type=float, default=DEFAULT_KNEE_THRESHOLD,
                    help="inversion knee: gain per unit distance below this fraction of the initial gain (default: 0.5).")
     g.add_argument("--onset-fraction", type=float, default=DEFAULT_ONSET_FRACTION,
@@ -131,7 +129,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                                                   t=args.reg_t, weight=args.reg_weight, what="--reg")  # fmt: skip
         config = _sweep_config(args, lrs, token, init_word, templates, regularizers, sampling, seeds, knee_threshold,
                                onset_fraction)  # fmt: skip
-    scorers = build_scorers(args)  # a missing LPIPS weight file stops here
+    scorers = build_scorers(args)  # an explicit --lpips alex/vgg without its file stops here
     # 2. Load once for the dataset; that bundle serves the first run, later runs load fresh ones.
     first = [load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)]
     dataset = load_dataset_for(args, first[0])
