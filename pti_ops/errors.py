@@ -56,6 +56,14 @@ class OutputExistsError(PivotalError, FileExistsError):
     """An output file already exists and overwriting was not asked for."""
 
 
+class OutputWriteError(PivotalError, OSError):
+    """An output cannot be written: its folder is not writable, the disk lacks the space, or a write failed.
+
+    The message names the file, how much space it needs where known, and where to free it; any earlier
+    file of that name is unchanged (outputs are written to a temporary file and renamed).
+    """
+
+
 class TrainingStopped(PivotalError, RuntimeError):
     """Training stopped before the end because it diverged.
 

@@ -20,6 +20,7 @@ from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, LPIPS_CHOICES, Eval
 from ..metrics import load_scorers
 from ..models import load_bundle
 from .option_words import in_option_words
+from .outputs import check_output_space, images_bytes
 from .options import add_model_options, add_sampling_options, sampling_config, write_json
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
     pivot = Pivot.load(args.embedding, bundle, placeholder=args.token, initializer=args.init_word) if args.embedding else None
     side = config.sampling.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
+    prompt_sets = len(config.prompts) + len(config.edit_prompts) + len(config.locality_prompts or config.prompts)
+    check_output_space({out / "grid.png": images_bytes(prompt_sets * len(config.seeds), side)})
     dataset = load_image_folder(args.images, DatasetConfig(resolution=side), skip_hint=None) if args.images else None
     logger.info("model %s: generating with %d seed(s) per prompt", bundle.name, len(config.seeds))
     result = evaluate_tuned(bundle, config, scorers, pivot=pivot, lora=lora, lora_strength=args.lora_strength,

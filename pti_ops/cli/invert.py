@@ -6,11 +6,12 @@ from pathlib import Path
 
 from ..checks import default_of
 from ..dataset import DatasetConfig, ImageDataset, load_image_folder
-from ..errors import InvalidInputError, OutputExistsError
+from ..errors import InvalidInputError
 from ..inversion import NORM_MODES, InversionConfig, invert
 from ..models import load_bundle
 from ..placeholder import DEFAULT_TEMPLATES
 from .option_words import in_option_words
+from .outputs import check_output_files, check_output_space, embedding_bytes, history_bytes, save_outputs
 from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, write_json
 
 logger = logging.getLogger(__name__)
@@ -116,31 +117,31 @@ def timestep_range_from(args: argparse.Namespace) -> tuple[int, int] | None:
     return (t_min or 0, t_max if t_max is not None else 1000)
 
 
-def check_outputs(args: argparse.Namespace, *paths: str | None) -> None:
-    """Fail before any training when an output would replace a file without --overwrite."""
-    for path in paths:
-        if path and Path(path).exists() and not args.overwrite:
-            raise OutputExistsError(f"{path} already exists: choose another output path or pass --overwrite.")
-
-
 def run_invert_command(args: argparse.Namespace) -> int:
     if not args.out.endswith(".safetensors"):
         raise InvalidInputError(f"--out {args.out!r} must end in .safetensors.")
-    check_outputs(args, args.out, args.history)
+    outputs = check_output_files({"--out": args.out, "--history": args.history}, args.overwrite)
     config = inversion_config_from(args)
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
+    check_output_space({outputs["--out"]: embedding_bytes(bundle, config.num_vectors),
+                        outputs.get("--history"): history_bytes(config.steps, config.history_every)})  # fmt: skip
     dataset = load_dataset_for(args, bundle)
     progress = TerminalProgress(config.steps, f"invert {config.placeholder}")
     try:
         result = invert(bundle, dataset, config, on_step=progress)
     finally:
         progress.close()
-    path = result.save(args.out, overwrite=args.overwrite)
+    history = {"config": config.to_dict(), "vocabulary_norm": result.vocabulary_norm, "history": result.history}
+    save_outputs([("--out", outputs["--out"], lambda path, overwrite: result.save(path, overwrite=overwrite))]
+                 + history_save(outputs, history), args.overwrite)  # fmt: skip
     last = result.history[-1]
     logger.info("wrote %s (%d vector(s)); distance from init %.4g, norm %.4g, cos %.3f",
-                path, result.token.num_vectors, last["distance"], last["norm"], last["cosine"])
-    if args.history:
-        write_json(args.history, {"config": config.to_dict(), "vocabulary_norm": result.vocabulary_norm,
-                                  "history": result.history}, overwrite=args.overwrite)
-        logger.info("wrote %s", args.history)
+                outputs["--out"], result.token.num_vectors, last["distance"], last["norm"], last["cosine"])
     return 0
+
+
+def history_save(outputs: dict[str, Path], data: dict) -> list:
+    """The `save_outputs` entry of --history (none when not asked for)."""
+    if "--history" not in outputs:
+        return []
+    return [("--history", outputs["--history"], lambda path, overwrite: write_json(path, data, overwrite=overwrite))]

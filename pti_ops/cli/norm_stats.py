@@ -12,12 +12,12 @@ rather than on the captions' mean.
 
 import argparse
 import logging
-from pathlib import Path
 
 from ..models import load_bundle
 from .options import add_model_options
+from .outputs import check_output_files, check_output_space, norm_stats_bytes
 from ..files import load_embedding
-from ..errors import InvalidInputError, OutputExistsError
+from ..errors import InvalidInputError
 from ..norm_stats import CENTRES, EOS, SPACES, NormStatsConfig, compute_norm_stats
 from ..placeholder import add_placeholder
 
@@ -87,9 +87,7 @@ def run_norm_stats_command(args: argparse.Namespace) -> int:
         args (`argparse.Namespace`): the parsed options of `add_norm_stats_command`.
     """
     # 1. Check options and outputs before loading anything.
-    for path in (args.out, args.plot):
-        if path and Path(path).exists() and not args.overwrite:
-            raise OutputExistsError(f"{path} already exists: choose another output path or pass --overwrite.")
+    outputs = check_output_files({"--out": args.out, "--plot": args.plot}, args.overwrite)
     if args.embedding and not args.template:
         raise InvalidInputError("--embedding is only used for the SLERP endpoints: give --template and --class-word too.")
     config = NormStatsConfig(
@@ -98,6 +96,7 @@ def run_norm_stats_command(args: argparse.Namespace) -> int:
     )
     # 2. Load the model; this command owns it, so adding the placeholder to it is safe.
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
+    check_output_space({path: norm_stats_bytes(bundle) for path in outputs.values()})
     placeholder = None
     if args.embedding:
         vectors = load_embedding(args.embedding).for_family(bundle.family, bundle.embedding_dim)

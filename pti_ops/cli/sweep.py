@@ -31,6 +31,7 @@ from ..sweeps import (
 from .evaluate import add_lpips_option, build_scorers, parse_seeds
 from .invert import load_dataset_for
 from .option_words import in_option_words
+from .outputs import check_output_space, embedding_bytes, images_bytes, lora_bytes
 from .options import (
     TerminalProgress,
     add_dataset_options,
@@ -132,6 +133,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     scorers = build_scorers(args)  # an explicit --lpips alex/vgg without its file stops here
     # 2. Load once for the dataset; that bundle serves the first run, later runs load fresh ones.
     first = [load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)]
+    check_output_space({Path(args.out) / "sweep.json": _report_bytes(config, first[0])})
     dataset = load_dataset_for(args, first[0])
     vectors = None if embedding is None else embedding.for_family(first[0].family, first[0].embedding_dim)
 
@@ -168,6 +170,16 @@ def _sweep_config(args, lrs, token, init_word, templates, regularizers, sampling
         onset_fraction=onset_fraction, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, out=Path(args.out), overwrite=args.overwrite,
     )  # fmt: skip
+
+
+def _report_bytes(config: SweepConfig, bundle) -> int:
+    """The report folder's expected size: every run's trained file, two thumbnail grids, tables and plots."""
+    if config.kind == "inversion":
+        per_run = embedding_bytes(bundle, config.num_vectors)
+    else:
+        per_run = lora_bytes(bundle, config.training_config())
+    side = config.sampling.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
+    return config.runs * per_run + 2 * images_bytes((config.runs + 1) * len(config.sample_seeds), side)
 
 
 def _token_names(args: argparse.Namespace, kind: str):

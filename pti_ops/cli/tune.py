@@ -11,9 +11,10 @@ from ..pivot import Pivot
 from ..pivotal import pivotal_tune
 from ..placeholder import DEFAULT_TEMPLATES
 from ..regularizer import INTERPOLATION_MODES, MODES, REGULARIZER_MODES, RegularizerConfig
-from .invert import add_inversion_options, check_outputs, inversion_config_from, load_dataset_for
+from .invert import add_inversion_options, history_save, inversion_config_from, load_dataset_for
 from .option_words import in_option_words
-from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options, write_json
+from .outputs import check_output_files, check_output_space, embedding_bytes, history_bytes, lora_bytes, save_outputs
+from .options import TerminalProgress, add_dataset_options, add_model_options, add_precision_options
 
 logger = logging.getLogger(__name__)
 
@@ -137,23 +138,26 @@ def add_tune_command(subparsers) -> None:
 
 def run_tune_command(args: argparse.Namespace) -> int:
     _check_suffix(args.out, "--out")
-    check_outputs(args, args.out, args.history)
+    outputs = check_output_files({"--out": args.out, "--history": args.history}, args.overwrite)
     config_templates = args.template or list(DEFAULT_TEMPLATES)
     config = tune_config_from(args, config_templates)
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
     pivot = Pivot.load(args.embedding, bundle, placeholder=args.token)
     regularizer = regularizer_from(args, pivot.initializer, config_templates)
+    bundled = pivot.vectors.shape[0] if args.bundle_embedding else 0
+    check_output_space({outputs["--out"]: lora_bytes(bundle, config, bundled),
+                        outputs.get("--history"): history_bytes(config.steps, config.history_every)})  # fmt: skip
     dataset = load_dataset_for(args, bundle)
     progress = TerminalProgress(config.steps, f"tune LoRA around {pivot.placeholder}")
     try:
         result = tune_around(bundle, dataset, pivot, config, regularizer, on_step=progress)
     finally:
         progress.close()
-    path = result.save(args.out, overwrite=args.overwrite, bundle_embedding=args.bundle_embedding)
-    logger.info("wrote %s (%d tensors); final loss %.4g", path, len(result.lora), result.history[-1]["loss"])
-    if args.history:
-        write_json(args.history, {"config": config.to_dict(), "regularizer": result.regularizer, "history": result.history},
-                   overwrite=args.overwrite)
+    history = {"config": config.to_dict(), "regularizer": result.regularizer, "history": result.history}
+    save_outputs([("--out", outputs["--out"], lambda path, overwrite: result.save(path, overwrite=overwrite,
+                                                                                bundle_embedding=args.bundle_embedding))]
+                 + history_save(outputs, history), args.overwrite)  # fmt: skip
+    logger.info("wrote %s (%d tensors); final loss %.4g", outputs["--out"], len(result.lora), result.history[-1]["loss"])
     return 0
 
 
@@ -183,11 +187,16 @@ def add_run_command(subparsers) -> None:
 def run_run_command(args: argparse.Namespace) -> int:
     _check_suffix(args.out_embedding, "--out-embedding")
     _check_suffix(args.out_lora, "--out-lora")
-    check_outputs(args, args.out_embedding, args.out_lora, args.history)
+    outputs = check_output_files({"--out-embedding": args.out_embedding, "--out-lora": args.out_lora,
+                                  "--history": args.history}, args.overwrite)  # fmt: skip
     inversion = inversion_config_from(args, prefix="ti_")
     tuning = tune_config_from(args, inversion.templates, args.schedule)
     regularizer = regularizer_from(args, inversion.initializer, inversion.templates)
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
+    bundled = inversion.num_vectors if args.bundle_embedding else 0
+    check_output_space({outputs["--out-embedding"]: embedding_bytes(bundle, inversion.num_vectors),
+                        outputs["--out-lora"]: lora_bytes(bundle, tuning, bundled),
+                        outputs.get("--history"): history_bytes(inversion.steps + tuning.steps, tuning.history_every)})
     dataset = load_dataset_for(args, bundle)
     total = tuning.steps + (inversion.steps if args.schedule == "sequential" else 0)
     progress = TerminalProgress(total, f"pivotal tuning of {inversion.placeholder}")
@@ -195,13 +204,16 @@ def run_run_command(args: argparse.Namespace) -> int:
         result = pivotal_tune(bundle, dataset, inversion, tuning, regularizer, on_step=progress)
     finally:
         progress.close()
-    result.save(args.out_embedding, args.out_lora, overwrite=args.overwrite, bundle_embedding=args.bundle_embedding)
+    history = {
+        "inversion": {"config": inversion.to_dict(), "history": result.inversion.history} if result.inversion else None,
+        "tuning": {"config": tuning.to_dict(), "regularizer": result.tuning.regularizer, "history": result.tuning.history},
+    }
+    save_outputs([  # each file on its own: a LoRA that cannot be written does not lose the embedding
+        ("--out-embedding", outputs["--out-embedding"], lambda path, overwrite: result.pivot.save(path, overwrite=overwrite)),
+        ("--out-lora", outputs["--out-lora"],
+         lambda path, overwrite: result.tuning.save(path, overwrite=overwrite, bundle_embedding=args.bundle_embedding)),
+    ] + history_save(outputs, history), args.overwrite)  # fmt: skip
     logger.info("wrote %s and %s", args.out_embedding, args.out_lora)
-    if args.history:
-        write_json(args.history, {
-            "inversion": {"config": inversion.to_dict(), "history": result.inversion.history} if result.inversion else None,
-            "tuning": {"config": tuning.to_dict(), "regularizer": result.tuning.regularizer, "history": result.tuning.history},
-        }, overwrite=args.overwrite)
     return 0
 
 

@@ -226,6 +226,29 @@ def _check_module(prefix: str, parts: dict[str, torch.Tensor], where: str) -> No
 # ---------------------------------------------------------------------------------------------
 
 
+# Header bytes per kohya module: three keys with their dtype, shape and offsets in the JSON header.
+_MODULE_HEADER_BYTES = 600
+
+
+def lora_file_size(models: Sequence[tuple[torch.nn.Module | None, Sequence[str]]], rank: int, extra_bytes: int = 0) -> int:
+    """Bytes of the LoRA file that adapters of `rank` on these modules give, about (float32, as written).
+
+    Args:
+        models (`list`): `(model, target suffixes)` pairs, as peft matches them (`to_q` matches `….to_q`);
+            a None model is left out.
+        rank (`int`): the adapters' rank.
+        extra_bytes (`int`): more in the file (a bundled embedding).
+    """
+    total = 4 * 1024 + extra_bytes  # metadata
+    for model, targets in models:
+        for name, module in ([] if model is None else model.named_modules()):
+            if not any(name == t or name.endswith("." + t) for t in targets) or not hasattr(module, "weight"):
+                continue
+            shape = module.weight.shape  # [out, in] or [out, in, kh, kw]
+            total += 4 * rank * (int(shape[0]) + math.prod(int(n) for n in shape[1:])) + 4 + _MODULE_HEADER_BYTES
+    return total
+
+
 def save_lora(
     path: str | os.PathLike,
     kohya_dict: dict[str, torch.Tensor],
