@@ -16,6 +16,9 @@ MAX_GRADIENT_ACCUMULATION = 1024  # micro-batches per optimiser step (time grows
 MAX_RANK = 256  # LoRA rank: a rank-256 SD1.5 LoRA file is already hundreds of MB
 MAX_REG_SAMPLES = 64  # regularisation prompts per application, a UNet pass each
 
+# Seeds: what torch's generators take, and ComfyUI's seed widgets (0 … 2^64 - 1).
+MAX_SEED = 2**64 - 1
+
 # Training images (`dataset.py`).
 MAX_IMAGE_PIXELS = 64_000_000  # 64 Mpx (8000 x 8000): 192 MB decoded as RGB; larger is refused
 # PIL's own decompression-bomb error starts at 2 x its `Image.MAX_IMAGE_PIXELS` (179 Mpx), above ours,

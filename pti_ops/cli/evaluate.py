@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..checks import default_of
+from ..checks import check_number, default_of
 from ..dataset import DatasetConfig, load_image_folder
 from ..errors import InvalidInputError
 from ..files import atomic_write, check_output_folder, load_embedding, load_lora
@@ -21,7 +21,7 @@ from ..metrics import load_scorers
 from ..models import load_bundle
 from .option_words import in_option_words
 from .outputs import check_output_space, images_bytes
-from .options import add_model_options, add_sampling_options, sampling_config, write_json
+from .options import add_model_options, add_sampling_options, check_seed, sampling_config, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def parse_seeds(text: str) -> list[int]:
         raise InvalidInputError(f"--seeds {text!r} must be comma-separated integers, e.g. 0,1,2,3.") from err
     if not seeds:
         raise InvalidInputError("--seeds is empty: give comma-separated integers, e.g. 0,1,2,3.")
-    return seeds
+    return [check_seed(seed, "each of --seeds") for seed in seeds]
 
 
 def fill_names_from_embedding(args: argparse.Namespace) -> dict[str, str]:
@@ -84,6 +84,7 @@ def build_config(args: argparse.Namespace) -> EvaluationConfig:
     """The evaluation settings from the command line (checked before any model is loaded)."""
     sampling, seeds = sampling_config(args), parse_seeds(args.seeds)
     with in_option_words(args, {"placeholder": "token", "class_word": "init_word"}):
+        check_number("lora_strength", args.lora_strength)  # NaN would blank every generation
         return EvaluationConfig(
             prompts=args.prompts or list(DEFAULT_PROMPTS),
             edit_prompts=args.edit_prompts if args.edit_prompts is not None else list(DEFAULT_EDIT_PROMPTS),

@@ -110,7 +110,7 @@ def load_dataset_for(args: argparse.Namespace, bundle) -> ImageDataset:
 
 def timestep_range_from(args: argparse.Namespace) -> tuple[int, int] | None:
     t_min, t_max = getattr(args, "t_min", None), getattr(args, "t_max", None)
-    if getattr(args, "max_timestep", None):
+    if getattr(args, "max_timestep", None) is not None:
         t_max = args.max_timestep
     if t_min is None and t_max is None:
         return None

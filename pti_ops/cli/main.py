@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except PivotalError as err:
         # Errors a user can fix: one clear sentence, no traceback, naming the option the user typed.
-        if isinstance(err, InvalidInputError):
-            name_option(err, args, getattr(args, "option_fields", None))
+        name_option(err, args, getattr(args, "option_fields", None))
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as err:

@@ -10,9 +10,13 @@ the command's `option_fields` (set with its handler) or the same-dest rule.
 
 import argparse
 import contextlib
+import re
 from typing import Iterator
 
 from ..errors import InvalidInputError
+
+# A setting named in a message: `num_vectors`.
+_SETTING = re.compile(r"`([a-z][a-z0-9_]*)`")
 
 
 def option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -25,20 +29,28 @@ def option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     return names
 
 
-def name_option(err: InvalidInputError, args: argparse.Namespace, fields: dict[str, str] | None = None) -> InvalidInputError:
-    """Rename `err`'s field to the option that filled it.
+def name_option(err: Exception, args: argparse.Namespace, fields: dict[str, str] | None = None) -> Exception:
+    """Rename `err`'s field, and any other setting its message names in backticks, to the options that fill them.
 
     Args:
-        err (`InvalidInputError`): raised by a config check (its `field` set), or anything else (left as it is).
+        err (`Exception`): raised by a config check (an `InvalidInputError` with its `field`), or another of
+            the package's errors (settings it names in backticks are renamed; the rest is left as it is).
         args (`argparse.Namespace`): the parsed arguments (their `option_names`).
         fields (`dict[str, str]`, *optional*): config field → dest where they differ, or → the text to say
             (starting with `-`, e.g. `--t-min/--t-max`).
     """
-    if err.field is None:
-        return err
-    target = (fields or {}).get(err.field, err.field)
-    option = target if target.startswith("-") else getattr(args, "option_names", {}).get(target)
-    return err.rename(option) if option else err
+    names = getattr(args, "option_names", {})
+
+    def option_of(field: str) -> str | None:
+        target = (fields or {}).get(field, field)
+        return target if target.startswith("-") else names.get(target)
+
+    field = getattr(err, "field", None)
+    if field and option_of(field):
+        err.rename(option_of(field))
+    if len(err.args) == 1 and isinstance(err.args[0], str):  # the other settings the message names ("set `num_vectors`")
+        err.args = (_SETTING.sub(lambda m: option_of(m.group(1)) or m.group(0), err.args[0]),)
+    return err
 
 
 @contextlib.contextmanager
@@ -48,4 +60,5 @@ def in_option_words(args: argparse.Namespace, fields: dict[str, str]) -> Iterato
         yield
     except InvalidInputError as err:
         name_option(err, args, fields)
+        err.field = None  # named: `main` leaves it
         raise

@@ -31,8 +31,17 @@ def _limited(parser: argparse.ArgumentParser) -> dict[str, str]:
     return {dest: name for dest, name in option_names(parser).items() if dest in LIMITED_OPTIONS}
 
 
+def check_seed(value: int, option: str = "--seed") -> int:
+    """A seed torch's generators take (0 … 2^64 - 1, as ComfyUI's seed widgets)."""
+    if not 0 <= value <= limits.MAX_SEED:
+        raise InvalidInputError(f"{option} must be a whole number from 0 to {limits.MAX_SEED}, got {value}.")
+    return value
+
+
 def check_limits(args: argparse.Namespace) -> None:
-    """Refuse a limited option above its limit (before anything loads), unless `--no-limits`."""
+    """Refuse a seed out of range, and a limited option above its limit (before anything loads) unless `--no-limits`."""
+    if isinstance(getattr(args, "seed", None), int):
+        check_seed(args.seed)
     if getattr(args, "no_limits", True):
         return
     for dest, limit in LIMITED_OPTIONS.items():

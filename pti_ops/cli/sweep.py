@@ -108,16 +108,17 @@ def parse_learning_rates(text: str) -> list[float]:
         values = [float(s) for s in text.split(",") if s.strip()]
     except ValueError as err:
         raise InvalidInputError(f"--lrs {text!r} must be comma-separated numbers, e.g. 1e-4,5e-4,2e-3,5e-3.") from err
-    return check_learning_rates(values, "--lrs")
+    return check_learning_rates(values)  # its messages name `learning_rates`: --lrs where the sweep is built
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     # 1. Check every input before loading or training anything.
     check_sweep_kind(args.kind)
     check_output_folder(args.out, args.overwrite, what="--out", hint="pass --overwrite")
-    lrs = parse_learning_rates(args.lrs)
-    knee_threshold = check_fraction("--knee-threshold", args.knee_threshold)
-    onset_fraction = check_fraction("--onset-fraction", args.onset_fraction)
+    with in_option_words(args, SWEEP_FIELDS):
+        lrs = parse_learning_rates(args.lrs)
+        knee_threshold = check_fraction("knee_threshold", args.knee_threshold)
+        onset_fraction = check_fraction("onset_fraction", args.onset_fraction)
     embedding, token, init_word = _token_names(args, args.kind)
     templates = args.template or _default("templates")
     if args.kind == "inversion" and args.reg != "none":

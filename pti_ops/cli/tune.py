@@ -85,7 +85,7 @@ def _tune_config(args: argparse.Namespace, templates: list[str], schedule: str) 
     return TuneConfig(
         rank=args.rank, alpha=args.alpha, targets=args.targets, train_text_encoder=args.train_text_encoder,
         learning_rate=args.lr, steps=args.steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        seed=args.seed, timestep_range=(0, args.max_timestep) if args.max_timestep else None, schedule=schedule,
+        seed=args.seed, timestep_range=(0, args.max_timestep) if args.max_timestep is not None else None, schedule=schedule,
         templates=templates, clip_skip=args.clip_skip, history_every=args.history_every,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         ti_learning_rate=args.ti_lr if joint else _tune_default("ti_learning_rate"),
