@@ -14,7 +14,6 @@ import os
 import random
 import re
 import string
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 from example_images import write_animated, write_example_images, write_png_header
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pti_ops.cli import main
 from pti_ops.files import save_embedding, save_lora

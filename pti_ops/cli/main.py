@@ -8,7 +8,7 @@ import argparse
 import logging
 import sys
 
-from ..errors import InvalidInputError, PivotalError
+from ..errors import PivotalError
 from ..user_warnings import collect_warnings
 from .benchmark import add_benchmark_command
 from .demo import add_demo_command
