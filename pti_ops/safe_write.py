@@ -83,6 +83,10 @@ def output_paths(folders: Sequence[str | os.PathLike], name: str, extension: str
     folders = [Path(folder) for folder in folders]
     paths = [folder / (stem + extension) for folder in folders]
     taken = [path for path in paths if path.exists()]
+    folders_in_place = [path for path in taken if path.is_dir()]
+    if folders_in_place and if_exists == "overwrite":  # refused now, not after training
+        raise OutputExistsError(f"{folders_in_place[0]} is a folder: nothing can be written in its place. Choose "
+                                f"another `{what}`, or set `if_exists` to increment.")  # fmt: skip
     if not taken or if_exists == "overwrite":
         return paths
     if if_exists == "error":
