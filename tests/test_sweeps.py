@@ -1,6 +1,5 @@
 """Learning-rate sweeps: the analysis on synthetic curves, both sweeps and the command on the tiny model."""
 
-import argparse
 import csv
 import json
 import math
@@ -245,11 +244,9 @@ def test_lora_sweep_measures_locality_spread_and_onset(dataset, scorers):
 
 
 def _sweep_args(*extra):
-    from pti_ops.cli.sweep import add_sweep_command
+    from pti_ops.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    add_sweep_command(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["sweep", "--model", "tiny", "--images", "unused", *extra])
+    return build_parser().parse_args(["sweep", "--model", "tiny", "--images", "unused", *extra])
 
 
 @pytest.mark.parametrize(
@@ -257,8 +254,8 @@ def _sweep_args(*extra):
     [
         (["--kind", "gan", "--lrs", "1e-3"], InvalidInputError, "sweep kind must be one of inversion, lora, got 'gan'"),
         (["--kind", "inversion", "--lrs", "1e-3,x"], InvalidInputError, "--lrs '1e-3,x' must be comma-separated numbers"),
-        (["--kind", "inversion", "--lrs", ","], InvalidInputError, "`--lrs` is empty"),
-        (["--kind", "inversion", "--lrs", "1e-3,-2e-3"], InvalidInputError, "`--lrs` must hold positive finite numbers, got -0.002"),
+        (["--kind", "inversion", "--lrs", ","], InvalidInputError, "^--lrs is empty"),
+        (["--kind", "inversion", "--lrs", "1e-3,-2e-3"], InvalidInputError, "^--lrs must hold positive finite numbers, got -0.002"),
         (["--kind", "lora", "--lrs", "1e-3"], InvalidInputError, "--kind lora needs --embedding"),
         (["--kind", "lora", "--lrs", "1e-3", "--embedding", "x", "--reg", "none,blur"], InvalidInputError, "--reg 'blur' is not a regulariser"),
     ],
