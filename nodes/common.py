@@ -5,6 +5,7 @@ templates, history, and the file it was saved to (`pivot.trigger` is its `embedd
 """
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -41,6 +42,27 @@ def parse_floats(text: str, what: str) -> list[float]:
         return [float(item) for item in (text or "").replace(";", ",").split(",") if item.strip()]
     except ValueError as err:
         raise InvalidInputError(f"`{what}` {text!r} must be comma-separated numbers, e.g. 1e-4,5e-4,2e-3.") from err
+
+
+def in_widget_words(**widgets: str):
+    """Decorator of a node's FUNCTION: a config check naming a field (`` `t_range` ``) names the widget that fills it.
+
+    Fields named as their widgets need nothing; `widgets` maps the others, e.g. `rank="lora_rank"`.
+    """
+
+    def decorate(function):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except InvalidInputError as err:
+                if err.field in widgets:
+                    err.rename(f"`{widgets[err.field]}`")
+                raise
+
+        return run
+
+    return decorate
 
 
 def validation_message(*checks) -> bool | str:

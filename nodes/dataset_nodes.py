@@ -4,6 +4,7 @@ Buckets, loss masks and tag captions are optional inputs at the end (saved workf
 defaults, which train as before); the training nodes read them from the dataset.
 """
 
+from ..pti_ops.limits import MAX_IMAGE_PIXELS, MAX_RESOLUTION, MAX_UPSCALE
 from ..pti_ops.dataset import (
     BAD_IMAGE_POLICIES,
     CAPTION_SOURCES,
@@ -19,9 +20,10 @@ from .common import node_result, node_warnings, split_lines
 from .inputs import NODE_ID, bool_input, combo, default_of, float_input, int_input, link, string_input
 
 CATEGORY = "pivotal_tuning/dataset"
-RESOLUTION = int_input(default_of(DatasetConfig, "resolution"), 64, 2048, "Side of the square training images in "
+RESOLUTION = int_input(default_of(DatasetConfig, "resolution"), 64, MAX_RESOLUTION, "Side of the square training images in "
     "pixels: images are resized (shorter side) and centre-cropped to it. 512 for SD1.5; smaller trains faster but "
-    "learns less detail.", step=8)
+    f"learns less detail. Images smaller than it are upscaled (a warning); under a {MAX_UPSCALE}th of it (128 px at "
+    "512) they are refused.", step=8)
 FLIP = bool_input(default_of(DatasetConfig, "flip"), "Also train on mirror images (picked at random per sample). "
     "Doubles the variety; leave off for asymmetric characters (a scar on one side, text on clothes).")  # fmt: skip
 # Options every training reads from the dataset (optional inputs, appended: workflows store widgets by position).
@@ -59,8 +61,10 @@ class PivotalDatasetFromFolder:
                     "if one is missing). files_or_template: the caption file where there is one, the templates "
                     "elsewhere."),
                 "on_bad_image": combo(BAD_IMAGE_POLICIES, default_of(DatasetConfig, "on_bad_image"), "error: stop on "
-                    "an unreadable image file. skip: leave it out with a warning (on this node, in the log, and on "
-                    "every training node using these images, on every run)."),
+                    f"an unreadable image file or one of a refused size (over {MAX_IMAGE_PIXELS // 10**6} Mpx, or a "
+                    f"shorter side under resolution / {MAX_UPSCALE}). skip: leave it out with a warning (on this node, "
+                    "in the log, and on every training node using these images, on every run). An animated image "
+                    "gives its first frame, with a warning."),
             },
             "optional": {
                 "buckets": BUCKETS,

@@ -1,5 +1,6 @@
 """TokenInversion: step 1 of pivotal tuning, the placeholder's embedding learned from the images."""
 
+from ..pti_ops.limits import MAX_BATCH_SIZE, MAX_STEPS
 from ..pti_ops.files import output_path
 from ..pti_ops.inversion import NORM_MODES, InversionConfig, invert
 from ..pti_ops.placeholder import MAX_VECTORS
@@ -29,11 +30,11 @@ class TokenInversion:
                 "num_vectors": int_input(_default("num_vectors"), 1, MAX_VECTORS, "Embedding vectors behind the token: "
                     "more capture more detail but edit worse and use more of the 75-token prompt."),
                 "templates": lines_input(_default("templates"), TEMPLATES_TOOLTIP),
-                "steps": int_input(_default("steps"), 1, 100000, "Optimiser steps. Keep it fixed and sweep the learning "
+                "steps": int_input(_default("steps"), 1, MAX_STEPS, "Optimiser steps. Keep it fixed and sweep the learning "
                     "rate: lr × steps sets how far the token travels from its initializer."),
                 "learning_rate": float_input(_default("learning_rate"), 1e-7, 1.0, 1e-5, "AdamW learning rate of the "
                     "token. Higher moves it further: better likeness, worse editability.", round=False),
-                "batch_size": int_input(_default("batch_size"), 1, 64, "Images per step. Larger is smoother but slower "
+                "batch_size": int_input(_default("batch_size"), 1, MAX_BATCH_SIZE, "Images per step. Larger is smoother but slower "
                     "and needs more memory."),
                 "seed": SEED,
                 "norm_mode": combo(NORM_MODES, _default("norm_mode"), "none: free. pull: penalise the token's norm "

@@ -1,5 +1,6 @@
 """SlerpRegularizer and PivotalLoRATune: steps 2 and 3 of pivotal tuning (LoRA around the frozen pivot)."""
 
+from ..pti_ops.limits import MAX_BATCH_SIZE, MAX_RANK, MAX_REG_SAMPLES, MAX_STEPS
 from ..pti_ops.errors import InvalidInputError, MissingModelFileError
 from ..pti_ops.files import output_path, output_paths
 from ..pti_ops.lora_tune import SCHEDULES, UNET_TARGETS, TuneConfig, tune_around
@@ -8,7 +9,7 @@ from ..pti_ops.pivot import Pivot
 from ..pti_ops.regularizer import INTERPOLATION_MODES, MODES, REGULARIZER_MODES, RegularizerConfig
 from . import bridge
 from .common import converted, core_run, history_every, history_plot, if_exists_policy, node_result, node_warnings
-from .common import previews_from, snapshot_names, snapshots_beside, split_lines, trainer_options, validate_name
+from .common import in_widget_words, previews_from, snapshot_names, snapshots_beside, split_lines, trainer_options, validate_name
 from .inputs import IF_EXISTS, MEMORY_OPTIONS, NODE_ID, OVERWRITE, SEED, TRAINER_OPTIONS, TRAINING_INPUTS, bool_input, combo, default_of
 from .inputs import float_input, int_input, lines_input, link, string_input
 
@@ -52,7 +53,7 @@ class SlerpRegularizer:
                     "more slowly. 0 turns it off."),
                 "every": int_input(_reg("every"), 1, 1000, "Apply the regulariser every N training steps (each "
                     "application costs extra UNet work)."),
-                "samples": int_input(_reg("samples"), 1, 64, "Regularisation prompts per application (a UNet sample each)."),
+                "samples": int_input(_reg("samples"), 1, MAX_REG_SAMPLES, "Regularisation prompts per application (a UNet sample each)."),
                 "timestep_min": int_input(0, 0, LAST_TIMESTEP, "Lowest noise timestep of the regularisation samples. With "
                     "0…999 they reuse the training batch's noisy latents (cheapest)."),
                 "timestep_max": int_input(LAST_TIMESTEP, 0, LAST_TIMESTEP, "Highest noise timestep of the regularisation "
@@ -79,6 +80,7 @@ class SlerpRegularizer:
         "predicting what the original predicts for prompts near the token's (between it and the class word)."
     )
 
+    @in_widget_words(t_range="t_jitter", timestep_range="timestep_min/timestep_max", centre="norm_stats")
     def build(self, mode, anchor, templates, interpolation, t, t_jitter, weight, every, samples,
               timestep_min, timestep_max, norm_stats=None, image_space=False, image_l2_weight=0.1):  # fmt: skip
         config = RegularizerConfig(
@@ -142,7 +144,7 @@ class PivotalLoRATune:
             "required": {
                 **TRAINING_INPUTS,
                 "embedding": link("PIVOTAL_EMBEDDING", "The pivot from TokenInversion; its prompt templates are reused."),
-                "rank": int_input(_tune("rank"), 1, 256, "LoRA rank: capacity of the tuning. 4–16 is light (small file, "
+                "rank": int_input(_tune("rank"), 1, MAX_RANK, "LoRA rank: capacity of the tuning. 4–16 is light (small file, "
                     "stays close to the base model); higher learns more and forgets more."),
                 "alpha": float_input(0.0, 0.0, 1024.0, 0.5, "LoRA alpha: the update is scaled by alpha / rank. 0 means "
                     "alpha = rank (scale 1)."),
@@ -150,8 +152,8 @@ class PivotalLoRATune:
                     "to_v, to_out) or attention_ff (also the feed-forward layers: more capacity, bigger file)."),
                 "learning_rate": float_input(_tune("learning_rate"), 1e-7, 1.0, 1e-5, "AdamW learning rate of the LoRA. "
                     "Too high learns the training images' exact poses and backgrounds.", round=False),
-                "steps": int_input(_tune("steps"), 1, 100000, "Optimiser steps of the LoRA tuning."),
-                "batch_size": int_input(_tune("batch_size"), 1, 64, "Images per step (more memory, smoother steps)."),
+                "steps": int_input(_tune("steps"), 1, MAX_STEPS, "Optimiser steps of the LoRA tuning."),
+                "batch_size": int_input(_tune("batch_size"), 1, MAX_BATCH_SIZE, "Images per step (more memory, smoother steps)."),
                 "seed": SEED,
                 "schedule": combo(SCHEDULES, _tune("schedule"), "sequential: the token stays frozen (pivotal tuning). "
                     "joint: the token trains with the LoRA for the first half, then freezes; its new vectors are saved "

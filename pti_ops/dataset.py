@@ -7,9 +7,18 @@ resized so the shorter side equals the resolution, centre-cropped to a square an
 Options a run reads from the dataset (all off by default): aspect-ratio buckets (`aspect_buckets.py`:
 each image at the bucket of nearest aspect ratio instead of a square crop, kept as a list of
 `[3, h, w]`), loss masks (`image_masks.py`) and tag-caption shuffling and dropout (`tag_captions.py`).
+
+Sizes (`limits.py`), checked from the file's header before anything is decoded: an image of more than
+`MAX_IMAGE_PIXELS` (64 Mpx) is refused, as is one whose shorter side is under resolution / `MAX_UPSCALE`
+(128 px at 512: blown up 4x or more it would train on blur); both are skipped with a warning under
+`on_bad_image="skip"`, like unreadable files. An image smaller than the resolution but above that is
+upscaled with a warning. An animated image (GIF-style WebP, APNG) gives its first frame, with a warning.
 """
 
 import logging
+import math
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,6 +33,7 @@ from .errors import DatasetError, InvalidInputError
 from .image_masks import (MASK_SOURCES, MaskSource, alpha_mask, check_mask_batch, mask_from_tensor, mask_to_tensor,
                           read_mask_file, mask_path_for, split_mask_files, warn_unmasked)
 from .tag_captions import TagCaptions
+from .limits import MAX_IMAGE_PIXELS, MAX_UPSCALE
 from .user_warnings import warn_user
 
 logger = logging.getLogger(__name__)
@@ -45,8 +55,9 @@ class DatasetConfig:
         caption_source (`str`): `"template"` uses the prompt templates for every image; `"files"`
             reads `NAME.txt` beside each image (an error if one is missing); `"files_or_template"`
             uses the file where there is one and the templates elsewhere.
-        on_bad_image (`str`): `"error"` stops on an unreadable image; `"skip"` leaves it out with a
-            warning that lists the files (logged, and kept in the dataset's `warnings`).
+        on_bad_image (`str`): `"error"` stops on an unreadable image or one of a refused size (see the
+            module's docstring); `"skip"` leaves it out with a warning that lists the files (logged, and
+            kept in the dataset's `warnings`).
         buckets (`bool`): aspect-ratio buckets: each image keeps its aspect ratio, resized to the bucket of
             nearest aspect ratio at about `resolution`² pixels (sides multiples of `bucket_step`) instead of
             a centre-cropped square; every batch comes from one bucket.
@@ -258,6 +269,52 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+class ImageRefused(Exception):
+    """An image file that cannot be trained on; the message says why (unreadable, too large, too small)."""
+
+    def __init__(self, reason: str, unreadable: bool = False):
+        super().__init__(reason)
+        self.unreadable = unreadable
+
+
+def smallest_side(resolution: int) -> int:
+    """The shortest image side accepted at `resolution`: what `MAX_UPSCALE` times upscaling brings to it."""
+    return math.ceil(resolution / MAX_UPSCALE)
+
+
+def check_image_size(width: int, height: int, resolution: int) -> None:
+    """Raise `ImageRefused` for an image above `MAX_IMAGE_PIXELS` or with its shorter side under `smallest_side`."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageRefused(f"{width}x{height} px = {width * height / 1e6:.0f} Mpx, above the limit of "
+                           f"{MAX_IMAGE_PIXELS / 1e6:.0f} Mpx")  # fmt: skip
+    if min(width, height) < smallest_side(resolution):
+        raise ImageRefused(f"{width}x{height} px, shorter side under {smallest_side(resolution)} px = the training "
+                           f"resolution {resolution} / {MAX_UPSCALE}: too small to upscale")  # fmt: skip
+
+
+def read_image(path: Path, resolution: int, with_alpha_mask: bool = False) -> tuple[Image.Image, int, Image.Image | None]:
+    """An image file as RGB, its number of frames (the first is read) and, with `with_alpha_mask`, its alpha
+    channel as a loss mask (None without one); its size is checked before decoding.
+
+    Raises `ImageRefused` for an unreadable file or a refused size (`check_image_size`).
+    """
+    try:
+        with warnings.catch_warnings():
+            # PIL warns from 89 Mpx on, above our own limit, which is checked below with the exact size.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                check_image_size(*image.size, resolution)
+                frames = getattr(image, "n_frames", 1)
+                image.load()
+                return to_rgb(image), frames, alpha_mask(image) if with_alpha_mask else None
+    except Image.DecompressionBombError as err:  # a header of more than 179 Mpx: PIL stops at open
+        claimed = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(claimed.group(1)) / 1e6:.0f} Mpx" if claimed else "more pixels than PIL accepts"
+        raise ImageRefused(f"{size}, above the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx") from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageRefused(f"{type(err).__name__}: {err}", unreadable=True) from err
+
+
 def list_image_files(folder: Path) -> list[Path]:
     """Image files of `folder` (not recursive), sorted by name so runs are reproducible."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
@@ -273,12 +330,15 @@ def read_caption(path: Path) -> str:
     return " ".join(text.split())
 
 
-def load_image_folder(folder: str | Path, config: DatasetConfig | None = None) -> ImageDataset:
+def load_image_folder(folder: str | Path, config: DatasetConfig | None = None,
+                      skip_hint: str | None = "set `on_bad_image` to skip") -> ImageDataset:  # fmt: skip
     """Load every image of `folder` (+ captions) as an `ImageDataset`.
 
     Args:
         folder (`str`): folder of png/jpg/jpeg/webp files, with optional `NAME.txt` captions.
         config (`DatasetConfig`): resolution, flip, caption source, bad-image policy, buckets, masks, tag captions.
+        skip_hint (`str`, *optional*): how the user skips bad images, for the error (the CLI: `pass
+            --skip-bad-images`); None where they cannot.
     """
     config = config or DatasetConfig()
     folder = Path(folder).expanduser()
@@ -294,16 +354,15 @@ def load_image_folder(folder: str | Path, config: DatasetConfig | None = None) -
     buckets = config.bucket_list()  # with buckets, a list: one size per image
     side = config.resolution
     images = torch.empty((len(files), 3, side, side), dtype=torch.uint8) if buckets is None else [None] * len(files)
-    names, kept_captions, bad, small, sizes, crops, masks = [], [], [], [], [], [], []
+    names, kept_captions, bad, refused, small, animated, sizes, crops, masks = [], [], [], [], [], [], [], [], []
     for path, caption in zip(files, captions):
         try:
-            with Image.open(path) as image:
-                image.load()
-                rgb = to_rgb(image)
-                mask = alpha_mask(image) if config.mask_from == "alpha" else None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            bad.append(f"{path.name} ({type(err).__name__}: {err})")
+            rgb, frames, mask = read_image(path, config.resolution, with_alpha_mask=config.mask_from == "alpha")
+        except ImageRefused as err:
+            (bad if err.unreadable else refused).append(f"{path.name} ({err})")
             continue
+        if frames > 1:
+            animated.append(f"{path.name} ({frames} frames)")
         if min(rgb.size) < config.resolution:
             small.append(f"{path.name} {rgb.size[0]}x{rgb.size[1]}")
         if config.mask_from == "files" and mask_path_for(path).is_file():
@@ -316,7 +375,8 @@ def load_image_folder(folder: str | Path, config: DatasetConfig | None = None) -
         crops.append(crop)
         names.append(path.name)
         kept_captions.append(caption)
-    problems = _report_problems(folder, bad, small, config, n_good=len(names))
+    problems = _report_problems(folder, bad, refused, config, n_good=len(names), skip_hint=skip_hint)
+    problems += [warn_user(message) for message in _size_warnings(folder, small, animated, config.resolution)]
     if len(names) < len(files):
         images = images[: len(names)].clone() if buckets is None else images[: len(names)]
     masks, mask_warnings = kept_masks(masks, names, config.mask_from, images)
@@ -344,20 +404,37 @@ def _captions_for(files: list[Path], source: CaptionSource) -> list[str | None]:
     return [read_caption(p) if p.is_file() else None for p in paths]
 
 
-def _report_problems(folder: Path, bad: list[str], small: list[str], config: DatasetConfig, n_good: int) -> list[str]:
-    """Raise for unreadable images unless skipped; otherwise warn (every time) and return the warnings."""
-    if bad and (config.on_bad_image == "error" or n_good == 0):
+def _report_problems(folder: Path, bad: list[str], refused: list[str], config: DatasetConfig, n_good: int,
+                     skip_hint: str | None) -> list[str]:  # fmt: skip
+    """Raise for unreadable or refused images unless skipped; otherwise warn (every time) and return the warnings."""
+    found = []
+    if bad:
+        found.append(f"{len(bad)} file(s) in {folder} could not be read as images: {'; '.join(bad[:5])}")
+    if refused:
+        found.append(f"{len(refused)} image(s) in {folder} have a size the loader refuses: {'; '.join(refused[:5])}")
+    if found and (config.on_bad_image == "error" or n_good == 0):
         raise DatasetError(
-            f"{len(bad)} file(s) in {folder} could not be read as images: {'; '.join(bad[:5])}. "
-            + ("No readable image is left." if n_good == 0 else "Fix or remove them, or set on_bad_image to `skip`.")
+            ". ".join(found) + ". "
+            + ("No usable image is left." if n_good == 0 else "Fix or remove them"
+               + (f", or {skip_hint} (with a warning)." if skip_hint else "."))
         )
     problems = []
     if bad:
         problems.append(f"skipped {len(bad)} unreadable image(s) in {folder}, training on the other {n_good}: "
                         f"{'; '.join(bad)}")  # fmt: skip
-    if small:
-        problems.append(_upscaled_warning(small, config.resolution))
+    if refused:
+        problems.append(f"skipped {len(refused)} image(s) of a refused size in {folder}, training on the other "
+                        f"{n_good}: {'; '.join(refused)}")  # fmt: skip
     return [warn_user(message) for message in problems]
+
+
+def _size_warnings(folder: Path, small: list[str], animated: list[str], resolution: int) -> list[str]:
+    """What the user should know about the images kept: upscaled ones, animated ones (first frame only)."""
+    messages = [_upscaled_warning(small, resolution)] if small else []
+    if animated:
+        messages.append(f"{len(animated)} animated image(s) in {folder}: only the first frame of each is trained on: "
+                        f"{', '.join(animated[:5])}" + (" …" if len(animated) > 5 else ""))  # fmt: skip
+    return messages
 
 
 def _upscaled_warning(small: list[str], resolution: int) -> str:
@@ -383,6 +460,12 @@ def dataset_from_tensor(
     if images.ndim != 4 or images.shape[-1] not in (3, 4):
         raise DatasetError(f"image batch must be [N, H, W, 3], got shape {tuple(images.shape)}.")
     masks = None if masks is None else check_mask_batch(masks, images)
+    if min(images.shape[1:3]) < smallest_side(resolution):
+        raise DatasetError(
+            f"the images are {images.shape[2]}x{images.shape[1]} px: their shorter side is under "
+            f"{smallest_side(resolution)} px (`resolution` {resolution} / {MAX_UPSCALE}), too small to upscale. Give "
+            "larger images or a smaller `resolution`."
+        )
     pil_images = [
         Image.fromarray((img[..., :3].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy(), mode="RGB")
         for img in images

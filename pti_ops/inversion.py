@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from .checks import check_choice, check_positive_int, check_positive_number
+from .checks import check_choice, check_number, check_positive_int, check_positive_number
 from .training.batches import BatchSampler, batch_time_ids, build_caption_table
 from .training.bucket_batches import check_training_sizes, report_buckets, training_groups
 from .models.bundle import ModelBundle
@@ -103,8 +103,8 @@ class InversionConfig(TrainingOptions):
         check_mixed_precision(self.mixed_precision)
         if self.max_norm_ratio is not None and not self.max_norm_ratio > 1:
             raise InvalidInputError(f"`max_norm_ratio` must be above 1 or None, got {self.max_norm_ratio!r}.")
-        if self.norm_strength < 0 or self.weight_decay < 0:
-            raise InvalidInputError("`norm_strength` and `weight_decay` must not be negative.")
+        check_number("norm_strength", self.norm_strength, low=0.0)  # NaN too
+        check_number("weight_decay", self.weight_decay, low=0.0)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of the settings."""

@@ -63,3 +63,25 @@ def write_shaped_images(folder: str | Path, sizes: list[tuple[int, int]], alpha_
         image.save(path)
         paths.append(path)
     return paths
+
+
+def write_png_header(path: str | Path, width: int, height: int) -> Path:
+    """A PNG whose header claims `width` x `height` pixels but holds no image data: what a decompression bomb
+    or a forged header looks like to a loader, written in microseconds (nothing that large is allocated)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path = Path(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def write_animated(path: str | Path, colours=((255, 0, 0), (0, 255, 0)), size: int = 48) -> Path:
+    """An animated image (WebP, PNG = APNG, or GIF by the suffix) with one plain frame per colour."""
+    frames = [Image.new("RGB", (size, size), colour) for colour in colours]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return Path(path)

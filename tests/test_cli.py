@@ -245,9 +245,9 @@ def test_run_trains_on_buckets_masks_and_tags_and_reports_the_buckets(tmp_path, 
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--mask-floor", "2", "`mask_floor` must be between 0.0 and 1.0, got 2.0"),
-    ("--caption-dropout", "1", "`caption_dropout` must be below 1"),
-    ("--bucket-step", "0", "`bucket_step` must be a whole number of pixels"),
+    ("--mask-floor", "2", "--mask-floor must be between 0.0 and 1.0, got 2.0"),
+    ("--caption-dropout", "1", "--caption-dropout must be below 1"),
+    ("--bucket-step", "0", "--bucket-step must be a whole number of pixels"),
 ])  # fmt: skip
 def test_bad_dataset_options_exit_2_naming_them_and_write_nothing(tmp_path, image_folder, capsys, option, value, message):
     out = tmp_path / "tok1.safetensors"

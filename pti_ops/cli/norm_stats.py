@@ -14,11 +14,11 @@ reads.
 
 import argparse
 import logging
-from pathlib import Path
 
 from ..models import load_bundle
 from .options import add_model_options
-from ..errors import InvalidInputError, OutputExistsError
+from .outputs import check_output_files, check_output_space, norm_stats_bytes
+from ..errors import InvalidInputError
 from ..norm_stats import CENTRES, ENCODERS, EOS, SPACES, NormStatsConfig, measure_norm_stats
 from ..pivot import Pivot
 
@@ -67,11 +67,12 @@ def add_norm_stats_command(subparsers) -> None:
                    "captions' mean vector per position; layernorm_bias: the final LayerNorm's bias, the exact centre "
                    "of the shell that hidden and pooled vectors lie on (a sphere only when the LayerNorm's gain is "
                    "uniform; only for --space hidden or pooled). Default: mean.")
-    p.add_argument("--batch-size", type=int, default=128, help="captions per forward pass (default: 128).")
+    # Its own dest: captions per text-encoder pass are cheap, not the limited image batches of the training commands.
+    p.add_argument("--batch-size", dest="caption_batch_size", type=int, default=128, help="captions per forward pass (default: 128).")
     p.add_argument("--out", required=True, help="output statistics file (.json), read by the regulariser for vSLERP centres.")
     p.add_argument("--plot", default=None, help="also write histograms of raw vs centred norms here (.png).")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files.")
-    p.set_defaults(handler=run_norm_stats_command)
+    p.set_defaults(handler=run_norm_stats_command, option_fields={"batch_size": "caption_batch_size"})
 
 
 def parse_position(text: str | None) -> int | str | None:
@@ -94,19 +95,18 @@ def run_norm_stats_command(args: argparse.Namespace) -> int:
         args (`argparse.Namespace`): the parsed options of `add_norm_stats_command`.
     """
     # 1. Check options and outputs before loading anything.
-    for path in (args.out, args.plot):
-        if path and Path(path).exists() and not args.overwrite:
-            raise OutputExistsError(f"{path} already exists: choose another output path or pass --overwrite.")
+    outputs = check_output_files({"--out": args.out, "--plot": args.plot}, args.overwrite)
     if args.embedding and not args.template:
         raise InvalidInputError("--embedding is only used for the SLERP endpoints: give --template and --class-word too.")
     config = NormStatsConfig(
         space=args.space, position=parse_position(args.position), clip_skip=args.clip_skip,
-        template=args.template, class_word=args.class_word, batch_size=args.batch_size, centre=args.centre,
+        template=args.template, class_word=args.class_word, batch_size=args.caption_batch_size, centre=args.centre,
         encoder=None if args.encoder == "all" else args.encoder,
     )
     # 2. Load the model; this command owns it, so adding the placeholder to it is safe.
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
     config.check_family(bundle.family)
+    check_output_space({path: norm_stats_bytes(bundle) for path in outputs.values()})
     placeholder = None
     if args.embedding:  # every encoder's vectors (SDXL: clip_l and clip_g)
         placeholder = Pivot.load(args.embedding, bundle, placeholder=args.placeholder, initializer=args.class_word).apply(bundle)

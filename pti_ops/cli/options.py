@@ -6,7 +6,53 @@ import json
 import sys
 from pathlib import Path
 
+from .. import limits
 from ..errors import InvalidInputError
+
+# Options whose cost grows with their value, by dest, and their limit (`limits.py`); `--no-limits` lifts them.
+LIMITED_OPTIONS = {
+    "resolution": limits.MAX_RESOLUTION, "steps": limits.MAX_STEPS, "ti_steps": limits.MAX_STEPS,
+    "sample_steps": limits.MAX_SAMPLE_STEPS, "batch_size": limits.MAX_BATCH_SIZE,
+    "sample_batch_size": limits.MAX_BATCH_SIZE, "grad_accum": limits.MAX_GRADIENT_ACCUMULATION,
+    "rank": limits.MAX_RANK, "reg_samples": limits.MAX_REG_SAMPLES,
+}
+
+
+def add_limits_option(parser: argparse.ArgumentParser) -> None:
+    """`--no-limits` on a command that has limited options."""
+    shown = ", ".join(f"{name} {LIMITED_OPTIONS[dest]}" for dest, name in sorted(_limited(parser).items()))
+    parser.add_argument("--no-limits", action="store_true",
+                        help=f"accept values above the documented limits ({shown}): for deliberate very large runs.")
+
+
+def _limited(parser: argparse.ArgumentParser) -> dict[str, str]:
+    from .option_words import option_names
+
+    return {dest: name for dest, name in option_names(parser).items() if dest in LIMITED_OPTIONS}
+
+
+def check_seed(value: int, option: str = "--seed") -> int:
+    """A seed torch's generators take (0 … 2^64 - 1, as ComfyUI's seed widgets)."""
+    if not 0 <= value <= limits.MAX_SEED:
+        raise InvalidInputError(f"{option} must be a whole number from 0 to {limits.MAX_SEED}, got {value}.")
+    return value
+
+
+def check_limits(args: argparse.Namespace) -> None:
+    """Refuse a seed out of range, and a limited option above its limit (before anything loads) unless `--no-limits`."""
+    if isinstance(getattr(args, "seed", None), int):
+        check_seed(args.seed)
+    if getattr(args, "no_limits", True):
+        return
+    for dest, limit in LIMITED_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, int) and value > limit:
+            option = args.option_names.get(dest, dest)
+            raise InvalidInputError(
+                f"{option} {value} is above its limit of {limit} (see README, Limits): a typo would otherwise ask "
+                f"for days of compute or more memory than the machine has. Give a smaller value, or pass --no-limits "
+                "to go past it deliberately."
+            )
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +69,8 @@ def add_dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip", action="store_true", help="also train on mirrored images.")
     parser.add_argument("--captions", default="template", choices=["template", "files", "files_or_template"],
                         help="where prompts come from: the templates, NAME.txt files (with {} for the placeholder), or files where present.")
-    parser.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out with a warning instead of stopping.")
+    parser.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images, and images of a refused size (over 64 Mpx, or a shorter side under a "
+                        "quarter of the resolution), out with a warning instead of stopping.")
     add_dataset_training_options(parser)
 
 
@@ -196,9 +243,12 @@ def add_sampling_options(parser, steps_option: str = "--steps", batch_option: st
 def sampling_config(args: argparse.Namespace):
     """The `SamplingConfig` of the options `add_sampling_options` declared."""
     from ..metrics import SamplingConfig
+    from .option_words import in_option_words
 
-    return SamplingConfig(steps=args.sample_steps, cfg_scale=args.cfg, sampler=args.sampler,
-                          batch_size=args.sample_batch_size, clip_skip=args.clip_skip, resolution=args.sample_resolution)
+    with in_option_words(args, {"steps": "sample_steps", "cfg_scale": "cfg", "batch_size": "sample_batch_size",
+                                "resolution": "sample_resolution"}):
+        return SamplingConfig(steps=args.sample_steps, cfg_scale=args.cfg, sampler=args.sampler,
+                              batch_size=args.sample_batch_size, clip_skip=args.clip_skip, resolution=args.sample_resolution)
 
 
 class TerminalProgress:

@@ -20,6 +20,7 @@ from .bucket_batches import bucket_epoch
 from .latent_cache import LatentCache
 from ..placeholder import PlaceholderToken, caption_with_placeholder, check_templates, fill_placeholder
 from .text_conditioning import tokenize
+from ..user_warnings import warn_user
 
 @dataclass
 class CaptionTable:
@@ -112,7 +113,38 @@ def build_caption_table(
             choices.append([add(caption_with_placeholder(caption, token.placeholder))])
     expanded = [token.expand(p) for p in prompts]
     ids = tuple(tokenize(t, expanded) for t in tokenizers)
+    _check_placeholder_kept(prompts, expanded, ids[0], token, tokenizers[0], _users(choices, dataset.names))
     return CaptionTable(prompts, ids[0], choices, ids, dataset.tag_captions, tokenizers, token)
+
+
+def _users(choices: list[list[int]], names: list[str]) -> dict[int, list[str]]:
+    """Prompt index → the images that train with it."""
+    users: dict[int, list[str]] = {}
+    for name, options in zip(names, choices):
+        for i in options:
+            users.setdefault(i, []).append(name)
+    return users
+
+
+def _check_placeholder_kept(prompts, expanded, ids: torch.Tensor, token: PlaceholderToken, tokenizer,
+                            users: dict[int, list[str]]) -> None:  # fmt: skip
+    """Raise for a prompt whose placeholder lies beyond the tokenizer's 77 tokens (cut off, it would not train);
+    warn for one that is only cut."""
+    wanted = set(token.token_ids)
+    cut = []
+    for i, (prompt, row) in enumerate(zip(prompts, ids)):
+        images = ", ".join(users.get(i, [])[:3]) or "no image"
+        if not wanted <= set(row.tolist()):
+            raise DatasetError(
+                f"the prompt {prompt[:80]!r}{'…' if len(prompt) > 80 else ''} (of {images}) puts the placeholder after CLIP's {ids.shape[1]}-token "
+                "limit, where the prompt is cut, so it would not be trained on: shorten the caption or template, or "
+                "put {} near its start."
+            )
+        if len(tokenizer(expanded[i], truncation=False).input_ids) > ids.shape[1]:
+            cut.append(images)
+    if cut:
+        warn_user(f"{len(cut)} training prompt(s) are longer than CLIP's {ids.shape[1]} tokens and are cut there (the "
+                  f"rest is not seen), for: {'; '.join(cut[:3])}")  # fmt: skip
 
 
 def batch_time_ids(dataset: ImageDataset, indices: torch.Tensor, dtype: torch.dtype = torch.float32,
