@@ -171,7 +171,7 @@ def test_cli_measures_every_encoder_and_tune_reads_both_centres(xl, tmp_path, ca
     assert all(s.endpoints.trained and s.endpoints.index == 5 for s in stats.encoders.values())
     assert main(["norm-stats", "--model", "tiny-sdxl", "--captions", str(captions), "--space", "projected",
                  "--out", str(tmp_path / "projected.json")]) == 2  # fmt: skip
-    assert "set `encoder` to clip_g" in capsys.readouterr().err and not (tmp_path / "projected.json").exists()
+    assert "set --encoder to clip_g" in capsys.readouterr().err and not (tmp_path / "projected.json").exists()
 
     import argparse
 
