@@ -275,11 +275,25 @@ def scheduler_config_with_markers(config: dict, state: dict[str, torch.Tensor], 
     if not family.prediction_markers:
         return config
     v_pred, ztsnr = family.prediction_markers
-    config = dict(config)
-    if v_pred in state:
-        config["prediction_type"] = "v_prediction"
-        if ztsnr in state:
-            config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if v_pred not in state:
+        return config
+    return prediction_config(config, "v_prediction", zero_terminal_snr=ztsnr in state)
+
+
+def prediction_config(config: dict, prediction_type: str, zero_terminal_snr: bool) -> dict:
+    """A copy of a DDPM scheduler config predicting `prediction_type`, with zero terminal SNR when asked.
+
+    diffusers' zero-terminal-SNR schedule is `rescale_betas_zero_snr` with the `trailing` timestep spacing
+    it recommends; ComfyUI's `zsnr` rescales its sigmas by the same rule (Lin et al. 2023, Algorithm 1).
+
+    Args:
+        config (`dict`): a `DDPMScheduler` config.
+        prediction_type (`str`): diffusers' name (`epsilon`, `v_prediction`).
+        zero_terminal_snr (`bool`): rescale the betas so that the last timestep is pure noise.
+    """
+    config = dict(config, prediction_type=prediction_type)
+    if zero_terminal_snr:
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     return config
 
 
