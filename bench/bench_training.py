@@ -3,6 +3,7 @@
 Run from the repository root:
 
     python bench/bench_training.py --model tiny [--device cpu] [--batch 2] [--steps 30] [--repeats 3] [--write bench/RESULTS.md]
+    python bench/bench_training.py --model tiny-sdxl ...   (any family: SDXL adds the pooled embedding and time ids)
 
 Every number is a ratio of medians measured in this one run, variants interleaved repeat by
 repeat, on the same model, batch and resolution. Measure on a quiet machine (check `uptime`).
@@ -28,9 +29,10 @@ from pti_ops.models import load_bundle  # noqa: E402
 from pti_ops.dataset import dataset_from_tensor  # noqa: E402
 from pti_ops.inversion import InversionConfig, run_inversion  # noqa: E402
 from pti_ops.lora_tune import UNET_TARGETS, TuneConfig, lora_config, run_tuning  # noqa: E402
-from pti_ops.placeholder import add_placeholder  # noqa: E402
+from pti_ops.models.conditioning import add_time_ids  # noqa: E402
+from pti_ops.placeholder import add_placeholders  # noqa: E402
 from pti_ops.regularizer import RegularizerConfig  # noqa: E402
-from pti_ops.training.text_conditioning import encode_tokens, tokenize  # noqa: E402
+from pti_ops.training.text_conditioning import encode_ids, tokenize_per_encoder  # noqa: E402
 
 PROMPT = "an anime illustration of tok1"
 
@@ -44,8 +46,8 @@ def setup(args):
     bundle = load_bundle(args.model, device=args.device)
     resolution = args.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
     images = torch.rand(max(4, args.batch), resolution, resolution, 3, generator=torch.Generator().manual_seed(0))
-    token = add_placeholder(bundle.tokenizer, bundle.text_encoder, "tok1", "character")
-    return bundle, dataset_from_tensor(images, resolution), token
+    tokens = add_placeholders(bundle.tokenizers, bundle.text_encoders, "tok1", "character")
+    return bundle, dataset_from_tensor(images, resolution), tokens
 
 
 def timed_steps(run, steps, warmup, device):
@@ -78,15 +80,21 @@ def fixed_batch(bundle, batch, resolution):
     side = resolution // bundle.vae_scale_factor
     latents = torch.randn(batch, bundle.unet.config.in_channels, side, side, generator=g).to(bundle.device)
     timesteps = torch.randint(0, 1000, (batch,), generator=g).to(bundle.device)
-    ids = tokenize(bundle.tokenizer, [PROMPT] * batch)
-    return latents, timesteps, ids
+    ids = tokenize_per_encoder(bundle, [PROMPT] * batch)
+    time_ids = add_time_ids((resolution, resolution), batch_size=batch).to(bundle.device)
+    return latents, timesteps, ids, time_ids
+
+
+def unet_prediction(bundle, latents, timesteps, conditioning, time_ids):
+    """The UNet on `conditioning` (with SDXL's time ids when it has a pooled embedding)."""
+    return bundle.unet(latents, timesteps, **conditioning.unet_kwargs(None if conditioning.pooled is None else time_ids)).sample
 
 
 def measure_lora(args, with_regularizer=False, cached=True):
-    bundle, dataset, token = setup(args)
+    bundle, dataset, tokens = setup(args)
     config = TuneConfig(steps=args.steps, batch_size=args.batch, learning_rate=1e-4, history_every=10**6)
     reg = RegularizerConfig(mode="path", every=1, samples=1) if with_regularizer else None
-    return timed_steps(lambda cb: run_tuning(bundle, dataset, token, config, reg, on_step=cb), args.steps, args.warmup, bundle.device)
+    return timed_steps(lambda cb: run_tuning(bundle, dataset, tokens[0], config, reg, on_step=cb), args.steps, args.warmup, bundle.device)
 
 
 def measure_bare_lora(args, extra_work=None):
@@ -99,9 +107,9 @@ def measure_bare_lora(args, extra_work=None):
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    latents, timesteps, ids = fixed_batch(bundle, args.batch, dataset.resolution)
+    latents, timesteps, ids, time_ids = fixed_batch(bundle, args.batch, dataset.resolution)
     with torch.no_grad():
-        conditioning = encode_tokens(bundle.text_encoder, ids)
+        conditioning = encode_ids(bundle, ids)
     pixels = dataset.pixels(list(range(args.batch))).to(bundle.device)
 
     def step():
@@ -109,9 +117,9 @@ def measure_bare_lora(args, extra_work=None):
         if extra_work == "uncached":  # what the reference scripts redo every step
             with torch.no_grad():
                 latents = bundle.vae.encode(pixels).latent_dist.sample() * bundle.vae.config.scaling_factor
-                conditioning = encode_tokens(bundle.text_encoder, ids)
+                conditioning = encode_ids(bundle, ids)
         optimizer.zero_grad(set_to_none=True)
-        prediction = bundle.unet(latents, timesteps, conditioning).sample
+        prediction = unet_prediction(bundle, latents, timesteps, conditioning, time_ids)
         F.mse_loss(prediction, torch.zeros_like(prediction)).backward()
         optimizer.step()
 
@@ -128,38 +136,40 @@ def measure_inversion(args):
 def measure_bare_unet(args, forward_only=False, batch=None):
     """UNet forward+backward with the gradient flowing to the conditioning only (what inversion needs)."""
     bundle, dataset, _ = setup(args)
-    latents, timesteps, ids = fixed_batch(bundle, batch or args.batch, dataset.resolution)
+    latents, timesteps, ids, time_ids = fixed_batch(bundle, batch or args.batch, dataset.resolution)
     with torch.no_grad():
-        conditioning = encode_tokens(bundle.text_encoder, ids)
-    conditioning.requires_grad_(not forward_only)
+        conditioning = encode_ids(bundle, ids)
+    conditioning.hidden.requires_grad_(not forward_only)
 
     def step():
         if forward_only:
             with torch.no_grad():
-                bundle.unet(latents, timesteps, conditioning)
+                unet_prediction(bundle, latents, timesteps, conditioning, time_ids)
             return
-        prediction = bundle.unet(latents, timesteps, conditioning).sample
+        prediction = unet_prediction(bundle, latents, timesteps, conditioning, time_ids)
         F.mse_loss(prediction, torch.zeros_like(prediction)).backward()
-        conditioning.grad = None
+        conditioning.hidden.grad = None
 
     return bare_loop(step, args.steps, args.warmup, bundle.device)
 
 
 def measure_bare_inversion(args):
-    """Text encoder + UNet forward/backward with the gradient reaching the embedding rows, AdamW on one row."""
-    bundle, dataset, token = setup(args)
-    latents, timesteps, ids = fixed_batch(bundle, args.batch, dataset.resolution)
-    weight = bundle.text_encoder.get_input_embeddings().weight
-    weight.requires_grad_(True)
-    row = torch.nn.Parameter(weight[token.token_ids[0]].detach().clone())
-    optimizer = torch.optim.AdamW([row], lr=1e-4)
+    """Text encoders + UNet forward/backward with the gradient reaching the embedding rows, AdamW on one row per encoder."""
+    bundle, dataset, tokens = setup(args)
+    latents, timesteps, ids, time_ids = fixed_batch(bundle, args.batch, dataset.resolution)
+    weights = [encoder.get_input_embeddings().weight for encoder in bundle.text_encoders]
+    for weight in weights:
+        weight.requires_grad_(True)
+    rows = [torch.nn.Parameter(w[t.token_ids[0]].detach().clone()) for w, t in zip(weights, tokens)]
+    optimizer = torch.optim.AdamW(rows, lr=1e-4)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        prediction = bundle.unet(latents, timesteps, encode_tokens(bundle.text_encoder, ids)).sample
+        prediction = unet_prediction(bundle, latents, timesteps, encode_ids(bundle, ids), time_ids)
         F.mse_loss(prediction, torch.zeros_like(prediction)).backward()
-        row.grad = weight.grad[token.token_ids[0]]
-        weight.grad = None
+        for row, weight, token in zip(rows, weights, tokens):
+            row.grad = weight.grad[token.token_ids[0]]
+            weight.grad = None
         optimizer.step()
 
     return bare_loop(step, args.steps, args.warmup, bundle.device)
@@ -188,7 +198,7 @@ def demo_wall_time():
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="tiny, toy, a diffusers folder or an SD1.5 checkpoint.")
+    p.add_argument("--model", default="tiny", help="tiny, tiny-sdxl, toy, a diffusers folder or a checkpoint.")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--resolution", type=int, default=None)

@@ -18,11 +18,12 @@ from .checks import check_choice, check_positive_int, check_positive_number
 from .training.batches import BatchSampler, batch_time_ids, build_caption_table
 from .models.bundle import ModelBundle
 from .dataset import ImageDataset
-from .training.diffusion_loss import add_noise, check_timestep_range, denoising_loss
+from .training.diffusion_loss import LossWeighting, add_noise, check_timestep_range, denoising_loss
 from .errors import InvalidInputError, TrainingStopped
 from .pivot import Pivot, family_name
 from .training.latent_cache import encode_latents
 from .metrics.distance import embedding_distance, nearest_tokens
+from .training.options import TrainingOptions, build_lr_scheduler, build_optimizer, lr_factor
 from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
 from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, TrainableVectors, add_placeholders, check_templates, placeholder_vectors, spliced_placeholders
 from .training.recorder import LossRecorder, StepCallback, diverged
@@ -35,8 +36,8 @@ NORM_MODES: tuple[str, ...] = ("none", "pull", "fixed")
 
 
 @dataclass
-class InversionConfig:
-    """Settings of a textual inversion run.
+class InversionConfig(TrainingOptions):
+    """Settings of a textual inversion run (with the optimiser, schedule and loss options of `TrainingOptions`).
 
     Args:
         placeholder (`str`): the new word prompts will use, e.g. `tok1`.
@@ -91,6 +92,7 @@ class InversionConfig:
         self.templates = check_templates(self.templates)
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "history_every"):
             check_positive_int(name, getattr(self, name))
+        self.check_training_options()
         if self.clip_skip is not None:
             check_positive_int("clip_skip", self.clip_skip)
         check_positive_number("learning_rate", self.learning_rate)
@@ -210,17 +212,20 @@ def invert(
     generator = torch.Generator().manual_seed(config.seed)
     sampler = BatchSampler(len(dataset), config.batch_size, latents.num_views, captions, generator)
     params = [v.raw for v in vectors]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(config.optimizer, [{"params": params}], config.learning_rate, config.weight_decay)
     gradient_step = GradientStep(optimizer, params, config.max_grad_norm, bundle.device, config.mixed_precision)
+    lr_scheduler = build_lr_scheduler(optimizer, [lr_factor(config.lr_schedule, config.warmup_steps, config.steps)])
+    weighting = LossWeighting(bundle.noise_scheduler, config.snr_gamma) if config.snr_gamma is not None else None
     run = _Run(bundle, dataset, sampler, latents, vectors, gradient_step, config, t_range, vocab_norms,
-               bundle.family.default_clip_skip if config.clip_skip is None else config.clip_skip)
+               bundle.family.default_clip_skip if config.clip_skip is None else config.clip_skip, lr_scheduler, weighting)
     tracker = _HistoryTracker(bundle, tokens, initials, vocab_norms, config)
     try:
         with spliced_placeholders(encoders, tokens, vectors), gradient_checkpointing(bundle.unet, config.gradient_checkpointing):
             for step in range(1, config.steps + 1):
+                lr = optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
                 loss = _inversion_step(run)
                 try:
-                    logs = tracker.update(step, loss, vectors)
+                    logs = tracker.update(step, loss, vectors, lr)
                 except TrainingStopped as err:
                     with torch.no_grad():  # back to the last good vectors, written to the matrices on exit
                         for i, v in enumerate(vectors):
@@ -263,6 +268,8 @@ class _Run:
     t_range: tuple[int, int]
     vocab_norms: tuple[float, ...]
     clip_skip: int
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    weighting: LossWeighting | None
 
 
 def _inversion_step(run: _Run) -> torch.Tensor:
@@ -273,18 +280,20 @@ def _inversion_step(run: _Run) -> torch.Tensor:
     accum = config.gradient_accumulation_steps
     for _ in range(accum):
         batch = run.sampler.next_batch(run.latents)
-        noised = add_noise(bundle.noise_scheduler, batch.latents.to(bundle.device), run.sampler.generator, run.t_range)
+        noised = add_noise(bundle.noise_scheduler, batch.latents.to(bundle.device), run.sampler.generator, run.t_range,
+                           config.noise_offset)
         with autocast(bundle.device, config.mixed_precision):
             conditioning = encode_ids(bundle, batch.ids_per_encoder, run.clip_skip)
             # SDXL also conditions on each image's original size and crop (SD1.5: none)
             time_ids = None if conditioning.pooled is None else batch_time_ids(run.dataset, batch.indices, device=bundle.device)
-            loss = denoising_loss(bundle.unet, noised, conditioning, time_ids)
+            loss = denoising_loss(bundle.unet, noised, conditioning, time_ids, run.weighting)
         if config.norm_mode == "pull":  # each encoder's vectors pulled to its own vocabulary's mean norm
             for vectors, vocab_norm in zip(run.vectors, run.vocab_norms):
                 loss = loss + config.norm_strength * (vectors().norm(dim=-1) - vocab_norm).pow(2).mean()
         run.gradient_step.backward(loss / accum)
         total += loss.detach() / accum
     run.gradient_step.step()
+    run.lr_scheduler.step()
     return total
 
 
@@ -312,10 +321,11 @@ class _HistoryTracker:
     def history(self) -> list[dict]:
         return self.losses.history
 
-    def update(self, step: int, loss: torch.Tensor, vectors: tuple[TrainableVectors, ...]) -> dict:
+    def update(self, step: int, loss: torch.Tensor, vectors: tuple[TrainableVectors, ...], lr: float) -> dict:
         if not self.losses.add({"loss": loss}):
             return {}
         record = self.losses.record()
+        record["lr"] = lr
         current = [v().detach().float() for v in vectors]
         for i, c in enumerate(current):
             self._check_divergence(step, record["loss"], c, self.vocab_norms[i], self._what(i))

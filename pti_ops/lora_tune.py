@@ -23,19 +23,22 @@ from peft import LoraConfig
 
 from .training.adapters import adapters_disabled, lora_layers
 from .checks import check_choice, check_positive_int, check_positive_number
-from .training.batches import BatchSampler, build_caption_table
+from .training.batches import BatchSampler, batch_time_ids, build_caption_table
 from .models.bundle import ModelBundle
 from .dataset import ImageDataset
-from .training.diffusion_loss import NoisedBatch, add_noise, check_timestep_range
+from .training.diffusion_loss import LossWeighting, NoisedBatch, add_noise, check_timestep_range, diffusion_mse
 from .errors import InvalidInputError, TokenizerError, TrainingStopped
 from .training.image_locality import image_locality_loss
 from .training.latent_cache import encode_latents
 from .files.lora_file import lora_state_dict_to_kohya, save_lora
+from .training.options import TrainingOptions, build_lr_scheduler, build_optimizer, lr_factor
 from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
 from .pivot import Pivot
-from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, TrainableVectors, check_templates, placeholder_vectors, spliced_placeholder
+from .models.conditioning import Conditioning
+from .placeholder import (DEFAULT_TEMPLATES, PlaceholderToken, TrainableVectors, check_templates, placeholder_in_tokenizers,
+                          placeholder_vectors, spliced_placeholders)
 from .regularizer import LocalityRegularizer, RegularizerConfig, locality_loss
-from .training.text_conditioning import encode_tokens
+from .training.text_conditioning import encode_ids
 from .training.checkpoints import load_checkpoint, save_checkpoint
 from .training.recorder import LossRecorder, StepCallback, check_losses_finite
 
@@ -53,15 +56,15 @@ ADAPTER_NAME = "pivotal"
 
 
 @dataclass
-class TuneConfig:
-    """Settings of the LoRA tuning around the pivot.
+class TuneConfig(TrainingOptions):
+    """Settings of the LoRA tuning around the pivot (with the optimiser, schedule and loss options of `TrainingOptions`).
 
     Args:
         rank (`int`): LoRA rank of each adapted layer (capacity; 4–16 is light tuning).
         alpha (`float`, *optional*): LoRA alpha; the update is scaled by alpha/rank. Default: rank.
         dropout (`float`): dropout on the LoRA branch.
         targets (`str`): `attention` (to_q, to_k, to_v, to_out.0) or `attention_ff` (+ feed-forward).
-        train_text_encoder (`bool`): also put LoRA on the text encoder's attention projections.
+        train_text_encoder (`bool`): also put LoRA on the text encoders' attention projections (SDXL: both).
         learning_rate (`float`): AdamW learning rate of the UNet LoRA (the notes sweep it at fixed steps
             and stop before the model learns the training images' positions).
         text_encoder_lr (`float`, *optional*): learning rate of the text-encoder LoRA (default: learning_rate).
@@ -74,13 +77,16 @@ class TuneConfig:
         ti_learning_rate (`float`): learning rate of the token in the `joint` schedule.
         ti_frac (`float`): fraction of the steps during which the token trains (`joint`).
         templates (`list[str]`): prompt templates with `{}`, for images without their own caption.
-        clip_skip (`int`): text-encoder layer (1 = last), as the model is sampled.
+        clip_skip (`int`, *optional*): text-encoder layer (1 = last), as the model is sampled; None = the
+            model family's default (SD1.5 1, SDXL 2).
         max_grad_norm (`float`, *optional*): clip the global gradient norm of the trained parameters.
         weight_decay (`float`): AdamW weight decay of the LoRA weights.
         history_every (`int`): record the losses every this many steps (and at the last).
         mixed_precision (`str`): `no`, `bf16` or `fp16` (GPU) autocast of the forward passes; LoRA
             weights stay float32.
         gradient_checkpointing (`bool`): recompute UNet activations in the backward pass (less memory, slower).
+        offload_text_encoders (`bool`): move the text encoders to the CPU once every prompt is encoded
+            (SDXL's two are 1.6 GB in bf16); needs them frozen (`sequential`, no text-encoder LoRA).
     """
 
     rank: int = 4
@@ -99,17 +105,21 @@ class TuneConfig:
     ti_learning_rate: float = 5e-4
     ti_frac: float = 0.5
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
-    clip_skip: int = 1
+    clip_skip: int | None = None
     max_grad_norm: float | None = 1.0
     weight_decay: float = 1e-2
     history_every: int = 10
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
+    offload_text_encoders: bool = False
 
     def __post_init__(self):
         check_mixed_precision(self.mixed_precision)
-        for name in ("rank", "steps", "batch_size", "gradient_accumulation_steps", "history_every", "clip_skip"):
+        for name in ("rank", "steps", "batch_size", "gradient_accumulation_steps", "history_every"):
             check_positive_int(name, getattr(self, name))
+        self.check_training_options()
+        if self.clip_skip is not None:
+            check_positive_int("clip_skip", self.clip_skip)
         check_positive_number("learning_rate", self.learning_rate)
         check_positive_number("ti_learning_rate", self.ti_learning_rate)
         check_positive_number("text_encoder_lr", self.text_encoder_lr, optional=True)
@@ -124,6 +134,11 @@ class TuneConfig:
             raise InvalidInputError(f"`max_grad_norm` must be positive or None, got {self.max_grad_norm!r}.")
         self.templates = check_templates(self.templates)
         self.alpha = float(self.alpha if self.alpha is not None else self.rank)
+        if self.offload_text_encoders and (self.schedule == "joint" or self.train_text_encoder):
+            raise InvalidInputError(
+                "`offload_text_encoders` needs the text encoders frozen during the tuning, but the `joint` schedule "
+                "or `train_text_encoder` trains through them: turn one of them off."
+            )
 
     @property
     def token_steps(self) -> int:
@@ -184,7 +199,8 @@ class TuneResult:
     def save(self, path, overwrite: bool = False, bundle_embedding: bool = False):
         """Write the LoRA file (kohya keys, atomically; an existing file only with `overwrite`).
 
-        With `bundle_embedding`, the pivot's vectors go into the file too (`bundle_emb.PLACEHOLDER.clip_l`).
+        With `bundle_embedding`, the pivot's vectors go into the file too (`bundle_emb.PLACEHOLDER.clip_l`,
+        and `.clip_g` on SDXL).
         """
         embeddings = {self.pivot.placeholder: self.pivot.vectors_by_key} if bundle_embedding else None
         return save_lora(path, self.lora, self.metadata(), overwrite=overwrite, embeddings=embeddings)
@@ -195,14 +211,15 @@ def lora_config(rank: int, alpha: float, dropout: float, targets: tuple[str, ...
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), init_lora_weights=True)
 
 
-def check_token_in_bundle(bundle: ModelBundle, token: PlaceholderToken) -> None:
-    """Raise unless the placeholder's tokens are in the bundle's tokenizer with the recorded ids."""
-    ids = tuple(bundle.tokenizer.convert_tokens_to_ids(list(token.token_strings)))
-    if ids != token.token_ids:
+def check_token_in_bundle(bundle: ModelBundle, token: PlaceholderToken) -> tuple[PlaceholderToken, ...]:
+    """The placeholder in each of the bundle's tokenizers (family order); raises unless all hold it, the first with `token`'s ids."""
+    tokens = placeholder_in_tokenizers(bundle.tokenizers, token)
+    if tokens[0].token_ids != token.token_ids:
         raise TokenizerError(
-            f"placeholder {token.placeholder!r} is not in this model's tokenizer: run the inversion first or "
-            "load its embedding into the model (`add_placeholder(..., vectors=...)`)."
+            f"placeholder {token.placeholder!r} is not in this model's tokenizer with these ids: run the inversion "
+            "first or load its embedding into the model (`Pivot.apply`)."
         )
+    return tokens
 
 
 def run_tuning(
@@ -238,13 +255,12 @@ def run_tuning(
         pivot (`Pivot`, *optional*): what `token` stands for (templates, history, how it was made);
             recorded in the result. Default: a pivot of the token's current rows.
     """
-    bundle.check_trainable("LoRA tuning")
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
     bundle.check_resolution(dataset.resolution)
-    check_token_in_bundle(bundle, token)
+    tokens = check_token_in_bundle(bundle, token)
     t_range = check_timestep_range(config.timestep_range, bundle.noise_scheduler)
-    captions = build_caption_table(dataset, config.templates, token, bundle.tokenizer)
+    captions = build_caption_table(dataset, config.templates, token, list(bundle.tokenizers))
     locality = _build_regularizer(bundle, token, regularizer, config)
     latents = encode_latents(bundle.vae, dataset, batch_size=max(config.batch_size, 4))
     generator = torch.Generator().manual_seed(config.seed)
@@ -253,7 +269,7 @@ def run_tuning(
         from .metrics.lpips_model import load_lpips
 
         lpips_model = load_lpips(device=bundle.device)
-    trainer = _Trainer(bundle, token, config, locality, captions, latents, generator, t_range)
+    trainer = _Trainer(bundle, dataset, tokens, config, locality, captions, latents, generator, t_range)
     trainer.lpips_model = lpips_model
     reg_settings = locality.config.to_dict() if locality is not None else None
     try:
@@ -264,17 +280,20 @@ def run_tuning(
     except TrainingStopped as err:
         if err.partial is None and trainer.last_good is not None:
             trainer.load_trained(trainer.last_good["trained"])
-            partial = _pivot_after(bundle, token, trainer.vectors().detach(), config, pivot, trainer.last_good["history"])
+            vectors = [v().detach() for v in trainer.vectors]
+            partial = _pivot_after(bundle, token, vectors, config, pivot, trainer.last_good["history"])
             err.partial = TuneResult(trainer.export(), partial, trainer.last_good["history"], config, reg_settings)
         trainer.remove_adapters()
         raise
     except BaseException:
+        trainer.text_encoders_back()
         if checkpoint is not None:
             save_checkpoint(checkpoint, trainer.state())
             logger.info("run stopped at step %d; resumable checkpoint written to %s", trainer.progress.step, checkpoint)
         trainer.remove_adapters()
         raise
-    final = _pivot_after(bundle, token, placeholder_vectors(bundle.text_encoder, token), config, pivot, history)
+    final = _pivot_after(bundle, token, [placeholder_vectors(e, t) for t, e in zip(tokens, bundle.text_encoders)],
+                         config, pivot, history)
     return TuneResult(lora, final, history, config, reg_settings)
 
 
@@ -299,12 +318,12 @@ def tune_around(
 
 
 def _pivot_after(bundle, token, vectors, config: TuneConfig, pivot: Pivot | None, history) -> Pivot:
-    """The pivot at the end of a tuning run: unchanged, or moved on by the `joint` schedule."""
+    """The pivot at the end of a tuning run: unchanged, or moved on by the `joint` schedule (`vectors`: one per encoder)."""
     if pivot is None:
         pivot = Pivot.from_token(bundle, token, config.templates)
     if config.schedule != "joint":
         return pivot
-    return pivot.with_vectors(vectors, history, config.made_by())
+    return pivot.with_vectors(list(vectors), history, config.made_by())
 
 
 def _build_regularizer(bundle, token, regularizer, config) -> LocalityRegularizer | None:
@@ -319,33 +338,63 @@ def _build_regularizer(bundle, token, regularizer, config) -> LocalityRegularize
 class _Trainer:
     """The training loop's state: adapters, optimiser, caches; one method per step of the loop."""
 
-    def __init__(self, bundle, token, config, locality, captions, latents, generator, t_range):
-        self.bundle, self.token, self.config, self.locality = bundle, token, config, locality
+    def __init__(self, bundle, dataset, tokens, config, locality, captions, latents, generator, t_range):
+        self.bundle, self.dataset, self.tokens, self.config, self.locality = bundle, dataset, tokens, config, locality
         self.latents, self.generator, self.t_range = latents, generator, t_range
+        self.clip_skip = bundle.family.default_clip_skip if config.clip_skip is None else config.clip_skip
         self.sampler = BatchSampler(len(latents.mean), config.batch_size, latents.num_views, captions, generator)
         self.unet_params = self._add_adapter(bundle.unet, UNET_TARGETS[config.targets])
-        self.te_params = self._add_adapter(bundle.text_encoder, TEXT_ENCODER_TARGETS) if config.train_text_encoder else []
+        self.te_params = [p for encoder in bundle.text_encoders for p in self._add_adapter(encoder, TEXT_ENCODER_TARGETS)
+                          ] if config.train_text_encoder else []
         self.adapter_layers = lora_layers(bundle)
-        self.vectors = TrainableVectors(placeholder_vectors(bundle.text_encoder, token).to(bundle.device))
+        self.vectors = tuple(TrainableVectors(placeholder_vectors(e, t).to(bundle.device))
+                             for t, e in zip(tokens, bundle.text_encoders))
         self.joint = config.schedule == "joint"
         groups = [{"params": self.unet_params, "lr": config.learning_rate, "name": "unet"}]
         if self.te_params:
             groups.append({"params": self.te_params, "lr": config.text_encoder_lr or config.learning_rate, "name": "text_encoder"})
         if self.joint:
-            groups.append({"params": [self.vectors.raw], "lr": config.ti_learning_rate, "weight_decay": 0.0, "name": "token"})
+            groups.append({"params": [v.raw for v in self.vectors], "lr": config.ti_learning_rate, "weight_decay": 0.0,
+                           "name": "token"})
         # foreach: one fused update over the ~100 small LoRA tensors (torch picks it only on CUDA;
         # on the CPU the per-tensor loop cost ~2 % of a tiny-model step).
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, foreach=True)
+        self.optimizer = build_optimizer(config.optimizer, groups, config.learning_rate, config.weight_decay, foreach=True)
+        schedule = lr_factor(config.lr_schedule, config.warmup_steps, config.steps)
+        token_schedule = lr_factor(config.lr_schedule, min(config.warmup_steps, max(0, config.token_steps - 1)), max(1, config.token_steps))
+        # the token's schedule runs over its own phase and ends at 0 (frozen, Adam state kept)
+        factors = [(lambda step: token_schedule(step) if step < config.token_steps else 0.0) if g["name"] == "token" else schedule
+                   for g in groups]
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, factors)
+        self.weighting = LossWeighting(bundle.noise_scheduler, config.snr_gamma) if config.snr_gamma is not None else None
+        self.step_lrs: dict[str, float] = {}
         self.trained = [p for group in groups for p in group["params"]]
         self.gradient_step = GradientStep(self.optimizer, self.trained, config.max_grad_norm, bundle.device, config.mixed_precision)
         self.progress = LossRecorder(("loss", "reg_loss"), bundle.device, config.history_every, config.steps)
         self.last_good: dict | None = None
-        # With the text encoder frozen the training prompts' encodings never change: encode them once.
-        self.cached_conditioning = None
+        # With the text encoders frozen the training prompts' encodings never change: encode them once.
+        self.cached_conditioning: Conditioning | None = None
+        self.offloaded_from: torch.device | None = None
         if not self.joint and not self.te_params:
             with torch.no_grad():
-                self.cached_conditioning = encode_tokens(bundle.text_encoder, captions.input_ids, config.clip_skip)
+                self.cached_conditioning = encode_ids(bundle, captions.ids_per_encoder, self.clip_skip)
             self.caption_rows = {tuple(row.tolist()): i for i, row in enumerate(captions.input_ids)}
+            if config.offload_text_encoders:
+                self._offload_text_encoders()
+
+    def _offload_text_encoders(self) -> None:
+        """Every prompt is encoded (training captions here, the regulariser's when it was built): free their memory."""
+        self.offloaded_from = self.bundle.device
+        for encoder in self.bundle.text_encoders:
+            encoder.to("cpu")
+        if self.offloaded_from.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def text_encoders_back(self) -> None:
+        """Undo `_offload_text_encoders` (the bundle leaves the run on the device it came on)."""
+        if self.offloaded_from is not None:
+            for encoder in self.bundle.text_encoders:
+                encoder.to(self.offloaded_from)
+            self.offloaded_from = None
 
     def _add_adapter(self, model, targets) -> list[torch.nn.Parameter]:
         from peft import inject_adapter_in_model
@@ -360,7 +409,7 @@ class _Trainer:
     def remove_adapters(self) -> None:
         from peft.tuners.lora import LoraLayer
 
-        for model in (self.bundle.unet, self.bundle.text_encoder):
+        for model in (self.bundle.unet, *self.bundle.text_encoders):
             for module in model.modules():
                 if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
                     module.delete_adapter(ADAPTER_NAME)
@@ -368,7 +417,8 @@ class _Trainer:
     def train(self, on_step: StepCallback | None) -> list[dict]:
         config, progress = self.config, self.progress
         freeze_at = config.token_steps if self.joint else None
-        splice = spliced_placeholder(self.bundle.text_encoder, self.token, self.vectors) if self.joint else contextlib.nullcontext()
+        bundle = self.bundle
+        splice = spliced_placeholders(bundle.text_encoders, self.tokens, self.vectors) if self.joint else contextlib.nullcontext()
         with splice, gradient_checkpointing(self.bundle.unet, config.gradient_checkpointing):
             if freeze_at is not None and progress.step >= freeze_at:
                 self._freeze_token()  # resumed after the token phase
@@ -378,21 +428,20 @@ class _Trainer:
                 logs = self._record() if progress.add(self._step(progress.step)) else {}
                 if on_step is not None:
                     on_step(progress.step, config.steps, logs)
+        self.text_encoders_back()
         return progress.history
 
     def _freeze_token(self) -> None:
-        """End of the token phase: lr 0 for the token group (Adam state kept, no optimiser rebuild)."""
-        for group in self.optimizer.param_groups:
-            if group["name"] == "token":
-                group["lr"] = 0.0
-        self.vectors.raw.requires_grad_(False)
+        """End of the token phase: its schedule is at lr 0 from here (Adam state kept, no optimiser rebuild)."""
+        for vectors in self.vectors:
+            vectors.raw.requires_grad_(False)
 
     def _record(self) -> dict:
         """Append a history record; keep a copy of the trained tensors while the losses are finite."""
         record = self.progress.record()
         check_losses_finite(record, self.config.learning_rate, "LoRA", self.last_good["step"] if self.last_good else None)
-        for group in self.optimizer.param_groups:
-            record[f"lr_{group['name']}"] = group["lr"]
+        for name, lr in self.step_lrs.items():
+            record[f"lr_{name}"] = lr
         self.progress.history.append(record)
         self.last_good = {"step": record["step"], "trained": [p.detach().clone() for p in self.trained],
                           "history": list(self.progress.history)}
@@ -402,8 +451,8 @@ class _Trainer:
 
     def export(self) -> dict[str, torch.Tensor]:
         """The adapters in kohya format."""
-        text_encoder = self.bundle.text_encoder if self.config.train_text_encoder else None
-        return lora_state_dict_to_kohya(self.bundle.unet, text_encoder, ADAPTER_NAME, family=self.bundle.family)
+        text_encoders = list(self.bundle.text_encoders) if self.config.train_text_encoder else None
+        return lora_state_dict_to_kohya(self.bundle.unet, text_encoders, ADAPTER_NAME, family=self.bundle.family)
 
     def load_trained(self, tensors: list[torch.Tensor]) -> None:
         with torch.no_grad():
@@ -416,6 +465,7 @@ class _Trainer:
             "config": self.config.to_dict(),
             "trained": [p.detach().cpu().clone() for p in self.trained],
             "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "global_rng": torch.get_rng_state(),
             "sampler_order": list(self.sampler._order),
@@ -428,6 +478,7 @@ class _Trainer:
             raise InvalidInputError("the checkpoint's trained tensors do not fit this model and these settings.")
         self.load_trained(state["trained"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["global_rng"])
         self.sampler._order = list(state["sampler_order"])
@@ -437,6 +488,7 @@ class _Trainer:
         """One optimiser step; returns the mean denoising loss and the locality loss (no host sync)."""
         config, accum = self.config, self.config.gradient_accumulation_steps
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
         totals: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             reg_conditioning = self.locality.conditionings(step, self.generator) if (self.locality and micro == 0) else None
@@ -447,48 +499,54 @@ class _Trainer:
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.detach() / (accum if key == "loss" else 1)
         self.gradient_step.step()
+        self.lr_scheduler.step()
         return totals
 
-    def _conditioning(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _conditioning(self, ids_per_encoder: tuple[torch.Tensor, ...]) -> Conditioning:
         if self.cached_conditioning is not None:
-            rows = [self.caption_rows[tuple(row.tolist())] for row in input_ids]
+            rows = [self.caption_rows[tuple(row.tolist())] for row in ids_per_encoder[0]]
             return self.cached_conditioning[rows]
-        return encode_tokens(self.bundle.text_encoder, input_ids, self.config.clip_skip)
+        return encode_ids(self.bundle, ids_per_encoder, self.clip_skip)
 
-    def _micro_step(self, reg_conditioning: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _micro_step(self, reg_conditioning: Conditioning | None) -> dict[str, torch.Tensor]:
         """Denoising loss on a micro-batch, plus the locality loss when `reg_conditioning` is given.
 
         The regularisation samples reuse the batch's noisy latents and timesteps (or fresh ones in the
-        regulariser's timestep range) and go through the same tuned forward pass as the batch.
+        regulariser's timestep range) and go through the same tuned forward pass as the batch; on
+        SDXL they keep the size/crop ids of the image whose latents they reuse, in both passes.
         """
         bundle = self.bundle
-        batch_latents, input_ids = self.sampler.next(self.latents)
-        batch_latents = batch_latents.to(bundle.device)
-        noised = add_noise(bundle.noise_scheduler, batch_latents, self.generator, self.t_range)
-        conditioning = self._conditioning(input_ids)
+        batch = self.sampler.next_batch(self.latents)
+        batch_latents = batch.latents.to(bundle.device)
+        noised = add_noise(bundle.noise_scheduler, batch_latents, self.generator, self.t_range, self.config.noise_offset)
+        conditioning = self._conditioning(batch.ids_per_encoder)
+        # SDXL also conditions on each image's original size and crop (SD1.5: none)
+        time_ids = None if conditioning.pooled is None else batch_time_ids(self.dataset, batch.indices, device=bundle.device)
         if reg_conditioning is None:
-            prediction = bundle.unet(noised.noisy_latents, noised.timesteps, conditioning).sample
-            return {"loss": torch.nn.functional.mse_loss(prediction.float(), noised.target.float())}
-        reg = self._regularisation_batch(batch_latents, noised, len(reg_conditioning))
+            prediction = bundle.unet(noised.noisy_latents, noised.timesteps, **conditioning.unet_kwargs(time_ids)).sample
+            return {"loss": diffusion_mse(prediction, noised, self.weighting)}
+        picks = torch.arange(reg_conditioning.batch_size) % len(batch_latents)
+        reg = self._regularisation_batch(batch_latents, noised, picks)
+        reg_time_ids = None if time_ids is None else time_ids[picks]
         n = len(batch_latents)
+        both = Conditioning.cat([conditioning, reg_conditioning.to(dtype=conditioning.hidden.dtype)])
         prediction = bundle.unet(
             torch.cat([noised.noisy_latents, reg.noisy_latents]),
             torch.cat([noised.timesteps, reg.timesteps]),
-            torch.cat([conditioning, reg_conditioning.to(conditioning.dtype)]),
+            **both.unet_kwargs(None if time_ids is None else torch.cat([time_ids, reg_time_ids])),
         ).sample
         with torch.no_grad(), adapters_disabled(bundle, self.adapter_layers):
-            base = bundle.unet(reg.noisy_latents, reg.timesteps, reg_conditioning).sample
+            base = bundle.unet(reg.noisy_latents, reg.timesteps, **reg_conditioning.unet_kwargs(reg_time_ids)).sample
         reg_loss = locality_loss(prediction[n:], base)
         if self.locality.config.image_space:
             l2_weight = self.locality.config.image_l2_weight
             reg_loss = reg_loss + image_locality_loss(bundle, self.lpips_model, reg, prediction[n:], base, l2_weight)
         return {
-            "loss": torch.nn.functional.mse_loss(prediction[:n].float(), noised.target.float()),
+            "loss": diffusion_mse(prediction[:n], noised, self.weighting),
             "reg_loss": reg_loss,
         }
 
-    def _regularisation_batch(self, latents: torch.Tensor, noised: NoisedBatch, samples: int) -> NoisedBatch:
-        picks = torch.arange(samples) % len(latents)
+    def _regularisation_batch(self, latents: torch.Tensor, noised: NoisedBatch, picks: torch.Tensor) -> NoisedBatch:
         span = self.locality.config.timestep_range
         if span is None:
             return NoisedBatch(noised.noisy_latents[picks], noised.timesteps[picks], noised.target[picks])

@@ -17,7 +17,8 @@ from .errors import InvalidInputError
 from .files.embedding_file import load_embedding, save_embedding
 from .models.bundle import ModelBundle
 from .models import get_family
-from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, add_placeholder, add_placeholders, check_templates, placeholder_vectors
+from .placeholder import (DEFAULT_TEMPLATES, PlaceholderToken, add_placeholder, add_placeholders, check_templates,
+                          placeholder_in_tokenizers, placeholder_vectors)
 
 # The default class word when a file records none (the notes' `character`).
 DEFAULT_INITIALIZER = "character"
@@ -83,9 +84,12 @@ class Pivot:
 
     @classmethod
     def from_token(cls, bundle: ModelBundle, token: PlaceholderToken, templates, **details) -> "Pivot":
-        """The pivot of a placeholder already in `bundle`, with its current rows as vectors."""
-        return cls(token.placeholder, token.initializer, placeholder_vectors(bundle.text_encoder, token), family_name(bundle),
-                   list(templates), base_model=bundle.name, **details)
+        """The pivot of a placeholder already in `bundle`, with its current rows (in every text encoder) as vectors."""
+        tokens = placeholder_in_tokenizers(bundle.tokenizers, token)
+        vectors = [placeholder_vectors(encoder, t) for t, encoder in zip(tokens, bundle.text_encoders)]
+        extra = dict(zip(bundle.family.embedding_keys[1:], vectors[1:]))
+        return cls(token.placeholder, token.initializer, vectors[0], family_name(bundle), list(templates),
+                   base_model=bundle.name, extra_vectors=extra, **details)
 
     @classmethod
     def at_initializer(cls, bundle: ModelBundle, placeholder: str, initializer: str, num_vectors: int = 1,
@@ -94,8 +98,8 @@ class Pivot:
 
         The placeholder is added to `bundle` (its rows set from the initializer).
         """
-        token = add_placeholder(bundle.tokenizer, bundle.text_encoder, placeholder, initializer, num_vectors)
-        return cls.from_token(bundle, token, templates if templates is not None else DEFAULT_TEMPLATES)
+        tokens = add_placeholders(bundle.tokenizers, bundle.text_encoders, placeholder, initializer, num_vectors)
+        return cls.from_token(bundle, tokens[0], templates if templates is not None else DEFAULT_TEMPLATES)
 
     def apply(self, bundle: ModelBundle) -> PlaceholderToken:
         """The placeholder in `bundle` with these vectors: added if absent, refreshed if present.
@@ -134,9 +138,14 @@ class Pivot:
                 weight[list(token.token_ids)] = rows.to(weight)
         return tuple(tokens)
 
-    def with_vectors(self, vectors: torch.Tensor, history: list[dict], made_by: dict[str, str]) -> "Pivot":
-        """This pivot moved on by a later run (the `joint` schedule)."""
-        return replace(self, vectors=vectors, history=history, made_by=made_by, file=None)
+    def with_vectors(self, vectors: torch.Tensor | list[torch.Tensor], history: list[dict], made_by: dict[str, str]) -> "Pivot":
+        """This pivot moved on by a later run (the `joint` schedule): the first encoder's vectors, or one per encoder."""
+        if isinstance(vectors, torch.Tensor):
+            vectors = [vectors]
+        if len(vectors) != 1 + len(self.extra_vectors):
+            raise InvalidInputError(f"{len(vectors)} vector sets given for a pivot of {1 + len(self.extra_vectors)} text encoder(s).")
+        extra = dict(zip(self.extra_vectors, vectors[1:]))
+        return replace(self, vectors=vectors[0], extra_vectors=extra, history=history, made_by=made_by, file=None)
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the embedding file (atomically; an existing file only with `overwrite`)."""

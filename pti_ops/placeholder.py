@@ -205,6 +205,24 @@ def add_placeholders(
     )
 
 
+def placeholder_in_tokenizers(tokenizers: Sequence[CLIPTokenizer], token: PlaceholderToken) -> tuple[PlaceholderToken, ...]:
+    """`token` (from any one of them) as each tokenizer holds it, in order: same strings, that tokenizer's ids.
+
+    Raises `TokenizerError` when a tokenizer lacks one of its token strings.
+    """
+    found = []
+    for tokenizer in tokenizers:
+        added = tokenizer.get_added_vocab()
+        if not all(s in added for s in token.token_strings):
+            raise TokenizerError(
+                f"placeholder {token.placeholder!r} is not in this model's tokenizer(s): run the inversion first or "
+                "load its embedding into the model (`Pivot.apply`)."
+            )
+        found.append(PlaceholderToken(token.placeholder, token.token_strings,
+                                      tuple(added[s] for s in token.token_strings), token.initializer))
+    return tuple(found)
+
+
 def placeholder_vectors(text_encoder: CLIPTextModel, token: PlaceholderToken) -> torch.Tensor:
     """The placeholder's current embedding rows, `[num_vectors, dim]`, as a float32 copy."""
     weight = text_encoder.get_input_embeddings().weight

@@ -32,8 +32,9 @@ from .models.bundle import ModelBundle
 from .errors import InvalidInputError, TokenizerError
 from .interpolation import rotate_towards_random, slerp, vslerp
 from .checks import check_choice, check_number, check_positive_int, check_range
-from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, check_templates, fill_placeholder
-from .training.text_conditioning import encode_prompts, tokenize
+from .models.conditioning import Conditioning
+from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, check_templates, fill_placeholder, placeholder_in_tokenizers
+from .training.text_conditioning import encode_conditioning, tokenize
 from .user_warnings import warn_user
 
 InterpolationMode = Literal["slerp", "vslerp"]
@@ -107,6 +108,10 @@ class RegularizerConfig:
         interpolation (`str`): `slerp` (around the origin) or `vslerp` (around `centre`).
         centre (`torch.Tensor`, *optional*): vSLERP centre, `[tokens, dim]` or `[dim]` (e.g. the
             per-position centres of the norm statistics); needed by vSLERP in `path` and `sphere`.
+            With several text encoders (SDXL) `dim` is their widths side by side, in family order
+            (`[77, 768 + 1280]`), as the conditioning concatenates them; each block is its own space.
+        pooled_centre (`torch.Tensor`, *optional*): vSLERP centre `[pooled_dim]` of the pooled
+            embedding (SDXL's bigG projection, 1280); needed by vSLERP on SDXL.
         t (`float`): position on the path, 0 = placeholder prompt, 1 = class prompt.
         t_range (`tuple[float, float]`, *optional*): sample t uniformly in [min, max] at each
             application instead (then `t` is ignored).
@@ -128,6 +133,7 @@ class RegularizerConfig:
     interpolation: InterpolationMode = "slerp"
     # compare/repr off: a [77, 768] tensor has no truth value and would flood the repr.
     centre: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    pooled_centre: torch.Tensor | None = field(default=None, compare=False, repr=False)
     t: float = DEFAULT_T
     t_range: tuple[float, float] | None = None
     weight: float = 1.0
@@ -175,13 +181,12 @@ class RegularizerConfig:
                     "`interpolation` is `vslerp` but no centre was given: connect norm statistics, give "
                     "`centre`, or use `slerp`."
                 )
+            if self.pooled_centre is not None:
+                raise InvalidInputError("`pooled_centre` was given without `centre`: give both (norm statistics of SDXL give both).")
             return
-        if not isinstance(self.centre, torch.Tensor):
-            self.centre = torch.as_tensor(self.centre, dtype=torch.float32)  # a list from JSON
-        if self.centre.ndim not in (1, 2) or not torch.isfinite(self.centre).all():
-            raise InvalidInputError(
-                f"`centre` must be a finite [tokens, dim] or [dim] tensor, got shape {tuple(self.centre.shape)}."
-            )
+        self.centre = _finite_tensor("centre", self.centre, (1, 2), "[tokens, dim] or [dim]")
+        if self.pooled_centre is not None:
+            self.pooled_centre = _finite_tensor("pooled_centre", self.pooled_centre, (1,), "[pooled_dim]")
         if self.interpolation != "vslerp":
             warn_user("`centre` is ignored because `interpolation` is not `vslerp`.")
 
@@ -189,11 +194,11 @@ class RegularizerConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "RegularizerConfig":
         """A config from a plain dict (sweep file, JSON input); unknown keys are an error.
 
-        `centre_shape`, written by `to_dict` for metadata, is accepted and ignored: the centre
-        tensor itself must be given again.
+        `centre_shape` and `pooled_centre_shape`, written by `to_dict` for metadata, are accepted
+        and ignored: the centre tensors themselves must be given again.
         """
         names = {f.name for f in fields(cls)}
-        data = {k: v for k, v in dict(data).items() if k != "centre_shape"}
+        data = {k: v for k, v in dict(data).items() if k not in ("centre_shape", "pooled_centre_shape")}
         unknown = sorted(set(data) - names)
         if unknown:
             raise InvalidInputError(
@@ -204,41 +209,55 @@ class RegularizerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings for file metadata; the centre tensor is recorded by its shape only."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "centre"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("centre", "pooled_centre")}
         out["templates"] = list(self.templates)
         for key in ("t_range", "timestep_range"):
             out[key] = None if out[key] is None else list(out[key])
         out["centre_shape"] = None if self.centre is None else list(self.centre.shape)
+        if self.pooled_centre is not None:
+            out["pooled_centre_shape"] = list(self.pooled_centre.shape)
         return out
+
+
+def _finite_tensor(name: str, value, ndims: tuple[int, ...], shape: str) -> torch.Tensor:
+    """`value` (a tensor, or a list from JSON) as a float32 tensor; raises unless finite and of `ndims` dimensions."""
+    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float32)
+    if tensor.ndim not in ndims or not torch.isfinite(tensor).all():
+        raise InvalidInputError(f"`{name}` must be a finite {shape} tensor, got shape {tuple(tensor.shape)}.")
+    return tensor
 
 
 @dataclass
 class _Encodings:
     """The encoder outputs the conditionings are made from, computed once.
 
-    `placeholder`, `anchor`: `[n_templates, tokens, dim]` (`anchor` alone for `class`, the empty
-    prompt alone for `empty`). `interpolated`: `[n_templates, tokens, 1]`, True at positions from the
-    placeholder's first token on.
+    `placeholder`, `anchor`: `Conditioning`s of `n_templates` prompts (`anchor` alone for `class`,
+    the empty prompt alone for `empty`). `interpolated`: per text encoder, `[n_templates, tokens, 1]`,
+    True at positions from the placeholder's first token on in that encoder's prompt.
     """
 
-    placeholder: torch.Tensor | None
-    anchor: torch.Tensor
-    interpolated: torch.Tensor | None
+    placeholder: Conditioning | None
+    anchor: Conditioning
+    interpolated: tuple[torch.Tensor, ...] | None
 
 
 class LocalityRegularizer:
     """Regularisation conditionings `c_r` for one placeholder, one model and one config.
 
-    Everything is checked when it is built; the text encoder runs once, on first use (so build it
+    Everything is checked when it is built; the text encoders run once, on first use (so build it
     once the pivot is final, or call `refresh()` after the placeholder's vectors change, as in a
     joint schedule). With a text-encoder LoRA, make the first call before tuning starts so that
-    `c_r` comes from the original encoder.
+    `c_r` comes from the original encoders.
+
+    With several text encoders (SDXL) the positional modes interpolate each encoder's block of the
+    conditioning in its own space (CLIP-L's 768 and bigG's 1280 separately, each around its part of
+    the centre), and the pooled embedding the same way between the two prompts' pooled vectors.
 
     Args:
-        bundle (`ModelBundle`): the model, its tokenizer and text encoder holding the placeholder.
-        token (`PlaceholderToken`): the placeholder, as returned by `add_placeholder`.
+        bundle (`ModelBundle`): the model, its tokenizers and text encoders holding the placeholder.
+        token (`PlaceholderToken`): the placeholder, as returned by `add_placeholder` (any tokenizer's).
         config (`RegularizerConfig`): the settings.
-        clip_skip (`int`): encoder layer, as in training (1 = last).
+        clip_skip (`int`, *optional*): encoder layer, as in training (1 = last); None: the family's default.
     """
 
     def __init__(
@@ -246,32 +265,49 @@ class LocalityRegularizer:
         bundle: ModelBundle,
         token: PlaceholderToken,
         config: RegularizerConfig,
-        clip_skip: int = 1,
+        clip_skip: int | None = None,
     ):
-        self.bundle, self.token, self.config, self.clip_skip = bundle, token, config, clip_skip
+        self.bundle, self.config, self.clip_skip = bundle, config, clip_skip
+        self.tokens = placeholder_in_tokenizers(bundle.tokenizers, token)
+        self.token = self.tokens[0]
         self.mode = config.spec
         self.placeholder_prompts = [token.fill(template) for template in config.templates]
         self.anchor_prompts = [fill_placeholder(template, config.anchor) for template in config.templates]
-        self.centre = self._check_centre_fits()
+        self.centres, self.pooled_centre = self._check_centre_fits()
         self._check_timestep_range()
         self._starts = self._check_alignment() if self.mode.positional else None
         self._encodings: _Encodings | None = None
-        self._fixed: torch.Tensor | None = None  # final conditionings when nothing is sampled
+        self._fixed: Conditioning | None = None  # final conditionings when nothing is sampled
 
     # -- checks (all before any encoding) -------------------------------------------------------
 
-    def _check_centre_fits(self) -> torch.Tensor | None:
-        config = self.config
+    def _check_centre_fits(self) -> tuple[tuple[torch.Tensor, ...] | None, torch.Tensor | None]:
+        """The centre split into one block per text encoder, and the pooled centre (vSLERP only)."""
+        config, bundle = self.config, self.bundle
         if config.interpolation != "vslerp" or not self.mode.positional:
-            return None
-        tokens, dim = self.bundle.tokenizer.model_max_length, self.bundle.embedding_dim
+            return None, None
+        tokens, widths = bundle.tokenizer.model_max_length, tuple(bundle.embedding_dims.values())
+        dim = sum(widths)
         centre = config.centre.detach().float()
         if centre.shape not in ((dim,), (tokens, dim)):
             raise InvalidInputError(
-                f"vSLERP centre of shape {tuple(centre.shape)} does not fit this text encoder, which gives "
+                f"vSLERP centre of shape {tuple(centre.shape)} does not fit this model's conditioning, which is "
                 f"[{tokens}, {dim}] per prompt: use centres measured on the same model."
             )
-        return centre
+        pooled_dim = _pooled_width(bundle)
+        if pooled_dim is None:
+            pooled = None
+        elif config.pooled_centre is None:
+            raise InvalidInputError(
+                f"vSLERP on {bundle.family.display_name} also interpolates the pooled embedding, around `pooled_centre` "
+                f"[{pooled_dim}]: connect norm statistics measured on this model (they give both centres) or use slerp."
+            )
+        else:
+            pooled = config.pooled_centre.detach().float()
+            if pooled.shape != (pooled_dim,):
+                raise InvalidInputError(f"`pooled_centre` of shape {tuple(pooled.shape)} does not fit this model's pooled "
+                                        f"embedding [{pooled_dim}]: use centres measured on the same model.")
+        return tuple(torch.split(centre, list(widths), dim=-1)), pooled
 
     def _check_timestep_range(self) -> None:
         span = self.config.timestep_range
@@ -279,9 +315,11 @@ class LocalityRegularizer:
         if span is not None and span[1] >= total:
             raise InvalidInputError(f"`timestep_range` {span} goes past the model's last timestep {total - 1}.")
 
-    def _check_alignment(self) -> torch.Tensor:
-        """Index of the placeholder's first token in each template; raises if positions misalign."""
-        tokenizer, token = self.bundle.tokenizer, self.token
+    def _check_alignment(self) -> tuple[torch.Tensor, ...]:
+        """Per tokenizer, the index of the placeholder's first token in each template; raises if positions misalign."""
+        return tuple(self._starts_in(tokenizer, token) for tokenizer, token in zip(self.bundle.tokenizers, self.tokens))
+
+    def _starts_in(self, tokenizer, token: PlaceholderToken) -> torch.Tensor:
         anchor_ids = tokenizer(self.config.anchor, add_special_tokens=False).input_ids
         if len(anchor_ids) != token.num_vectors:
             pieces = " ".join(tokenizer.convert_ids_to_tokens(anchor_ids))
@@ -319,18 +357,19 @@ class LocalityRegularizer:
     def _encode(self) -> _Encodings:
         if self._encodings is not None:
             return self._encodings
-        tokenizer, encoder = self.bundle.tokenizer, self.bundle.text_encoder
+        encode = lambda prompts: encode_conditioning(self.bundle, prompts, self.clip_skip)  # noqa: E731
         if self.mode.encodes == "empty":
-            self._encodings = _Encodings(None, encode_prompts(tokenizer, encoder, [""], self.clip_skip), None)
+            self._encodings = _Encodings(None, encode([""]), None)
         elif self.mode.encodes == "anchor":
-            self._encodings = _Encodings(None, encode_prompts(tokenizer, encoder, self.anchor_prompts, self.clip_skip), None)
+            self._encodings = _Encodings(None, encode(self.anchor_prompts), None)
         else:
-            # One encoder call for both endpoints of every template.
-            both = encode_prompts(tokenizer, encoder, self.placeholder_prompts + self.anchor_prompts, self.clip_skip)
-            placeholder, anchor = both.split(len(self.placeholder_prompts))
-            positions = torch.arange(both.shape[1])
-            interpolated = (positions[None, :] >= self._starts[:, None]).unsqueeze(-1).to(both.device)
-            self._encodings = _Encodings(placeholder, anchor, interpolated)
+            # One call per encoder for both endpoints of every template.
+            both = encode(self.placeholder_prompts + self.anchor_prompts)
+            n = len(self.placeholder_prompts)
+            positions = torch.arange(both.hidden.shape[1])
+            interpolated = tuple((positions[None, :] >= starts[:, None]).unsqueeze(-1).to(both.hidden.device)
+                                 for starts in self._starts)
+            self._encodings = _Encodings(both[:n], both[n:], interpolated)
         return self._encodings
 
     # -- per application ------------------------------------------------------------------------
@@ -345,8 +384,8 @@ class LocalityRegularizer:
         config = self.config
         return config.is_active and step % config.every == 0
 
-    def conditionings(self, step: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
-        """The conditionings `c_r` for step `step`, `[samples, tokens, dim]`, or None if inactive.
+    def conditionings(self, step: int, generator: torch.Generator | None = None) -> Conditioning | None:
+        """The conditionings `c_r` for step `step` (`samples` of them), or None if inactive.
 
         Args:
             step (`int`): the training step, counted from 0.
@@ -382,17 +421,37 @@ class LocalityRegularizer:
         u = torch.rand((count, 1, 1), generator=generator, device=device).to(like.device)
         return t_min + (t_max - t_min) * u
 
-    def _build(self, picks: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Conditionings for the templates `picks`, `[len(picks), tokens, dim]`."""
+    def _build(self, picks: torch.Tensor, generator: torch.Generator | None) -> Conditioning:
+        """Conditionings for the templates `picks`, one per pick."""
         enc = self._encode()
         if not self.mode.positional:
             return enc.anchor[picks]
         start, end = enc.placeholder[picks], enc.anchor[picks]
-        t = self._sample_t(len(picks), generator, start)
-        centre = None if self.centre is None else self.centre.to(start.device)
-        inner = self.mode.point(start, end, t, centre, generator)
-        # Positions before the placeholder stay exactly the placeholder prompt's.
-        return torch.where(enc.interpolated[picks], inner.to(start.dtype), start)
+        t = self._sample_t(len(picks), generator, start.hidden)
+        centres = self.centres or (None,) * len(start.widths)
+        blocks = []
+        for first, last, centre, interpolated in zip(start.blocks(), end.blocks(), centres, enc.interpolated):
+            inner = self.mode.point(first, last, t, _on(centre, first), generator)
+            # Positions before the placeholder stay exactly the placeholder prompt's.
+            blocks.append(torch.where(interpolated[picks], inner.to(first.dtype), first))
+        pooled = None
+        if start.pooled is not None:  # [n, dim] as one position, between the two prompts' pooled vectors
+            first = start.pooled[:, None]
+            pooled = self.mode.point(first, end.pooled[:, None], t, _on(self.pooled_centre, first), generator)[:, 0]
+            pooled = pooled.to(start.pooled.dtype)
+        return Conditioning.from_blocks(blocks, pooled)
+
+
+def _on(centre: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if centre is None else centre.to(like.device)
+
+
+def _pooled_width(bundle: ModelBundle) -> int | None:
+    """Width of the pooled embedding the UNet is conditioned on (SDXL: bigG's projection), None if none."""
+    for spec, encoder in zip(bundle.family.text_encoders, bundle.text_encoders):
+        if spec.with_projection:
+            return encoder.config.projection_dim
+    return None
 
 
 def locality_loss(tuned_pred: torch.Tensor, base_pred: torch.Tensor) -> torch.Tensor:

@@ -105,7 +105,7 @@ def test_two_vector_placeholder_needs_a_two_token_anchor():
     with pytest.raises(TokenizerError, match="or set `num_vectors` to 1"):
         LocalityRegularizer(bundle, token, RegularizerConfig(anchor="character"))
     reg = LocalityRegularizer(bundle, token, RegularizerConfig(anchor="red cat", t=0.0))
-    assert torch.equal(reg.conditionings(0)[0], encode(bundle, [token.expand(TEMPLATE.format("tok2"))])[0])
+    assert torch.equal(reg.conditionings(0).hidden[0], encode(bundle, [token.expand(TEMPLATE.format("tok2"))])[0])
 
 
 def test_timestep_range_past_the_schedule_is_refused(setup):
@@ -117,10 +117,10 @@ def test_timestep_range_past_the_schedule_is_refused(setup):
 
 def test_empty_and_class_modes_encode_their_prompts(setup):
     bundle, _ = setup
-    empty = make(setup, mode="empty", samples=2).conditionings(0)
+    empty = make(setup, mode="empty", samples=2).conditionings(0).hidden
     assert empty.shape == (2, 77, 32)
     assert torch.equal(empty[1], encode(bundle, [""])[0])
-    assert torch.equal(make(setup, mode="class").conditionings(0)[0], encode(bundle, [TEMPLATE.format("character")])[0])
+    assert torch.equal(make(setup, mode="class").conditionings(0).hidden[0], encode(bundle, [TEMPLATE.format("character")])[0])
 
 
 def test_none_mode_and_interval(setup):
@@ -134,7 +134,7 @@ def test_none_mode_and_interval(setup):
 def test_path_mode_endpoints_and_untouched_prefix(setup):
     bundle, _ = setup
     with_placeholder, with_anchor = encode(bundle, [TEMPLATE.format("tok1"), TEMPLATE.format("character")])
-    at_0, at_1, mid = (make(setup, t=t).conditionings(0)[0] for t in (0.0, 1.0, 0.5))
+    at_0, at_1, mid = (make(setup, t=t).conditionings(0).hidden[0] for t in (0.0, 1.0, 0.5))
     assert torch.equal(at_0, with_placeholder)
     assert torch.equal(at_1[START:], with_anchor[START:])
     assert torch.allclose(at_1, with_anchor, atol=1e-6)  # the causal mask: same prefix either way
@@ -146,17 +146,17 @@ def test_path_mode_endpoints_and_untouched_prefix(setup):
 def test_vslerp_path_with_zero_centre_equals_slerp_path(setup):
     bundle, token = setup
     config = RegularizerConfig(interpolation="vslerp", t=0.3, centre=torch.zeros(77, 32))
-    by_vslerp = LocalityRegularizer(bundle, token, config).conditionings(0)
-    assert torch.allclose(by_vslerp, make(setup, t=0.3).conditionings(0), atol=1e-6)
+    by_vslerp = LocalityRegularizer(bundle, token, config).conditionings(0).hidden
+    assert torch.allclose(by_vslerp, make(setup, t=0.3).conditionings(0).hidden, atol=1e-6)
 
 
 def test_sphere_points_keep_the_path_angle_and_follow_the_seed(setup):
     bundle, _ = setup
     with_placeholder, with_anchor = encode(bundle, [TEMPLATE.format("tok1"), TEMPLATE.format("character")])
     reg = make(setup, mode="sphere", samples=2)
-    first = reg.conditionings(0, torch.Generator().manual_seed(0))
-    again = reg.conditionings(0, torch.Generator().manual_seed(0))
-    other = reg.conditionings(0, torch.Generator().manual_seed(1))
+    first = reg.conditionings(0, torch.Generator().manual_seed(0)).hidden
+    again = reg.conditionings(0, torch.Generator().manual_seed(0)).hidden
+    other = reg.conditionings(0, torch.Generator().manual_seed(1)).hidden
     path = slerp(with_placeholder, with_anchor, 0.5)
     for sample in first:
         assert torch.equal(sample[:START], with_placeholder[:START])
@@ -169,7 +169,7 @@ def test_sphere_points_keep_the_path_angle_and_follow_the_seed(setup):
 def test_several_templates_and_sampled_t(setup):
     reg = make(setup, templates=[TEMPLATE, "a drawing of {} in the city"], samples=2, t_range=(0.2, 0.8))
     generator = torch.Generator().manual_seed(0)
-    a, b = reg.conditionings(0, generator), reg.conditionings(1, generator)
+    a, b = reg.conditionings(0, generator).hidden, reg.conditionings(1, generator).hidden
     assert a.shape == (2, 77, 32)
     assert torch.equal(a[1][:3], b[1][:3])  # "a drawing of" comes before the placeholder: never moved
     assert not torch.allclose(a, b)  # t is drawn again
@@ -181,7 +181,7 @@ def test_endpoints_are_encoded_once(setup):
     handle = bundle.text_encoder.register_forward_hook(lambda *args: calls.append(1))
     try:
         fixed = make(setup, t=0.5, samples=2)
-        results = [fixed.conditionings(step) for step in range(3)]
+        results = [fixed.conditionings(step).hidden for step in range(3)]
         assert len(calls) == 1 and all(torch.equal(r, results[0]) for r in results)
         sampled = make(setup, t_range=(0.0, 1.0))
         generator = torch.Generator().manual_seed(0)

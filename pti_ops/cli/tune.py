@@ -31,7 +31,7 @@ def add_tune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha; updates are scaled by alpha/rank (default: rank).")
     g.add_argument("--targets", choices=tuple(UNET_TARGETS), default=_tune_default("targets"),
                    help=f"UNet layers that get LoRA (default: {_tune_default('targets')}).")
-    g.add_argument("--train-text-encoder", action="store_true", help="also put LoRA on the text encoder's attention.")
+    g.add_argument("--train-text-encoder", action="store_true", help="also put LoRA on the text encoders' attention (SDXL: both).")
     g.add_argument("--lr", type=float, default=_tune_default("learning_rate"), help=f"LoRA learning rate (default: {_tune_default('learning_rate'):g}).")
     g.add_argument("--steps", type=int, default=_tune_default("steps"), help=f"LoRA optimiser steps (default: {_tune_default('steps')}).")
     g.add_argument("--batch-size", type=int, default=_tune_default("batch_size"), help=f"images per micro-batch (default: {_tune_default('batch_size')}).")
@@ -40,10 +40,13 @@ def add_tune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=_tune_default("seed"), help=f"random seed (default: {_tune_default('seed')}).")
     g.add_argument("--max-timestep", type=int, default=None, help="train only on timesteps below this (default: all).")
     g.add_argument("--clip-skip", type=int, default=_tune_default("clip_skip"),
-                   help=f"1 = last text-encoder layer, 2 = penultimate (default: {_tune_default('clip_skip')}).")
+                   help="1 = last text-encoder layer, 2 = penultimate (default: the model family's, 1 for SD1.5, 2 for SDXL).")
     g.add_argument("--history-every", type=int, default=_tune_default("history_every"),
                    help=f"record losses every N steps (default: {_tune_default('history_every')}).")
     add_precision_options(g)
+    g.add_argument("--offload-text-encoders", action="store_true",
+                   help="move the text encoders to the CPU once every prompt is encoded (SDXL's two take 1.6 GB in bf16); "
+                        "not with the joint schedule or --train-text-encoder, which train through them.")
 
 
 def add_regularizer_options(p: argparse.ArgumentParser) -> None:
@@ -73,6 +76,7 @@ def tune_config_from(args: argparse.Namespace, templates: list[str], schedule: s
         seed=args.seed, timestep_range=(0, args.max_timestep) if args.max_timestep else None, schedule=schedule,
         templates=templates, clip_skip=args.clip_skip, history_every=args.history_every,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        offload_text_encoders=args.offload_text_encoders,
         ti_learning_rate=args.ti_lr if joint else _tune_default("ti_learning_rate"),
         ti_frac=args.ti_frac if joint else _tune_default("ti_frac"),
     )
