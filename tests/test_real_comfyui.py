@@ -193,10 +193,11 @@ def test_training_workflow_queued_again_and_again_with_prompts_between(server, t
     prompt["901"] = {"class_type": "PreviewAny", "inputs": {"source": [ids["PivotalLoRATune"], 5]}}
     api = tmp_path / "shown.json"
     api.write_text(json.dumps(prompt))
-    # The same workflow as saved before if_exists (and bundle_embedding) existed: those widget values missing.
+    # The same workflow as saved before if_exists (and bundle_embedding, offload_text_encoders) existed: those
+    # widget values missing.
     saved = json.loads(workflow.read_text())
     for node in saved["nodes"]:
-        newer = {"TokenInversion": ["increment"], "PivotalLoRATune": ["increment", False]}.get(node["type"], [])
+        newer = {"TokenInversion": ["increment"], "PivotalLoRATune": ["increment", False, False]}.get(node["type"], [])
         if newer:
             assert node["widgets_values"][-len(newer):] == newer
             del node["widgets_values"][-len(newer):]
