@@ -97,6 +97,24 @@ def measure_lora(args, with_regularizer=False, cached=True):
     return timed_steps(lambda cb: run_tuning(bundle, dataset, tokens[0], config, reg, on_step=cb), args.steps, args.warmup, bundle.device)
 
 
+def measure_preview_share(args, every=10):
+    """Share of a LoRA run's wall time spent on previews every `every` steps (1 prompt, 1 seed, 20 sampling steps)."""
+    from pti_ops.metrics import PreviewConfig, Previews, SamplingConfig
+
+    def wall(previews):
+        bundle, dataset, tokens = setup(args)
+        config = TuneConfig(steps=args.steps, batch_size=args.batch, learning_rate=1e-4, history_every=10**6)
+        sync(bundle.device)
+        start = time.perf_counter()
+        run_tuning(bundle, dataset, tokens[0], config, previews=previews)
+        sync(bundle.device)
+        return time.perf_counter() - start
+
+    sampling = SamplingConfig(steps=20, resolution=args.resolution)
+    with_previews = wall(Previews(PreviewConfig(every, ["an anime illustration of {}"], [0], sampling)))
+    return (with_previews - wall(None)) / with_previews
+
+
 def measure_bare_lora(args, extra_work=None):
     """UNet forward + backward + AdamW on the LoRA weights; `extra_work` adds uncached encoders."""
     from peft import inject_adapter_in_model
@@ -223,6 +241,7 @@ def main():
         "unet_forward_1": lambda: measure_bare_unet(args, forward_only=True, batch=1),
         "inversion": lambda: measure_inversion(args),
         "bare_inversion": lambda: measure_bare_inversion(args),
+        "preview_share": lambda: measure_preview_share(args),
     }
     results = {name: [] for name in variants}
     for _ in range(args.repeats):
@@ -239,6 +258,8 @@ def main():
         ("regularised LoRA step ÷ LoRA step", t["lora_reg"] / t["lora"], f"{expected_reg:.2f} measured from parts; FLOPs: {(args.batch + 1) / args.batch + 1 / (3 * args.batch):.2f}"),
         ("peak memory with ÷ without regulariser", memory["reg"] / memory["plain"], "≤ 1.10"),
         ("uncached (VAE + text encoder every step) ÷ our LoRA step", t["uncached_lora"] / t["lora"], "> 1: what the caches save"),
+        ("share of a LoRA run spent on previews every 10 steps (1 image, 20 sampling steps)", t["preview_share"],
+         "a preview is 20 sampling steps × 2 UNet forwards (guidance) + a VAE decode, per 10 training steps"),
     ]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = (f"model `{args.model}`, device `{args.device}`, batch {args.batch}, {args.steps} steps × {args.repeats} repeats "
@@ -246,7 +267,7 @@ def main():
               f"{os.cpu_count()} cores, load {load:.2f} at the end")
     lines = [f"### {header}", "", "| measure | ratio | goal / expectation |", "|---|---|---|"]
     lines += [f"| {name} | {value:.3f} | {goal} |" for name, value, goal in rows]
-    lines += ["", "Step times (s): " + ", ".join(f"{k} {v:.4f}" for k, v in t.items()),
+    lines += ["", "Step times (s): " + ", ".join(f"{k} {v:.4f}" for k, v in t.items() if k != "preview_share"),
               f"Peak memory (MiB): plain {memory['plain'] / 2**20:.0f}, regularised {memory['reg'] / 2**20:.0f}."]
     if demo is not None:
         lines.append(f"Demo wall time: {demo:.1f} s.")

@@ -1,7 +1,7 @@
-"""Regenerate the numbers of docs/norm-stats.md: `python docs/norm_stats_demo.py` (CPU, ~30 s).
+"""Regenerate the numbers of docs/norm-stats.md: `python docs/norm_stats_demo.py` (CPU, ~40 s).
 
-Every number comes from pti_ops.norm_stats.compute: synthetic shells with closed-form answers, LayerNorm
-outputs, and the tiny random SD1.5-shaped model. Seeds are fixed, so the output is reproducible.
+Every number comes from pti_ops.norm_stats: synthetic shells with closed-form answers, LayerNorm
+outputs, and the tiny random SD1.5- and SDXL-shaped models. Seeds are fixed, so the output is reproducible.
 """
 
 import random
@@ -22,9 +22,10 @@ from pti_ops.norm_stats.compute import (  # noqa: E402
     synthetic_layernorm,
     synthetic_shell,
 )
-from pti_ops.placeholder import add_placeholder  # noqa: E402
+from pti_ops.norm_stats import measure_norm_stats  # noqa: E402
+from pti_ops.placeholder import add_placeholder, add_placeholders  # noqa: E402
 from pti_ops.training.text_conditioning import encode_prompts, text_transformer  # noqa: E402
-from pti_ops.models.tiny_model import build_tiny_bundle  # noqa: E402
+from pti_ops.models.tiny_model import build_tiny_bundle, build_tiny_sdxl_bundle  # noqa: E402
 
 N = 20000  # vectors per synthetic case: half fit the centre, half are measured
 
@@ -204,9 +205,52 @@ def print_layernorm_bias() -> None:
     print("\n" + "\n".join(summaries) + "\n")
 
 
+SDXL_RUNS = (  # (space, clip_skip, encoder, what it is)
+    ("hidden", None, None, "the conditioning: penultimate layer, no final LayerNorm"),
+    ("hidden_postnorm", None, None, "the penultimate layer through the final LayerNorm"),
+    ("hidden_postnorm", 1, None, "the final hidden state (last layer through the final LayerNorm)"),
+    ("hidden", 1, None, "the last layer without the final LayerNorm (CLIPSetLastLayer -1)"),
+    ("pooled", None, None, "EOS of the final hidden state"),
+    ("projected", None, "clip_g", "bigG's pooled conditioning (text_embeds)"),
+    ("token_embedding", None, None, "input rows"),
+)
+
+
+def print_tiny_sdxl() -> None:
+    print("## Tiny SDXL model (random weights, CLIP-L 32 wide, bigG 64 wide; the same 1000 captions, position 5 and EOS)\n")
+    bundle = build_tiny_sdxl_bundle()
+    captions = tiny_captions()
+    print("| space | clip_skip | encoder | raw mean | raw CV | centred mean | centred CV | offset (radii) | what |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for space, clip_skip, encoder, what in SDXL_RUNS:
+        position = 5 if space.startswith("hidden") or space == "token_embedding" else None
+        config = NormStatsConfig(space=space, position=position, clip_skip=clip_skip, encoder=encoder)
+        stats = measure_norm_stats(bundle.tokenizers, bundle.text_encoders, captions, config, family=bundle.family)
+        for key, s in stats.encoders.items():
+            print(f"| {space} | {s.clip_skip} | {key} | {s.raw.mean_norm:.4g} | {s.raw.cv:.3g} | {s.centred.mean_norm:.4g} | "
+                  f"{s.centred.cv:.3g} | {s.offset:.3g} | {what} |")
+    token = add_placeholders(bundle.tokenizers, bundle.text_encoders, "tok1", "character")[0]
+    with torch.no_grad():
+        for i, encoder in enumerate(bundle.text_encoders):  # tok1 = each encoder's class row + 0.05·N(0,1)
+            weight = encoder.get_input_embeddings().weight
+            row = bundle.tokenizers[i].convert_tokens_to_ids("tok1")
+            weight[row] += 0.05 * torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(1 + i))
+    config = NormStatsConfig(space="hidden", template="an anime illustration of {}", class_word="character")
+    stats = measure_norm_stats(bundle.tokenizers, bundle.text_encoders, captions, config, token, family=bundle.family)
+    print(f"\nvSLERP centres `centre_for_positions()` {list(stats.centre_for_positions().shape)}, "
+          f"`pooled_centre()` {list(stats.pooled_centre().shape)} (norm {stats.pooled_centre().norm():.4g}).\n")
+    print("Endpoints 'an anime illustration of tok1' vs '… character' (`hidden`, tok1 = each class row + 0.05·N(0,1)):\n")
+    for key, s in stats.encoders.items():
+        e = s.endpoints
+        print(f"- {key}: angle at position 5 {e.angle_raw[5]:.3g}° raw, {e.angle_centred[5]:.3g}° centred; max gap "
+              f"slerp {e.max_gap[0]:.3%}, vslerp {e.max_gap[1]:.3%}")
+    print("\n" + "\n".join(f"- {line}" for line in stats.summary().splitlines()) + "\n")
+
+
 if __name__ == "__main__":
     warnings.simplefilter("ignore", FutureWarning)
     torch.set_num_threads(1)
     print_synthetic()
     print_tiny()
     print_layernorm_bias()
+    print_tiny_sdxl()

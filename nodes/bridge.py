@@ -40,7 +40,7 @@ from ..pti_ops.models import (
     ModelFamily,
     bundle_from_comfy_models,
     comfy_family,
-    text_encoder_from_comfy_state,
+    text_encoders_from_comfy_state,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,12 +86,14 @@ def bundle_from_comfy(model, clip, vae) -> ModelBundle:
     return bundle.to(comfy.model_management.get_torch_device())
 
 
-def text_encoder_from_comfy(clip):
-    """`(tokenizer, text_encoder)`, float32 on the CPU, from ComfyUI's CLIP (which is not modified)."""
+def text_encoders_from_comfy(clip):
+    """`(family, tokenizers, text_encoders)` of ComfyUI's CLIP in family order, float32 on the CPU (not modified):
+    SD1.5's CLIP-L; SDXL's CLIP-L and bigG (with its projection)."""
     _check_clip(clip)
     family = _clip_family(clip)
-    tokenizer, encoder = text_encoder_from_comfy_state(family, _clip_weights(clip, family), _clip_heads(clip, family), _tokenizer_root())
-    return tokenizer, encoder.requires_grad_(False)
+    tokenizers, encoders = text_encoders_from_comfy_state(family, _clip_weights(clip, family), _clip_heads(clip, family),
+                                                          _tokenizer_root())  # fmt: skip
+    return family, tokenizers, tuple(encoder.requires_grad_(False) for encoder in encoders)
 
 
 def clip_skip(clip) -> int:
@@ -316,9 +318,20 @@ def progress(total: int):
 
     def on_step(step: int, steps: int, logs: dict) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update_absolute(step, steps)
+        preview = logs.get("preview")  # a training preview grid: shown as the sampler nodes show theirs
+        bar.update_absolute(step, steps, None if preview is None else ("JPEG", _pil_image(preview), PREVIEW_MAX_SIDE))
 
     return on_step
+
+
+# The longest side of a preview sent to the browser, as ComfyUI's latent previews are sized.
+PREVIEW_MAX_SIDE = 512
+
+
+def _pil_image(image: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray((image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy())
 
 
 def show_text(node_id, text: str) -> None:

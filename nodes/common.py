@@ -5,6 +5,7 @@ templates, history, and the file it was saved to (`pivot.trigger` is its `embedd
 """
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -43,6 +44,27 @@ def parse_floats(text: str, what: str) -> list[float]:
         raise InvalidInputError(f"`{what}` {text!r} must be comma-separated numbers, e.g. 1e-4,5e-4,2e-3.") from err
 
 
+def in_widget_words(**widgets: str):
+    """Decorator of a node's FUNCTION: a config check naming a field (`` `t_range` ``) names the widget that fills it.
+
+    Fields named as their widgets need nothing; `widgets` maps the others, e.g. `rank="lora_rank"`.
+    """
+
+    def decorate(function):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except InvalidInputError as err:
+                if err.field in widgets:
+                    err.rename(f"`{widgets[err.field]}`")
+                raise
+
+        return run
+
+    return decorate
+
+
 def validation_message(*checks) -> bool | str:
     """`VALIDATE_INPUTS`'s answer: True, or the message of the first `InvalidInputError` a check raises."""
     try:
@@ -76,6 +98,40 @@ def history_every(steps: int, eval_every: int = 0) -> int:
 
 
 # --- running the core on ComfyUI's models -------------------------------------------------------
+
+
+def trainer_options(widgets: dict) -> dict:
+    """The `TrainingOptions` of a training node's TRAINER_OPTIONS widgets (absent ones: the defaults; 0 = off)."""
+    from ..pti_ops.training import TrainingOptions
+
+    defaults = TrainingOptions()
+    options = {name: widgets.get(name, getattr(defaults, name)) for name in ("optimizer", "lr_schedule", "warmup_steps", "noise_offset")}
+    return {**options, "snr_gamma": widgets.get("snr_gamma") or None}
+
+
+def snapshots_beside(path, widgets: dict, overwrite: bool):
+    """The `save_every` snapshots beside output `path`, or None when 0 / absent."""
+    from ..pti_ops.training import Snapshots
+
+    every = widgets.get("save_every") or 0
+    return Snapshots(path, every, overwrite=overwrite) if every else None
+
+
+def previews_from(widgets: dict, clip, dataset):
+    """The `preview_every` previews (shown in the progress bar only), or None when 0 / absent."""
+    every = widgets.get("preview_every") or 0
+    if not every:
+        return None
+    from ..pti_ops.metrics import PreviewConfig, Previews, SamplingConfig
+
+    sampling = SamplingConfig(steps=20, resolution=dataset.resolution, clip_skip=bridge.clip_skip(clip))
+    prompts = split_lines(widgets.get("preview_prompts") or "an anime illustration of {}")
+    return Previews(PreviewConfig(every, prompts, [0], sampling))
+
+
+def snapshot_names(snapshots) -> str:
+    """The snapshot files written, one name per line (the nodes' `snapshots` output)."""
+    return "" if snapshots is None else "\n".join(p.name for p in snapshots.written)
 
 
 @contextlib.contextmanager

@@ -7,16 +7,17 @@ reason; nothing is downloaded.
 
 import logging
 
-from ..pti_ops.errors import InvalidInputError, ModelLoadError
+from ..pti_ops.limits import MAX_BATCH_SIZE, MAX_RANK, MAX_RESOLUTION, MAX_SAMPLE_STEPS, MAX_STEPS
+from ..pti_ops.errors import InvalidInputError
 from ..pti_ops.files import check_output_name, output_folder
-from ..pti_ops.metrics import LPIPS_NETS, SAMPLERS, EvaluationConfig, SamplingConfig, Scorers, evaluate_tuned
-from ..pti_ops.metrics import evaluation_batches, load_lpips, try_load_clip
+from ..pti_ops.metrics import LPIPS_CHOICES, SAMPLERS, EvaluationConfig, SamplingConfig, Scorers, evaluate_tuned
+from ..pti_ops.metrics import evaluation_batches, load_scorers as load_core_scorers
 from ..pti_ops.pivot import Pivot
 from ..pti_ops.user_warnings import warn_user
 from ..pti_ops.sweeps import SWEEP_KINDS, SweepConfig, check_learning_rates, run_sweep
 from . import bridge
 from .common import converted, core_run, history_every, parse_floats, parse_ints, split_lines
-from .common import if_exists_policy, node_result, node_warnings, validation_message, with_warnings
+from .common import if_exists_policy, in_widget_words, node_result, node_warnings, validation_message, with_warnings
 from .inputs import IF_EXISTS, MEMORY_OPTIONS, MODEL_INPUTS, NODE_ID, OVERWRITE, SEED, TEMPLATES_TOOLTIP, TRAINING_INPUTS, bool_input, combo
 from .inputs import default_of, float_input, format_numbers, int_input, lines_input, link, retooltip, string_input
 
@@ -24,7 +25,6 @@ logger = logging.getLogger(__name__)
 
 CATEGORY = "pivotal_tuning/analysis"
 DEFAULT_CLASS_WORD = default_of(EvaluationConfig, "class_word")
-LPIPS_CHOICES = (*LPIPS_NETS, "off")
 
 
 def _sampling(name: str):
@@ -45,19 +45,20 @@ EDIT_PROMPTS = lines_input(default_of(EvaluationConfig, "edit_prompts"), "Prompt
 SAMPLE_SEEDS = string_input(",".join(map(str, default_of(EvaluationConfig, "seeds"))), "Comma-separated sampling seeds, "
     "one image per seed and prompt, the same in every set and run so results compare image for image. More seeds: "
     "steadier numbers, proportionally slower.")
-SAMPLE_STEPS = int_input(_sampling("steps"), 1, 1000, "Denoising steps per image: more are cleaner and proportionally "
+SAMPLE_STEPS = int_input(_sampling("steps"), 1, MAX_SAMPLE_STEPS, "Denoising steps per image: more are cleaner and proportionally "
     "slower.")
 CFG = float_input(_sampling("cfg_scale"), 0.0, 100.0, 0.1, "Classifier-free guidance. Higher values follow the prompt "
     "more closely but vary less; 1 skips the unconditional pass (half the work).", round=0.01)
 SAMPLER = combo(SAMPLERS, _sampling("sampler"), "ddim (deterministic) or euler; both from the model's training schedule.")
-RESOLUTION = int_input(_sampling("resolution") or 0, 0, 2048, "Side of the generated images in pixels; 0 = the model's "
+RESOLUTION = int_input(_sampling("resolution") or 0, 0, MAX_RESOLUTION, "Side of the generated images in pixels; 0 = the model's "
     "native size (512 for SD1.5). Smaller is much faster; the dataset's images are resized to it for reconstruction.",
     step=8)
-SAMPLE_BATCH = int_input(_sampling("batch_size"), 1, 64, "Images generated together: faster on a GPU, more memory; no "
+SAMPLE_BATCH = int_input(_sampling("batch_size"), 1, MAX_BATCH_SIZE, "Images generated together: faster on a GPU, more memory; no "
     "image changes.")
-LPIPS = combo(LPIPS_CHOICES, "alex", "LPIPS backbone: alex (LPIPS' default) or vgg, read from torchvision's weights in "
-    "the torch hub cache (nothing is downloaded; a missing file makes the LPIPS metrics 'not computed' with where to "
-    "put it). off: no LPIPS metrics (L2 and position spread remain).")
+LPIPS = combo(LPIPS_CHOICES, "auto", "LPIPS backbone: auto = alex (LPIPS' default) where torchvision's weights are in "
+    "the torch hub cache; alex or vgg likewise (nothing is downloaded: a missing file makes the LPIPS metrics 'not "
+    "computed' with where to put it). random: an untrained backbone, only to test a workflow. off: no LPIPS metrics "
+    "(L2 and position spread remain).")
 CLIP_MODEL_FOLDER = string_input("", "Optional local transformers CLIPModel folder (e.g. clip-vit-large-patch14 with "
     "config.json, weights and tokenizer files): an absolute path, or a folder inside models/clip_vision. Empty or "
     "missing: the CLIP metrics (editability, CLIP reconstruction) are 'not computed' with the reason.")  # fmt: skip
@@ -71,20 +72,9 @@ def sampling_config(clip, steps: int, cfg: float, sampler: str, resolution: int,
 
 
 def load_scorers(lpips: str, clip_model_folder: str) -> Scorers:
-    """LPIPS and CLIP scorers on ComfyUI's device; a missing one is None with the reason, never an error."""
-    device = bridge.torch_device()
+    """LPIPS and CLIP scorers on ComfyUI's device (the core's `load_scorers`); a missing one is None with the reason."""
     folder = bridge.resolve_clip_folder(clip_model_folder) if clip_model_folder.strip() else None
-    clip_scorer, clip_reason = try_load_clip(folder, device)
-    if folder is None:
-        clip_reason = "no CLIP model folder given (clip_model_folder): CLIP scores need a local transformers CLIPModel folder"
-    if lpips == "off":
-        return Scorers(None, clip_scorer, "LPIPS switched off (lpips = off)", clip_reason)
-    try:
-        model = load_lpips(lpips, device=device)
-    except (ModelLoadError, ModuleNotFoundError) as err:  # MissingModelFileError included
-        logger.warning("LPIPS metrics not computed: %s", err)
-        return Scorers(None, clip_scorer, str(err), clip_reason)
-    return Scorers(model, clip_scorer, "", clip_reason)
+    return load_core_scorers(lpips, folder, bridge.torch_device())
 
 
 def _clip_folder_changed(clip_model_folder: str) -> str:
@@ -154,6 +144,7 @@ class PivotalEvaluate:
         "diversity and position spread, and the token's distance from its initializer."
     )
 
+    @in_widget_words(cfg_scale="cfg")
     def evaluate(self, model, clip, vae, prompts, edit_prompts, class_word, seeds, steps, cfg, sampler, resolution,
                  batch_size, lpips, clip_model_folder, embedding: Pivot | None = None, lora=None,
                  lora_strength=1.0, dataset=None, unique_id=None):  # fmt: skip
@@ -215,9 +206,9 @@ class PivotalSweep:
                 "learning_rates": string_input(format_numbers(_sweep("learning_rates")), "Comma-separated learning "
                     "rates, one training run each (the token's for inversion, the LoRA's for lora). Each run costs "
                     "`steps` training steps plus its evaluation."),
-                "steps": int_input(_sweep("steps"), 1, 100000, "Training steps of every run (the notes fix 1000 and "
+                "steps": int_input(_sweep("steps"), 1, MAX_STEPS, "Training steps of every run (the notes fix 1000 and "
                     "vary the learning rate, so the distance travelled ≈ lr × steps)."),
-                "eval_every": int_input(_sweep("eval_every") or 0, 0, 100000, "inversion: also evaluate the token every "
+                "eval_every": int_input(_sweep("eval_every") or 0, 0, MAX_STEPS, "inversion: also evaluate the token every "
                     "N steps along each run (more points on the curves from the same runs; each evaluation costs far "
                     "more than a training step). 0: the last step only. Ignored by lora."),
                 "placeholder": string_input(_sweep("placeholder"), "inversion: the new word being learned (not a word "
@@ -226,10 +217,10 @@ class PivotalSweep:
                     "edit prompts are scored with. lora uses the embedding's."),
                 "templates": lines_input(_sweep("templates"), TEMPLATES_TOOLTIP + " lora uses the embedding's templates "
                     "when it has them."),
-                "batch_size": int_input(_sweep("batch_size"), 1, 64, "Training images per step (more memory, smoother "
+                "batch_size": int_input(_sweep("batch_size"), 1, MAX_BATCH_SIZE, "Training images per step (more memory, smoother "
                     "steps)."),
                 "seed": SEED,
-                "lora_rank": int_input(_sweep("rank"), 1, 256, "lora: LoRA rank of every run (capacity; 4-16 is light)."),
+                "lora_rank": int_input(_sweep("rank"), 1, MAX_RANK, "lora: LoRA rank of every run (capacity; 4-16 is light)."),
                 "compare_without_regularizer": bool_input(True, "lora with a connected regularizer: also run every "
                     "learning rate without it, so the regulariser's effect shows side by side (twice the runs). Without "
                     "a regularizer every run is unregularised anyway."),
@@ -278,6 +269,7 @@ class PivotalSweep:
         "writes the table, plots, grids and every trained file into a folder of ComfyUI's output."
     )
 
+    @in_widget_words(rank="lora_rank", cfg_scale="cfg", out="output_folder", regularizers="regularizer")
     def sweep(self, model, clip, vae, dataset, kind, learning_rates, steps, eval_every, placeholder, initializer,
               templates, batch_size, seed, lora_rank, compare_without_regularizer, prompts, edit_prompts, sample_seeds,
               sample_steps, cfg, sampler, resolution, lpips, clip_model_folder, output_folder, overwrite,
@@ -329,7 +321,8 @@ def _sweep_token(kind: str, embedding, placeholder: str, initializer: str, templ
     if embedding is None:
         raise InvalidInputError("kind `lora` needs `embedding`: connect the trained token (TokenInversion) the LoRAs "
                                 "are tuned around.")  # fmt: skip
-    return embedding.placeholder, embedding.initializer, list(embedding.templates), embedding.vectors.clone()
+    vectors = {key: v.clone() for key, v in embedding.vectors_by_key.items()}  # every encoder's (SDXL: clip_l, clip_g)
+    return embedding.placeholder, embedding.initializer, list(embedding.templates), vectors
 
 
 def _regularizers(regularizer, compare_without: bool) -> list:

@@ -8,6 +8,7 @@ position): never rename or reorder them.
 
 from ..pti_ops.checks import default_of
 from ..pti_ops.files import IF_EXISTS_POLICIES
+from ..pti_ops.training import LR_SCHEDULES, OPTIMIZERS, TrainingOptions
 from ..pti_ops.inversion import InversionConfig
 from ..pti_ops.training import MIXED_PRECISION_MODES
 
@@ -105,4 +106,23 @@ MEMORY_OPTIONS = {
         "faster on GPUs; the trained tensors stay float32."),
     "gradient_checkpointing": bool_input(default_of(InversionConfig, "gradient_checkpointing"), "Recompute the UNet's "
         "activations during the backward pass instead of storing them: much less memory, about 30% slower."),
+}  # fmt: skip
+# The options every trainer has (optional, appended last: older workflows keep the defaults; 0 = off).
+TRAINER_OPTIONS = {
+    "optimizer": combo(OPTIMIZERS, default_of(TrainingOptions, "optimizer"), "adamw: the default. adafactor: less "
+        "optimiser memory. prodigy (pip install prodigyopt): sets its own step size, give learning_rate 1.0."),
+    "lr_schedule": combo(LR_SCHEDULES, default_of(TrainingOptions, "lr_schedule"), "Learning rate over the run, after "
+        "warmup_steps of linear warm-up: constant, constant_with_warmup, linear (to 0) or cosine (to 0)."),
+    "warmup_steps": int_input(default_of(TrainingOptions, "warmup_steps"), 0, 100000, "Steps of linear warm-up from 0 "
+        "(not with constant)."),
+    "snr_gamma": float_input(0.0, 0.0, 100.0, 0.5, "min-SNR-γ loss weighting (5 is usual): down-weights the "
+        "low-noise steps. 0: off."),
+    "noise_offset": float_input(default_of(TrainingOptions, "noise_offset"), 0.0, 1.0, 0.01, "Offset noise per image "
+        "and channel (0.05–0.1 usual): lets the model shift overall brightness. 0: off."),
+    "save_every": int_input(0, 0, 100000, "Also write the file every N steps as NAME_stepNNNN.safetensors (pick the "
+        "step just before the LoRA learns the images' positions); the snapshots output lists them. 0: off."),
+    "preview_every": int_input(0, 0, 100000, "Every N steps (and at the end), sample preview images of the model as it "
+        "is now and show them in the node's progress bar. Each costs one sampling (20 steps) per prompt. 0: off."),
+    "preview_prompts": lines_input("an anime illustration of {}", "Preview prompts, one per line, with {} for the "
+        "token; seed 0, at the dataset's resolution."),
 }  # fmt: skip

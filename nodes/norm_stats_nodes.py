@@ -2,11 +2,13 @@
 
 from ..pti_ops.errors import InvalidInputError
 from ..pti_ops.inversion import InversionConfig
-from ..pti_ops.norm_stats import EOS, PER_TOKEN_SPACES, SPACES, NormStats, NormStatsConfig, compute_norm_stats
-from ..pti_ops.placeholder import DEFAULT_TEMPLATES, add_placeholder
+from ..pti_ops.norm_stats import ENCODERS, EOS, PER_TOKEN_SPACES, SPACES, NormStatsConfig, measure_norm_stats
+from ..pti_ops.placeholder import DEFAULT_TEMPLATES, add_placeholders
 from . import bridge
 from .common import core_run, node_result, node_warnings, split_lines, with_warnings
 from .inputs import NODE_ID, combo, default_of, link, string_input
+
+ALL_ENCODERS = "all"
 
 DEFAULT_CLASS_WORD = default_of(InversionConfig, "initializer")
 
@@ -38,9 +40,10 @@ class EmbeddingNormStats:
                 "captions_file": string_input("", "Optional text file with one caption per line (under ComfyUI's input "
                     "folder, or an absolute path); used instead of the captions box."),
                 "space": combo(SPACES, default_of(NormStatsConfig, "space"), "hidden: the per-token conditioning the UNet "
-                    "reads (the regulariser's space; its centres feed vSLERP). hidden_prenorm: before the final "
-                    "LayerNorm. pooled / projected: the end-of-text vector. token_embedding: the input rows textual "
-                    "inversion moves."),
+                    "reads (the regulariser's space; its centres feed vSLERP; SDXL: the penultimate layer, without the "
+                    "final LayerNorm). hidden_prenorm / hidden_postnorm: the same layer before / through the final "
+                    "LayerNorm. pooled / projected: the end-of-text vector (projected: SDXL's pooled conditioning, "
+                    "clip_g only). token_embedding: the input rows textual inversion moves."),
                 "position": string_input("", "Token position to summarise: an index (0 = start token), `eos`, or a word "
                     "found in each caption. Empty: the template's placeholder position, or eos without a template."),
                 # The core's defaults are None (no endpoints); the node starts with the training prompt and class word.
@@ -51,6 +54,9 @@ class EmbeddingNormStats:
             "optional": {
                 "embedding": link("PIVOTAL_EMBEDDING", "A trained token (TokenInversion): the endpoints compare it with the "
                     "class word. Not connected: the class word is compared with itself."),
+                "encoder": combo((ALL_ENCODERS, *ENCODERS), ALL_ENCODERS, "Which text encoder to measure (SDXL: clip_l "
+                    "or clip_g); all: every encoder of the model, each reported on its own. SlerpRegularizer's vslerp "
+                    "needs all (on SDXL they also give the pooled conditioning's centre)."),
             },
             "hidden": NODE_ID,
         }  # fmt: skip
@@ -70,16 +76,17 @@ class EmbeddingNormStats:
     )
 
     def measure(self, clip, captions, captions_file, space, position, template, class_word, embedding=None,
-                unique_id=None):  # fmt: skip
+                encoder=ALL_ENCODERS, unique_id=None):  # fmt: skip
         source = _captions(captions, captions_file)
         template = template.strip() or None
         with node_warnings() as warned, core_run(train=False):  # the encoder gains the placeholder's rows in place
             config = NormStatsConfig(
                 space=space, position=_parse_position(position), template=template,
-                clip_skip=bridge.clip_skip(clip) if space in PER_TOKEN_SPACES else 1,
+                clip_skip=bridge.clip_skip(clip) if space in PER_TOKEN_SPACES else None,
                 class_word=(class_word.strip() or None) if template else None,
+                encoder=None if encoder == ALL_ENCODERS else encoder,
             )  # fmt: skip
-            stats = _measure(*bridge.text_encoder_from_comfy(clip), source, config, embedding if template else None)
+            stats = _measure(*bridge.text_encoders_from_comfy(clip), source, config, embedding if template else None)
         outputs = (stats, with_warnings(stats.report(), warned), bridge.image_from_array(stats.plot_image()))
         return node_result(outputs, warned, unique_id)
 
@@ -100,13 +107,17 @@ def _parse_position(text: str) -> int | str | None:
     return int(text) if text.isdigit() else text
 
 
-def _measure(tokenizer, encoder, captions, config: NormStatsConfig, embedding) -> NormStats:
-    """The statistics of `captions`, with the trained token (when given) as the endpoints' placeholder."""
+def _measure(family, tokenizers, encoders, captions, config: NormStatsConfig, embedding):
+    """The statistics of `captions` (`NormStats`, or per encoder), with the trained token (when given) as the
+    endpoints' placeholder in every encoder."""
     placeholder = None
     if embedding is not None:
-        placeholder = add_placeholder(tokenizer, encoder, embedding.placeholder, embedding.initializer,
-                                      vectors=embedding.vectors)  # fmt: skip
-    return compute_norm_stats(tokenizer, encoder, captions, config, placeholder, model_name="comfyui")
+        if embedding.family != family.name:
+            raise InvalidInputError(f"`embedding` was trained for a {embedding.family} model but the CLIP is {family.display_name}: "
+                                    "connect an embedding trained on this model.")  # fmt: skip
+        vectors = [embedding.vectors_by_key[key] for key in family.embedding_keys]
+        placeholder = add_placeholders(tokenizers, encoders, embedding.placeholder, embedding.initializer, vectors=vectors)[0]
+    return measure_norm_stats(tokenizers, encoders, captions, config, placeholder, family=family, model_name="comfyui")
 
 
 def _captions(captions: str, captions_file: str):

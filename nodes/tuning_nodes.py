@@ -1,5 +1,6 @@
 """SlerpRegularizer and PivotalLoRATune: steps 2 and 3 of pivotal tuning (LoRA around the frozen pivot)."""
 
+from ..pti_ops.limits import MAX_BATCH_SIZE, MAX_RANK, MAX_REG_SAMPLES, MAX_STEPS
 from ..pti_ops.errors import InvalidInputError, MissingModelFileError
 from ..pti_ops.files import output_path, output_paths
 from ..pti_ops.lora_tune import SCHEDULES, UNET_TARGETS, TuneConfig, tune_around
@@ -8,8 +9,8 @@ from ..pti_ops.pivot import Pivot
 from ..pti_ops.regularizer import INTERPOLATION_MODES, MODES, REGULARIZER_MODES, RegularizerConfig
 from . import bridge
 from .common import converted, core_run, history_every, history_plot, if_exists_policy, node_result, node_warnings
-from .common import split_lines, validate_name
-from .inputs import IF_EXISTS, MEMORY_OPTIONS, NODE_ID, OVERWRITE, SEED, TRAINING_INPUTS, bool_input, combo, default_of
+from .common import in_widget_words, previews_from, snapshot_names, snapshots_beside, split_lines, trainer_options, validate_name
+from .inputs import IF_EXISTS, MEMORY_OPTIONS, NODE_ID, OVERWRITE, SEED, TRAINER_OPTIONS, TRAINING_INPUTS, bool_input, combo, default_of
 from .inputs import float_input, int_input, lines_input, link, string_input
 
 # The mode combo's tooltip, from the registry's one-line summaries (the CLI's --reg help reads the same).
@@ -52,7 +53,7 @@ class SlerpRegularizer:
                     "more slowly. 0 turns it off."),
                 "every": int_input(_reg("every"), 1, 1000, "Apply the regulariser every N training steps (each "
                     "application costs extra UNet work)."),
-                "samples": int_input(_reg("samples"), 1, 64, "Regularisation prompts per application (a UNet sample each)."),
+                "samples": int_input(_reg("samples"), 1, MAX_REG_SAMPLES, "Regularisation prompts per application (a UNet sample each)."),
                 "timestep_min": int_input(0, 0, LAST_TIMESTEP, "Lowest noise timestep of the regularisation samples. With "
                     "0…999 they reuse the training batch's noisy latents (cheapest)."),
                 "timestep_max": int_input(LAST_TIMESTEP, 0, LAST_TIMESTEP, "Highest noise timestep of the regularisation "
@@ -79,11 +80,12 @@ class SlerpRegularizer:
         "predicting what the original predicts for prompts near the token's (between it and the class word)."
     )
 
+    @in_widget_words(t_range="t_jitter", timestep_range="timestep_min/timestep_max", centre="norm_stats")
     def build(self, mode, anchor, templates, interpolation, t, t_jitter, weight, every, samples,
               timestep_min, timestep_max, norm_stats=None, image_space=False, image_l2_weight=0.1):  # fmt: skip
         config = RegularizerConfig(
             mode=mode, anchor=anchor, templates=split_lines(templates), interpolation=interpolation,
-            centre=_centre_from_stats(norm_stats, interpolation), t=t if not t_jitter else _reg("t"),
+            **_centres_from_stats(norm_stats, interpolation), t=t if not t_jitter else _reg("t"),
             t_range=_jittered(t, t_jitter), weight=weight, every=every, samples=samples, image_space=image_space,
             image_l2_weight=image_l2_weight, timestep_range=_timestep_range(timestep_min, timestep_max),
         )  # fmt: skip
@@ -114,10 +116,12 @@ def _check_lpips_weights() -> None:
         )
 
 
-def _centre_from_stats(norm_stats, interpolation: str):
-    """The vSLERP centres `[tokens, dim]` of connected `hidden`-space statistics (None when none are connected)."""
+def _centres_from_stats(norm_stats, interpolation: str) -> dict:
+    """`centre` and `pooled_centre` of connected `hidden`-space statistics: the per-position vSLERP centres
+    `[tokens, sum(widths)]` (SDXL: both encoders') and the pooled conditioning's (SDXL; None for SD1.5).
+    Both None when none are connected."""
     if norm_stats is None:
-        return None
+        return {"centre": None, "pooled_centre": None}
     if interpolation != "vslerp":
         raise InvalidInputError(
             "`norm_stats` is connected but `interpolation` is `slerp`, which has no centre: choose `vslerp` or "
@@ -128,7 +132,7 @@ def _centre_from_stats(norm_stats, interpolation: str):
             f"`norm_stats` measure the `{norm_stats.space}` space, but the regulariser interpolates the text "
             "encoder's output: connect statistics of the `hidden` space."
         )
-    return norm_stats.centre_for_positions()
+    return {"centre": norm_stats.centre_for_positions(), "pooled_centre": norm_stats.pooled_centre()}
 
 
 class PivotalLoRATune:
@@ -140,7 +144,7 @@ class PivotalLoRATune:
             "required": {
                 **TRAINING_INPUTS,
                 "embedding": link("PIVOTAL_EMBEDDING", "The pivot from TokenInversion; its prompt templates are reused."),
-                "rank": int_input(_tune("rank"), 1, 256, "LoRA rank: capacity of the tuning. 4–16 is light (small file, "
+                "rank": int_input(_tune("rank"), 1, MAX_RANK, "LoRA rank: capacity of the tuning. 4–16 is light (small file, "
                     "stays close to the base model); higher learns more and forgets more."),
                 "alpha": float_input(0.0, 0.0, 1024.0, 0.5, "LoRA alpha: the update is scaled by alpha / rank. 0 means "
                     "alpha = rank (scale 1)."),
@@ -148,8 +152,8 @@ class PivotalLoRATune:
                     "to_v, to_out) or attention_ff (also the feed-forward layers: more capacity, bigger file)."),
                 "learning_rate": float_input(_tune("learning_rate"), 1e-7, 1.0, 1e-5, "AdamW learning rate of the LoRA. "
                     "Too high learns the training images' exact poses and backgrounds.", round=False),
-                "steps": int_input(_tune("steps"), 1, 100000, "Optimiser steps of the LoRA tuning."),
-                "batch_size": int_input(_tune("batch_size"), 1, 64, "Images per step (more memory, smoother steps)."),
+                "steps": int_input(_tune("steps"), 1, MAX_STEPS, "Optimiser steps of the LoRA tuning."),
+                "batch_size": int_input(_tune("batch_size"), 1, MAX_BATCH_SIZE, "Images per step (more memory, smoother steps)."),
                 "seed": SEED,
                 "schedule": combo(SCHEDULES, _tune("schedule"), "sequential: the token stays frozen (pivotal tuning). "
                     "joint: the token trains with the LoRA for the first half, then freezes; its new vectors are saved "
@@ -173,12 +177,13 @@ class PivotalLoRATune:
                 "offload_text_encoders": bool_input(_tune("offload_text_encoders"), "Move the text encoders to the CPU "
                     "once every prompt is encoded (SDXL's two take 1.6 GB in bf16). Needs them frozen: not with the joint "
                     "schedule or train_text_encoder."),
+                **TRAINER_OPTIONS,
             },
             "hidden": NODE_ID,
         }  # fmt: skip
 
-    RETURN_TYPES = ("MODEL", "CLIP", "LORA_MODEL", "LOSS_MAP", "IMAGE", "STRING", "STRING")
-    RETURN_NAMES = ("model", "clip", "lora", "loss", "plot", "lora_file", "trigger")
+    RETURN_TYPES = ("MODEL", "CLIP", "LORA_MODEL", "LOSS_MAP", "IMAGE", "STRING", "STRING", "STRING")
+    RETURN_NAMES = ("model", "clip", "lora", "loss", "plot", "lora_file", "trigger", "snapshots")
     OUTPUT_TOOLTIPS = (
         "The model with the trained LoRA applied (a patched clone), ready for KSampler in this run.",
         "The CLIP with the text-encoder LoRA applied when train_text_encoder is on (a clone otherwise).",
@@ -187,6 +192,8 @@ class PivotalLoRATune:
         "Plot of the training loss and the locality loss against the step.",
         "The name of the LoRA file written in models/loras (with its counter when if_exists incremented it).",
         "embedding:NAME of the token to prompt with (the joint schedule's own embedding when joint).",
+        "The snapshot LoRA files written in models/loras (save_every), one name per line; empty when off. With the joint "
+        "schedule each carries its step's token (bundle_emb), for Pivotal LoRA Loader.",
     )
     FUNCTION = "tune"
     CATEGORY = "pivotal_tuning/train"
@@ -199,32 +206,40 @@ class PivotalLoRATune:
     def tune(self, model, clip, vae, dataset, embedding: Pivot, rank, alpha, targets, learning_rate,
              steps, batch_size, seed, schedule, train_text_encoder, lora_name, overwrite, regularizer=None,
              mixed_precision="no", gradient_checkpointing=False, if_exists="increment", bundle_embedding=False,
-             offload_text_encoders=False, unique_id=None):  # fmt: skip
+             offload_text_encoders=False, unique_id=None, **trainer_widgets):  # fmt: skip
         config = TuneConfig(
             rank=rank, alpha=alpha or None, targets=targets, train_text_encoder=train_text_encoder,
             learning_rate=learning_rate, steps=steps, batch_size=batch_size, seed=seed, schedule=schedule,
             templates=embedding.templates or _tune("templates"), clip_skip=bridge.clip_skip(clip),
             history_every=history_every(steps), mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, offload_text_encoders=offload_text_encoders,
+            **trainer_options(trainer_widgets),
         )  # fmt: skip
         policy = if_exists_policy(overwrite, if_exists)
         lora_path, joint_path = _output_paths(lora_name, schedule, policy)
+        snapshots = snapshots_beside(lora_path, trainer_widgets, overwrite=policy == "overwrite")
         with node_warnings(dataset) as warned, core_run():
             result = tune_around(converted(model, clip, vae), dataset, embedding, config, regularizer,
-                                 on_step=bridge.progress(steps))  # fmt: skip
-        result.lora = {key: value.cpu() for key, value in result.lora.items()}
-        result.save(lora_path, overwrite=policy == "overwrite", bundle_embedding=bundle_embedding)
-        if joint_path is not None:  # the token was retrained with the LoRA: it gets its own file
-            result.pivot.save(joint_path, overwrite=policy == "overwrite")
+                                 on_step=bridge.progress(steps), snapshots=snapshots,
+                                 previews=previews_from(trainer_widgets, clip, dataset))  # fmt: skip
+        _write(result, lora_path, joint_path, policy == "overwrite", bundle_embedding)
         model_out, clip_out = bridge.apply_lora(model, clip, result.lora)
         plot = history_plot(result.history, "loss", "reg_loss", f"PivotalLoRATune {lora_path.name}")
         outputs = (model_out, clip_out, result.lora, bridge.loss_map(result.history), plot, lora_path.name,
-                   result.pivot.trigger)  # fmt: skip
+                   result.pivot.trigger, snapshot_names(snapshots))  # fmt: skip
         return node_result(outputs, warned, unique_id)
 
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name=None):
         return validate_name(lora_name, "lora_name")
+
+
+def _write(result, lora_path, joint_path, overwrite: bool, bundle_embedding: bool) -> None:
+    """The LoRA file, and the `joint` schedule's retrained token in a file of its own."""
+    result.lora = {key: value.cpu() for key, value in result.lora.items()}
+    result.save(lora_path, overwrite=overwrite, bundle_embedding=bundle_embedding)
+    if joint_path is not None:
+        result.pivot.save(joint_path, overwrite=overwrite)
 
 
 def _output_paths(lora_name: str, schedule: str, policy: str):

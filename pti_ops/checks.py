@@ -19,7 +19,7 @@ def _is_number(value: Any) -> bool:
 def check_positive_int(name: str, value: Any) -> int:
     """A whole number of at least 1."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidInputError(f"`{name}` must be a positive integer, got {value!r}.")
+        raise InvalidInputError(f"`{name}` must be a positive integer, got {value!r}.", field=name)
     return value
 
 
@@ -28,36 +28,36 @@ def check_positive_number(name: str, value: Any, optional: bool = False) -> floa
     if value is None and optional:
         return None
     if not (_is_number(value) and math.isfinite(value) and value > 0):
-        raise InvalidInputError(f"`{name}` must be a positive finite number, got {value!r}.")
+        raise InvalidInputError(f"`{name}` must be a positive finite number, got {value!r}.", field=name)
     return value
 
 
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
     """A finite number, within [low, high] where given."""
     if not _is_number(value) or not math.isfinite(value):
-        raise InvalidInputError(f"`{name}` must be a finite number, got {value!r}.")
+        raise InvalidInputError(f"`{name}` must be a finite number, got {value!r}.", field=name)
     if low is not None and value < low or high is not None and value > high:
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise InvalidInputError(f"`{name}` must be {bounds}, got {value}.")
+        raise InvalidInputError(f"`{name}` must be {bounds}, got {value}.", field=name)
     return float(value)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     """One of `choices`."""
     if value not in choices:
-        raise InvalidInputError(f"`{name}` must be one of {', '.join(choices)}; got {value!r}.")
+        raise InvalidInputError(f"`{name}` must be one of {', '.join(choices)}; got {value!r}.", field=name)
     return value
 
 
 def check_range(name: str, value: Any, low: float, high: float | None, kind: type = float) -> tuple:
     """A pair (min, max) with low <= min <= max <= high, of whole numbers when `kind` is int."""
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise InvalidInputError(f"`{name}` must be a pair (min, max), got {value!r}.")
+        raise InvalidInputError(f"`{name}` must be a pair (min, max), got {value!r}.", field=name)
     lo, hi = (check_number(name, v, low, high) for v in value)
     if kind is int and not all(float(v).is_integer() for v in value):
-        raise InvalidInputError(f"`{name}` must hold whole numbers, got {value!r}.")
+        raise InvalidInputError(f"`{name}` must hold whole numbers, got {value!r}.", field=name)
     if lo > hi:
-        raise InvalidInputError(f"`{name}` must be (min, max) with min <= max, got {value!r}.")
+        raise InvalidInputError(f"`{name}` must be (min, max) with min <= max, got {value!r}.", field=name)
     return kind(lo), kind(hi)
 
 

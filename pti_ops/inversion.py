@@ -12,20 +12,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from .checks import check_choice, check_positive_int, check_positive_number
+from .checks import check_choice, check_number, check_positive_int, check_positive_number
 from .training.batches import BatchSampler, batch_time_ids, build_caption_table
+from .training.bucket_batches import check_training_sizes, report_buckets, training_groups
 from .models.bundle import ModelBundle
 from .dataset import ImageDataset
 from .training.diffusion_loss import LossWeighting, add_noise, check_timestep_range, denoising_loss
 from .errors import InvalidInputError, TrainingStopped
 from .pivot import Pivot, family_name
 from .training.latent_cache import encode_latents
+from .metrics.previews import Previews
+from .training.loss_masks import LatentMasks, batch_weighting, latent_masks
 from .metrics.distance import embedding_distance, nearest_tokens
 from .training.options import TrainingOptions, build_lr_scheduler, build_optimizer, lr_factor
 from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
 from .placeholder import DEFAULT_TEMPLATES, PlaceholderToken, TrainableVectors, add_placeholders, check_templates, placeholder_vectors, spliced_placeholders
+from .training.snapshots import Snapshots
 from .training.recorder import LossRecorder, StepCallback, diverged
 from .training.text_conditioning import encode_ids
 
@@ -100,8 +103,8 @@ class InversionConfig(TrainingOptions):
         check_mixed_precision(self.mixed_precision)
         if self.max_norm_ratio is not None and not self.max_norm_ratio > 1:
             raise InvalidInputError(f"`max_norm_ratio` must be above 1 or None, got {self.max_norm_ratio!r}.")
-        if self.norm_strength < 0 or self.weight_decay < 0:
-            raise InvalidInputError("`norm_strength` and `weight_decay` must not be negative.")
+        check_number("norm_strength", self.norm_strength, low=0.0)  # NaN too
+        check_number("weight_decay", self.weight_decay, low=0.0)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of the settings."""
@@ -134,6 +137,8 @@ class InversionResult:
         tokens (`tuple[PlaceholderToken, ...]`): the placeholder in each tokenizer, in family order.
         initial_by_key (`dict[str, torch.Tensor]`): each encoder's vectors before training.
         vocabulary_norms (`dict[str, float]`): each encoder's vocabulary mean norm.
+        extra_snapshots (`dict[int, dict[str, torch.Tensor]]`): the other encoders' vectors at each
+            recorded step, keyed as the file (SDXL: `clip_g`); empty for one-encoder families.
     """
 
     token: PlaceholderToken
@@ -145,6 +150,16 @@ class InversionResult:
     tokens: tuple[PlaceholderToken, ...] = ()
     initial_by_key: dict[str, torch.Tensor] = field(default_factory=dict)
     vocabulary_norms: dict[str, float] = field(default_factory=dict)
+    extra_snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def snapshot_by_key(self, step: int) -> dict[str, torch.Tensor]:
+        """Every encoder's vectors at a recorded `step` (0: before training), keyed as the embedding file."""
+        if step == 0:
+            return dict(self.initial_by_key)
+        if step not in self.snapshots:
+            raise InvalidInputError(f"step {step} was not recorded; recorded steps: {sorted(self.snapshots)}.")
+        first = next(iter(self.pivot.vectors_by_key))
+        return {first: self.snapshots[step], **self.extra_snapshots.get(step, {})}
 
     @property
     def vectors(self) -> torch.Tensor:
@@ -179,6 +194,8 @@ def invert(
     dataset: ImageDataset,
     config: InversionConfig,
     on_step: StepCallback | None = None,
+    snapshots: Snapshots | None = None,
+    previews: Previews | None = None,
 ) -> InversionResult:
     """Invert: train the placeholder's embedding on `dataset`; add the trained token to `bundle`.
 
@@ -195,11 +212,19 @@ def invert(
         config (`InversionConfig`): the settings.
         on_step (`callable`, *optional*): `on_step(step, total, logs)` after every optimiser step;
             `logs` holds the latest history record on recording steps. It may raise to stop.
+        snapshots (`Snapshots`, *optional*): write the embedding every `snapshots.every` steps beside its final file.
+        previews (`Previews`, *optional*): sample preview images every `previews.config.every` steps (and at
+            the end), given to `on_step` as `logs["preview"]`; the training is unchanged by them.
     """
+    if snapshots is not None:
+        snapshots.check(config.steps)
+    if previews is not None:
+        previews.check(config.steps)
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
-    bundle.check_resolution(dataset.resolution)
+    check_training_sizes(bundle, dataset)
     t_range = check_timestep_range(config.timestep_range, bundle.noise_scheduler)
+    report_buckets(dataset)
     encoders = bundle.text_encoders
     tokens = add_placeholders(bundle.tokenizers, encoders, config.placeholder, config.initializer, config.num_vectors)
     captions = build_caption_table(dataset, config.templates, tokens[0], list(bundle.tokenizers))
@@ -210,14 +235,15 @@ def invert(
     latents = encode_latents(bundle.vae, dataset, batch_size=max(config.batch_size, 4))
 
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = BatchSampler(len(dataset), config.batch_size, latents.num_views, captions, generator)
+    sampler = BatchSampler(len(dataset), config.batch_size, latents.num_views, captions, generator, training_groups(dataset))
     params = [v.raw for v in vectors]
     optimizer = build_optimizer(config.optimizer, [{"params": params}], config.learning_rate, config.weight_decay)
     gradient_step = GradientStep(optimizer, params, config.max_grad_norm, bundle.device, config.mixed_precision)
     lr_scheduler = build_lr_scheduler(optimizer, [lr_factor(config.lr_schedule, config.warmup_steps, config.steps)])
     weighting = LossWeighting(bundle.noise_scheduler, config.snr_gamma) if config.snr_gamma is not None else None
     run = _Run(bundle, dataset, sampler, latents, vectors, gradient_step, config, t_range, vocab_norms,
-               bundle.family.default_clip_skip if config.clip_skip is None else config.clip_skip, lr_scheduler, weighting)
+               bundle.family.default_clip_skip if config.clip_skip is None else config.clip_skip, lr_scheduler, weighting,
+               latent_masks(dataset, bundle.vae_scale_factor, bundle.device))
     tracker = _HistoryTracker(bundle, tokens, initials, vocab_norms, config)
     try:
         with spliced_placeholders(encoders, tokens, vectors), gradient_checkpointing(bundle.unet, config.gradient_checkpointing):
@@ -232,6 +258,11 @@ def invert(
                             v.raw.copy_(tracker.last_good_raw[i] if tracker.last_good_raw is not None else initials[i])
                     err.partial = _result(bundle, tokens, [v().detach() for v in vectors], initials, vocab_norms, tracker, config)
                     raise
+                if snapshots is not None and snapshots.due(step, config.steps):
+                    current = _result(bundle, tokens, [v().detach() for v in vectors], initials, vocab_norms, tracker, config)
+                    snapshots.write(step, lambda path, overwrite: current.save(path, overwrite=overwrite))
+                if previews is not None and previews.due(step, config.steps):
+                    logs = {**logs, "preview": previews.make(step, bundle, tokens[0])}
                 if on_step is not None:
                     on_step(step, config.steps, logs)
     finally:
@@ -251,7 +282,8 @@ def _result(bundle, tokens, vectors, initials, vocab_norms, tracker, config) -> 
     pivot = Pivot(token.placeholder, token.initializer, vectors[0], family_name(bundle), config.templates,
                   history=tracker.history, made_by=config.made_by(), base_model=bundle.name, extra_vectors=extra)
     return InversionResult(token, pivot, initials[0].cpu(), vocab_norms[0], config, tracker.snapshots, tuple(tokens),
-                           {k: v.cpu() for k, v in zip(keys, initials)}, dict(zip(keys, vocab_norms)))
+                           {k: v.cpu() for k, v in zip(keys, initials)}, dict(zip(keys, vocab_norms)),
+                           extra_snapshots=tracker.extra_snapshots)
 
 
 @dataclass
@@ -270,6 +302,7 @@ class _Run:
     clip_skip: int
     lr_scheduler: torch.optim.lr_scheduler.LambdaLR
     weighting: LossWeighting | None
+    masks: LatentMasks | None = None
 
 
 def _inversion_step(run: _Run) -> torch.Tensor:
@@ -286,7 +319,8 @@ def _inversion_step(run: _Run) -> torch.Tensor:
             conditioning = encode_ids(bundle, batch.ids_per_encoder, run.clip_skip)
             # SDXL also conditions on each image's original size and crop (SD1.5: none)
             time_ids = None if conditioning.pooled is None else batch_time_ids(run.dataset, batch.indices, device=bundle.device)
-            loss = denoising_loss(bundle.unet, noised, conditioning, time_ids, run.weighting)
+            weighting = batch_weighting(run.weighting, run.masks, batch.indices, batch.views, bundle.noise_scheduler)
+            loss = denoising_loss(bundle.unet, noised, conditioning, time_ids, weighting)
         if config.norm_mode == "pull":  # each encoder's vectors pulled to its own vocabulary's mean norm
             for vectors, vocab_norm in zip(run.vectors, run.vocab_norms):
                 loss = loss + config.norm_strength * (vectors().norm(dim=-1) - vocab_norm).pow(2).mean()
@@ -315,6 +349,7 @@ class _HistoryTracker:
         self.vocab_norms = vocab_norms
         self.losses = LossRecorder(("loss",), initials[0].device, config.history_every, config.steps)
         self.snapshots: dict[int, torch.Tensor] = {}
+        self.extra_snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self.last_good_raw: tuple[torch.Tensor, ...] | None = None
 
     @property
@@ -332,6 +367,8 @@ class _HistoryTracker:
         record.update(self.measure(current))
         self.history.append(record)
         self.snapshots[step] = current[0].cpu().clone()
+        if len(current) > 1:
+            self.extra_snapshots[step] = {key: c.cpu().clone() for key, c in zip(self.keys[1:], current[1:])}
         self.last_good_raw = tuple(v.raw.detach().clone() for v in vectors)
         return record
 
@@ -357,17 +394,9 @@ class _HistoryTracker:
             for i, key in enumerate(self.keys):
                 measured = embedding_distance(current[i], self.initials[i])
                 record.update({f"{key}_{name}": value for name, value in measured.items()})
-                record[f"{key}_nearest"] = _nearest_in(self.bundle.tokenizers[i], self.bundle.text_encoders[i], current[i],
-                                                       self.vocabulary_sizes[i], self.config.nearest_k)
+                record[f"{key}_nearest"] = nearest_tokens(self.bundle, current[i], self.vocabulary_sizes[i],
+                                                          self.config.nearest_k, encoder=i)  # fmt: skip
         return record
-
-
-def _nearest_in(tokenizer, text_encoder, vectors: torch.Tensor, vocabulary_size: int, k: int) -> list[list[str]]:
-    """`metrics.distance.nearest_tokens` for any encoder of the bundle (that one reads the first encoder)."""
-    weight = text_encoder.get_input_embeddings().weight.detach().float()[:vocabulary_size]
-    similarity = F.normalize(vectors.float().to(weight.device), dim=-1) @ F.normalize(weight, dim=-1).T
-    ids = similarity.topk(min(k, vocabulary_size), dim=-1).indices.tolist()
-    return [tokenizer.convert_ids_to_tokens(row) for row in ids]
 
 
 def config_to_dict(config: InversionConfig) -> dict:

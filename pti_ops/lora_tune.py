@@ -24,12 +24,14 @@ from peft import LoraConfig
 from .training.adapters import adapters_disabled, lora_layers
 from .checks import check_choice, check_positive_int, check_positive_number
 from .training.batches import BatchSampler, batch_time_ids, build_caption_table
+from .training.bucket_batches import check_training_sizes, report_buckets, training_groups
 from .models.bundle import ModelBundle
 from .dataset import ImageDataset
 from .training.diffusion_loss import LossWeighting, NoisedBatch, add_noise, check_timestep_range, diffusion_mse
 from .errors import InvalidInputError, TokenizerError, TrainingStopped
 from .training.image_locality import image_locality_loss
 from .training.latent_cache import encode_latents
+from .training.loss_masks import batch_weighting, latent_masks
 from .files.lora_file import lora_state_dict_to_kohya, save_lora
 from .training.options import TrainingOptions, build_lr_scheduler, build_optimizer, lr_factor
 from .training.precision import MixedPrecision, GradientStep, autocast, check_mixed_precision, gradient_checkpointing
@@ -40,6 +42,8 @@ from .placeholder import (DEFAULT_TEMPLATES, PlaceholderToken, TrainableVectors,
 from .regularizer import LocalityRegularizer, RegularizerConfig, locality_loss
 from .training.text_conditioning import encode_ids
 from .training.checkpoints import load_checkpoint, save_checkpoint
+from .metrics.previews import Previews
+from .training.snapshots import Snapshots
 from .training.recorder import LossRecorder, StepCallback, check_losses_finite
 
 logger = logging.getLogger(__name__)
@@ -233,6 +237,9 @@ def run_tuning(
     resume_from: str | None = None,
     lpips_model: torch.nn.Module | None = None,
     pivot: Pivot | None = None,
+    checkpoint_every: int | None = None,
+    snapshots: Snapshots | None = None,
+    previews: Previews | None = None,
 ) -> TuneResult:
     """Train LoRA adapters around the pivot `token`; leave them active on the bundle's models.
 
@@ -254,13 +261,33 @@ def run_tuning(
             local files (`metrics.load_lpips`) when needed and not given.
         pivot (`Pivot`, *optional*): what `token` stands for (templates, history, how it was made);
             recorded in the result. Default: a pivot of the token's current rows.
+        checkpoint_every (`int`, *optional*): also write `checkpoint` every this many steps (a run killed
+            outright resumes from the last one).
+        snapshots (`Snapshots`, *optional*): write the LoRA every `snapshots.every` steps beside its final
+            file (with the token bundled in it for the `joint` schedule, whose token moves).
+        previews (`Previews`, *optional*): sample preview images every `previews.config.every` steps (and at
+            the end), given to `on_step` as `logs["preview"]`; the training is unchanged by them.
     """
+    if checkpoint_every is not None:
+        check_positive_int("checkpoint_every", checkpoint_every)
+        if checkpoint is None:
+            raise InvalidInputError("`checkpoint_every` needs a `checkpoint` path to write to.")
+    if snapshots is not None:
+        snapshots.check(config.steps)
+    if previews is not None:
+        previews.check(config.steps)
     bundle.freeze()
     check_mixed_precision(config.mixed_precision, bundle.device)
-    bundle.check_resolution(dataset.resolution)
+    check_training_sizes(bundle, dataset)
     tokens = check_token_in_bundle(bundle, token)
     t_range = check_timestep_range(config.timestep_range, bundle.noise_scheduler)
     captions = build_caption_table(dataset, config.templates, token, list(bundle.tokenizers))
+    if config.offload_text_encoders and captions.varies:
+        raise InvalidInputError(
+            "`offload_text_encoders` needs the training prompts encoded once, but the dataset's `shuffle_tags` or "
+            "`caption_dropout` make new prompts every step: turn one of them off."
+        )
+    report_buckets(dataset)
     locality = _build_regularizer(bundle, token, regularizer, config)
     latents = encode_latents(bundle.vae, dataset, batch_size=max(config.batch_size, 4))
     generator = torch.Generator().manual_seed(config.seed)
@@ -272,6 +299,8 @@ def run_tuning(
     trainer = _Trainer(bundle, dataset, tokens, config, locality, captions, latents, generator, t_range)
     trainer.lpips_model = lpips_model
     reg_settings = locality.config.to_dict() if locality is not None else None
+    trainer.pivot, trainer.reg_settings, trainer.snapshots, trainer.previews = pivot, reg_settings, snapshots, previews
+    trainer.checkpoint, trainer.checkpoint_every = checkpoint, checkpoint_every
     try:
         if resume_from is not None:
             trainer.restore(load_checkpoint(resume_from, config.to_dict()))
@@ -307,6 +336,9 @@ def tune_around(
     checkpoint: str | None = None,
     resume_from: str | None = None,
     lpips_model: torch.nn.Module | None = None,
+    checkpoint_every: int | None = None,
+    snapshots: Snapshots | None = None,
+    previews: Previews | None = None,
 ) -> TuneResult:
     """Tune: train LoRA adapters around `pivot` (put into `bundle` first); the phase call of step 2.
 
@@ -314,7 +346,8 @@ def tune_around(
     """
     token = pivot.apply(bundle)
     return run_tuning(bundle, dataset, token, config, regularizer, on_step=on_step, checkpoint=checkpoint,
-                      resume_from=resume_from, lpips_model=lpips_model, pivot=pivot)
+                      resume_from=resume_from, lpips_model=lpips_model, pivot=pivot, checkpoint_every=checkpoint_every,
+                      snapshots=snapshots, previews=previews)
 
 
 def _pivot_after(bundle, token, vectors, config: TuneConfig, pivot: Pivot | None, history) -> Pivot:
@@ -342,7 +375,9 @@ class _Trainer:
         self.bundle, self.dataset, self.tokens, self.config, self.locality = bundle, dataset, tokens, config, locality
         self.latents, self.generator, self.t_range = latents, generator, t_range
         self.clip_skip = bundle.family.default_clip_skip if config.clip_skip is None else config.clip_skip
-        self.sampler = BatchSampler(len(latents.mean), config.batch_size, latents.num_views, captions, generator)
+        self.sampler = BatchSampler(len(latents.mean), config.batch_size, latents.num_views, captions, generator,
+                                    training_groups(dataset))
+        self.masks = latent_masks(dataset, bundle.vae_scale_factor, bundle.device)
         self.unet_params = self._add_adapter(bundle.unet, UNET_TARGETS[config.targets])
         self.te_params = [p for encoder in bundle.text_encoders for p in self._add_adapter(encoder, TEXT_ENCODER_TARGETS)
                           ] if config.train_text_encoder else []
@@ -367,14 +402,21 @@ class _Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, factors)
         self.weighting = LossWeighting(bundle.noise_scheduler, config.snr_gamma) if config.snr_gamma is not None else None
         self.step_lrs: dict[str, float] = {}
+        # set by run_tuning: what snapshots and periodic checkpoints are made of
+        self.pivot: Pivot | None = None
+        self.reg_settings: dict | None = None
+        self.snapshots: Snapshots | None = None
+        self.previews: Previews | None = None
+        self.checkpoint, self.checkpoint_every = None, None
         self.trained = [p for group in groups for p in group["params"]]
         self.gradient_step = GradientStep(self.optimizer, self.trained, config.max_grad_norm, bundle.device, config.mixed_precision)
         self.progress = LossRecorder(("loss", "reg_loss"), bundle.device, config.history_every, config.steps)
         self.last_good: dict | None = None
-        # With the text encoders frozen the training prompts' encodings never change: encode them once.
+        # With the text encoders frozen the training prompts' encodings never change: encode them once
+        # (unless tag shuffling or caption dropout make new prompts each step: then each batch's).
         self.cached_conditioning: Conditioning | None = None
         self.offloaded_from: torch.device | None = None
-        if not self.joint and not self.te_params:
+        if not self.joint and not self.te_params and not captions.varies:
             with torch.no_grad():
                 self.cached_conditioning = encode_ids(bundle, captions.ids_per_encoder, self.clip_skip)
             self.caption_rows = {tuple(row.tolist()): i for i, row in enumerate(captions.input_ids)}
@@ -426,10 +468,34 @@ class _Trainer:
                 if progress.step == freeze_at:
                     self._freeze_token()
                 logs = self._record() if progress.add(self._step(progress.step)) else {}
+                self._write_along(progress.step)
+                if self.previews is not None and self.previews.due(progress.step, config.steps):
+                    logs = {**logs, "preview": self._preview(progress.step)}
                 if on_step is not None:
                     on_step(progress.step, config.steps, logs)
         self.text_encoders_back()
         return progress.history
+
+    def _write_along(self, step: int) -> None:
+        """The periodic checkpoint and snapshot of `step`, when due."""
+        total = self.config.steps
+        if self.checkpoint_every and step % self.checkpoint_every == 0 and step < total:
+            save_checkpoint(self.checkpoint, self.state())
+        if self.snapshots is not None and self.snapshots.due(step, total):
+            vectors = [v().detach() for v in self.vectors]
+            pivot = _pivot_after(self.bundle, self.tokens[0], vectors, self.config, self.pivot, list(self.progress.history))
+            current = TuneResult(self.export(), pivot, list(self.progress.history), self.config, self.reg_settings)
+            self.snapshots.write(step, lambda path, overwrite: current.save(path, overwrite=overwrite, bundle_embedding=self.joint))
+
+    def _preview(self, step: int) -> torch.Tensor:
+        """The preview grid of `step`, with offloaded text encoders brought back for it."""
+        offloaded = self.offloaded_from is not None
+        self.text_encoders_back()
+        try:
+            return self.previews.make(step, self.bundle, self.tokens[0])
+        finally:
+            if offloaded:
+                self._offload_text_encoders()
 
     def _freeze_token(self) -> None:
         """End of the token phase: its schedule is at lr 0 from here (Adam state kept, no optimiser rebuild)."""
@@ -522,9 +588,11 @@ class _Trainer:
         conditioning = self._conditioning(batch.ids_per_encoder)
         # SDXL also conditions on each image's original size and crop (SD1.5: none)
         time_ids = None if conditioning.pooled is None else batch_time_ids(self.dataset, batch.indices, device=bundle.device)
+        # masked loss on the training images only: the regulariser's term is about other prompts
+        weighting = batch_weighting(self.weighting, self.masks, batch.indices, batch.views, bundle.noise_scheduler)
         if reg_conditioning is None:
             prediction = bundle.unet(noised.noisy_latents, noised.timesteps, **conditioning.unet_kwargs(time_ids)).sample
-            return {"loss": diffusion_mse(prediction, noised, self.weighting)}
+            return {"loss": diffusion_mse(prediction, noised, weighting)}
         picks = torch.arange(reg_conditioning.batch_size) % len(batch_latents)
         reg = self._regularisation_batch(batch_latents, noised, picks)
         reg_time_ids = None if time_ids is None else time_ids[picks]
@@ -542,7 +610,7 @@ class _Trainer:
             l2_weight = self.locality.config.image_l2_weight
             reg_loss = reg_loss + image_locality_loss(bundle, self.lpips_model, reg, prediction[n:], base, l2_weight)
         return {
-            "loss": diffusion_mse(prediction[:n], noised, self.weighting),
+            "loss": diffusion_mse(prediction[:n], noised, weighting),
             "reg_loss": reg_loss,
         }
 

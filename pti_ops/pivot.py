@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidInputError
+from .files.bundled_embeddings import split_bundled
 from .files.embedding_file import load_embedding, save_embedding
+from .files.lora_file import load_lora
 from .models.bundle import ModelBundle
 from .models import get_family
 from .placeholder import (DEFAULT_TEMPLATES, PlaceholderToken, add_placeholder, add_placeholders, check_templates,
@@ -176,6 +178,26 @@ class Pivot:
             first, extra = by_key[keys[0]], {key: by_key[key] for key in keys[1:]}
         return cls(word, initializer or meta.get("initializer", DEFAULT_INITIALIZER), first, family_name(bundle), templates,
                    made_by=made_by, base_model=meta.get("base_model", "unknown"), file=Path(path), extra_vectors=extra)
+
+
+    @classmethod
+    def from_lora_file(cls, path: str | os.PathLike, bundle: ModelBundle, placeholder: str | None = None,
+                       initializer: str | None = None) -> "Pivot":
+        """The token bundled in a LoRA file (`bundle_emb.NAME.clip_l`, as `--bundle-embedding` and `joint`
+        snapshots write it); `placeholder` picks one when the file bundles several."""
+        tensors, metadata = load_lora(path)
+        _, bundled = split_bundled(tensors, str(path))
+        name = placeholder or metadata.get("pivotal.placeholder") or (next(iter(bundled)) if len(bundled) == 1 else None)
+        if name not in bundled:
+            raise InvalidInputError(f"the LoRA {path} bundles no embedding named {name!r} (it bundles {sorted(bundled) or 'none'}).")
+        keys = bundle.family.embedding_keys
+        vectors = bundled[name]
+        if set(vectors) != set(keys):
+            raise InvalidInputError(f"the embedding bundled in {path} holds {sorted(vectors)}, but this model's text encoders "
+                                    f"are {list(keys)}: it was made for another model family.")
+        return cls(name, initializer or DEFAULT_INITIALIZER, vectors[keys[0]], family_name(bundle),
+                   extra_vectors={key: vectors[key] for key in keys[1:]}, base_model=metadata.get("pivotal.base_model", "unknown"),
+                   file=Path(path))
 
 
 # Settings of the run that made a pivot, as the embedding file's metadata records them.

@@ -15,6 +15,8 @@ from .dataset import ImageDataset
 from .inversion import InversionConfig, InversionResult, invert
 from .lora_tune import TuneConfig, TuneResult, tune_around
 from .models.bundle import ModelBundle
+from .metrics.previews import Previews
+from .training.snapshots import Snapshots
 from .pivot import Pivot
 from .regularizer import RegularizerConfig
 from .training.recorder import StepCallback, offset_steps
@@ -51,6 +53,9 @@ def pivotal_tune(
     tuning: TuneConfig,
     regularizer: RegularizerConfig | None = None,
     on_step: StepCallback | None = None,
+    inversion_snapshots: Snapshots | None = None,
+    tuning_snapshots: Snapshots | None = None,
+    previews: Previews | None = None,
 ) -> PivotalResult:
     """Invert the placeholder (`sequential`) or start it at its initializer (`joint`), then tune the LoRA.
 
@@ -63,13 +68,26 @@ def pivotal_tune(
         tuning (`TuneConfig`): the LoRA's settings (and the schedule).
         regularizer (`RegularizerConfig`, *optional*): the locality regulariser.
         on_step (`callable`, *optional*): progress callback, may raise to stop.
+        inversion_snapshots, tuning_snapshots (`Snapshots`, *optional*): intermediate embeddings (`sequential`
+            only) and LoRAs, every so many steps of each phase.
+        previews (`Previews`, *optional*): preview images along both phases (`ti_step_…` and `lora_step_…` files).
     """
+    phases = (None, None) if previews is None else (previews.phase("ti_"), previews.phase("lora_"))
+    for phase, steps in zip(phases, (inversion.steps, tuning.steps)):
+        if phase is not None:
+            phase.check(steps)
+    for snapshots, steps in ((inversion_snapshots, inversion.steps), (tuning_snapshots, tuning.steps)):
+        if snapshots is not None:  # both phases' files checked before the first step
+            snapshots.check(steps)
     if tuning.schedule == "joint":
         pivot = Pivot.at_initializer(bundle, inversion.placeholder, inversion.initializer, inversion.num_vectors, inversion.templates)
-        return PivotalResult(None, tune_around(bundle, dataset, pivot, tuning, regularizer, on_step=on_step))
+        return PivotalResult(None, tune_around(bundle, dataset, pivot, tuning, regularizer, on_step=on_step,
+                                               snapshots=tuning_snapshots, previews=phases[1]))
     total = inversion.steps + tuning.steps
-    inverted = invert(bundle, dataset, inversion, offset_steps(on_step, 0, total))
-    tuned = tune_around(bundle, dataset, inverted.pivot, tuning, regularizer, on_step=offset_steps(on_step, inversion.steps, total))
+    inverted = invert(bundle, dataset, inversion, offset_steps(on_step, 0, total), snapshots=inversion_snapshots,
+                      previews=phases[0])
+    tuned = tune_around(bundle, dataset, inverted.pivot, tuning, regularizer, on_step=offset_steps(on_step, inversion.steps, total),
+                        snapshots=tuning_snapshots, previews=phases[1])
     return PivotalResult(inverted, tuned)
 
 

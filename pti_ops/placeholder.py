@@ -33,6 +33,19 @@ def fill_placeholder(template: str, word: str) -> str:
     return template.replace(PLACEHOLDER_SLOT, word)
 
 
+def caption_with_placeholder(caption: str, word: str) -> str:
+    """A training caption with the placeholder in it: `{}` filled, as is if it holds `word`, else `word` prepended.
+
+    Prepended as the first comma-separated tag (`"tok1, 1girl, red hair"`), where tag shuffling keeps it
+    with `keep_tokens` 1 (`tag_captions.py`).
+    """
+    if PLACEHOLDER_SLOT in caption:
+        return fill_placeholder(caption, word)
+    if re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", caption):
+        return caption
+    return f"{word}, {caption}"
+
+
 def check_templates(templates, what: str = "templates") -> list[str]:
     """The templates as a list of stripped prompts, each with `{}` where the placeholder goes."""
     if isinstance(templates, str):  # one template given as text (JSON, a node's text box)

@@ -1,13 +1,16 @@
-"""Safe output files: name checks, a policy for names already taken (increment, overwrite, error), atomic
-writes (temp file + rename)."""
+"""Safe output files: name checks, a policy for names already taken (increment, overwrite, error), output
+paths and free disk space checked before anything runs, atomic writes (temp file + rename) whose failure
+names the file and the space it needs."""
 
+import errno
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Literal, Sequence, get_args
 
-from .errors import InvalidInputError, OutputExistsError
+from .errors import InvalidInputError, OutputExistsError, OutputWriteError
 
 # ComfyUI's prompt parser splits `embedding:NAME` at spaces and treats ( ) : , as syntax,
 # so an output name is limited to characters that survive it unchanged.
@@ -80,6 +83,10 @@ def output_paths(folders: Sequence[str | os.PathLike], name: str, extension: str
     folders = [Path(folder) for folder in folders]
     paths = [folder / (stem + extension) for folder in folders]
     taken = [path for path in paths if path.exists()]
+    folders_in_place = [path for path in taken if path.is_dir()]
+    if folders_in_place and if_exists == "overwrite":  # refused now, not after training
+        raise OutputExistsError(f"{folders_in_place[0]} is a folder: nothing can be written in its place. Choose "
+                                f"another `{what}`, or set `if_exists` to increment.")  # fmt: skip
     if not taken or if_exists == "overwrite":
         return paths
     if if_exists == "error":
@@ -124,8 +131,8 @@ def check_output_folder(
 ) -> Path:
     """Return `folder` as a Path if a report may be written into it, else raise `OutputExistsError`.
 
-    Refused: a file in its place; without `overwrite`, a folder that is not empty, or (with `files`)
-    one that already holds one of those files. A missing folder is fine (the writer creates it).
+    Refused: a file in its place; a place that is not writable; without `overwrite`, a folder that is not
+    empty, or (with `files`) one that already holds one of those files. A missing folder is fine (the writer creates it).
     Check before anything costly runs, so nothing is trained for a folder that is then refused.
 
     Args:
@@ -138,6 +145,9 @@ def check_output_folder(
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputExistsError(f"{what} {folder} is a file: give a folder for the report.")
+    place = existing_folder(folder)
+    if not place.is_dir() or not os.access(place, os.W_OK | os.X_OK):
+        raise OutputWriteError(f"{what} {folder} cannot be written: {place} is not a writable folder.")
     if overwrite or not folder.is_dir():
         return folder
     if files is None:
@@ -150,34 +160,125 @@ def check_output_folder(
     return folder
 
 
+def check_output_file(path: str | os.PathLike, overwrite: bool, what: str = "the output",
+                      hint: str = "set `overwrite` to replace it") -> Path:  # fmt: skip
+    """Return `path` as a Path if a file may be written there, else raise, before anything costly runs.
+
+    Refused: a folder in its place (even with `overwrite`); an existing file without `overwrite`; a path
+    below a file; a folder that is not writable.
+
+    Args:
+        path (`str` or `PathLike`): the file to write.
+        overwrite (`bool`): the user allowed replacing an existing file.
+        what (`str`): the input as the user sees it, e.g. `--out-lora`.
+        hint (`str`): how the user allows replacing, e.g. `pass --overwrite`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{what} {path} is a folder: give the path of a file to write (e.g. {path / 'name.safetensors'}).")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists: choose another {what} or {hint}.")
+    place = existing_folder(path.parent)
+    if not place.is_dir():
+        raise OutputWriteError(f"{what} {path} cannot be written: {place} is a file, not a folder.")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise OutputWriteError(f"{what} {path} cannot be written: the folder {place} is not writable for this user.")
+    return path
+
+
+def existing_folder(folder: str | os.PathLike) -> Path:
+    """`folder`, or its nearest ancestor that exists (where a missing output folder would be created)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def space_needed(size: int) -> int:
+    """Free bytes asked for a file of about `size` bytes: 5 % over the estimate, 16 KiB for the file system's blocks."""
+    return size + size // 20 + 16 * 1024
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+
+
+def check_free_space(sizes: dict[str | os.PathLike, int]) -> None:
+    """Raise `OutputWriteError` unless the disk of each output has room for it (the outputs on one disk together).
+
+    Check before training, with sizes estimated from the shapes to be written, so that a run is not lost
+    to a full disk at its end. A replaced file still counts: the new one is written before the old goes.
+
+    Args:
+        sizes (`dict`): output path → its expected size in bytes.
+    """
+    disks: dict[int, list] = {}
+    for path, size in sizes.items():
+        place = existing_folder(Path(path).parent)
+        disk = disks.setdefault(os.stat(place).st_dev, [place, 0, []])
+        disk[1] += space_needed(size)
+        disk[2].append(str(path))
+    for place, needed, paths in disks.values():
+        free = shutil.disk_usage(place).free
+        if needed > free:
+            raise OutputWriteError(
+                f"not enough free disk space for {', '.join(paths)}: about {megabytes(needed)} are needed and "
+                f"{megabytes(free)} are free in {place}. Free space there or choose another folder; nothing was "
+                "trained."
+            )
+
+
+def _write_failure(path: Path, err: OSError, size: int | None) -> OutputWriteError:
+    """The error of a write that failed: the file, the cause, the space it needs and where to free it."""
+    try:
+        free = f"{megabytes(shutil.disk_usage(existing_folder(path.parent)).free)} are free in {path.parent}"
+    except OSError:
+        free = f"the free space of {path.parent} is unknown"
+    needs = f"it needs about {megabytes(size)} and " if size else ""
+    action = ("free space there or choose another folder" if err.errno in (errno.ENOSPC, errno.EDQUOT)
+              else "check the folder and its permissions")  # fmt: skip
+    return OutputWriteError(
+        f"could not write {path}: {err.strerror or err}; {needs}{free}: {action}. Any earlier file of that name is "
+        "unchanged."
+    )
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False,
+                 size: int | None = None) -> Path:  # fmt: skip
     """Write a file through `write(tmp_path)` and move it into place in one rename.
 
-    A crash or an exception inside `write` leaves no partial file at `path` and removes the
-    temporary file. The existence check is repeated just before the rename.
+    A crash or an exception inside `write` leaves no partial file at `path` (an earlier file of that
+    name stays as it was) and removes the temporary file. The existence check is repeated just before
+    the rename. A failing write (a full disk, a read-only folder) raises `OutputWriteError` naming the
+    file, the space it needs (`size`, where the caller knows it) and the free space of its folder.
     """
     path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{path} is a folder: nothing can be written in its place.")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; pass overwrite=True to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         # mkstemp makes 0600 (and some writers re-create the file): give outputs the usual permissions.
         os.chmod(tmp, 0o666 & ~_current_umask())
         if path.exists() and not overwrite:
             raise OutputExistsError(f"{path} appeared while it was being written; nothing was replaced.")
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, (OutputExistsError, OutputWriteError)):
+            raise _write_failure(path, err, size) from err
         raise
     return path
 
@@ -206,4 +307,4 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str
                       overwrite: bool = False) -> Path:
     """Write `tensors` (and string `metadata`) atomically as a canonical `.safetensors` file."""
     data = canonical_safetensors(tensors, metadata)
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), overwrite=overwrite)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), overwrite=overwrite, size=len(data))

@@ -41,6 +41,7 @@ class StubState:
 
     folders: dict[str, Path]
     progress: list[tuple[int, int]] = field(default_factory=list)
+    previews: list = field(default_factory=list)  # (step, preview tuple) given to the progress bar
     progress_bars: int = 0
     interrupt_at_step: int | None = None  # raise InterruptProcessingException at this progress value
     unloads: int = 0
@@ -325,6 +326,8 @@ def make_stub_modules(state: StubState, tokenizer_root: Path) -> dict[str, types
             if state.interrupt_at_step is not None and value >= state.interrupt_at_step:
                 raise InterruptProcessingException()
             state.progress.append((self.current, self.total))
+            if preview is not None:
+                state.previews.append((self.current, preview))
 
         def update(self, value):
             self.update_absolute(self.current + value)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from example_images import write_example_images, write_png_header
 from pti_ops.cli import main
 from pti_ops.files.embedding_file import save_embedding
 
@@ -33,6 +34,11 @@ def files(tmp_path, image_folder):
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (tmp_path / "bomb").mkdir()
+    write_example_images(tmp_path / "bomb", count=2, size=48)
+    write_png_header(tmp_path / "bomb" / "huge.png", 20000, 20000)
+    (tmp_path / "dot").mkdir()
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot" / "one.png")
     (tmp_path / "grey").mkdir()
     Image.new("L", (48, 48), 200).save(tmp_path / "grey" / "g.png")
     return tmp_path
@@ -51,24 +57,35 @@ CASES = [
     ("empty image folder", invert("empty_dir"), "contains no image"),
     ("missing image folder", invert("nowhere"), "does not exist or is not a folder"),
     ("only unreadable images", invert("broken"), "could not be read as images: a.png"),
-    ("steps 0", invert("IMAGES", "--steps", "0"), "`steps` must be a positive integer, got 0"),
-    ("lr 0", invert("IMAGES", "--lr", "0"), "`learning_rate` must be a positive finite number"),
-    ("lr nan", invert("IMAGES", "--lr", "nan"), "`learning_rate` must be a positive finite number"),
+    ("decompression-bomb image", invert("bomb"), "huge.png \\(400 Mpx, above the limit of 64 Mpx\\).*pass --skip-bad-images"),
+    ("a 1x1 image", invert("dot"), "one.png \\(1x1 px, shorter side under 8 px.*No usable image is left"),
+    ("seed past 2**64", invert("IMAGES", "--seed", str(2**70)), "--seed must be a whole number from 0 to 18446744073709551615"),
+    ("negative seed", invert("IMAGES", "--seed", "-1"), "--seed must be a whole number from 0"),
+    ("clip skip past the layers", invert("IMAGES", "--clip-skip", "99"), "--clip-skip must be between 1 \\(last layer\\) and 2"),
+    ("norm strength nan", invert("IMAGES", "--norm-strength", "nan"), "--norm-strength must be a finite number"),
+    ("max timestep 0", tune("--max-timestep", "0"), "--max-timestep must satisfy"),
+    ("placeholder past CLIP's 77 tokens", invert("IMAGES", "--template", "word " * 100 + "{}"),
+     "puts the placeholder after CLIP's 77-token limit"),
+    ("lora strength nan", ["evaluate", "--model", "tiny", "--lora-strength", "nan", "--out", "out/r"], "--lora-strength must be a finite number"),
+    ("two-token initializer names --num-vectors", invert("IMAGES", "--init-word", "red character"), "or set --num-vectors to 2"),
+    ("steps 0", invert("IMAGES", "--steps", "0"), "--steps must be a positive integer, got 0"),
+    ("lr 0", invert("IMAGES", "--lr", "0"), "--lr must be a positive finite number"),
+    ("lr nan", invert("IMAGES", "--lr", "nan"), "--lr must be a positive finite number"),
     ("placeholder in vocabulary", invert("IMAGES", "--token", "character"), "already contains the token 'character'"),
     ("placeholder with capitals", invert("IMAGES", "--token", "Tok1"), "must be one lowercase word"),
     ("two-token initializer, one vector", invert("IMAGES", "--init-word", "red character"), "is 2 tokens"),
     ("template without {}", invert("IMAGES", "--template", "a drawing of tok1"), "has no '\\{\\}'"),
-    ("resolution off the model's grid", invert("IMAGES", "--resolution", "30"), "`resolution` 30 is not a multiple of 4.*use 32"),
-    ("timesteps reversed", invert("IMAGES", "--t-min", "900", "--t-max", "100"), "`timestep_range` must satisfy"),
+    ("resolution off the model's grid", invert("IMAGES", "--resolution", "30"), "--resolution 30 is not a multiple of 4.*use 32"),
+    ("timesteps reversed", invert("IMAGES", "--t-min", "900", "--t-max", "100"), "--t-min/--t-max must satisfy"),
     ("captions missing", invert("IMAGES", "--captions", "files"), "have no same-name .txt file"),
     ("device absent", invert("IMAGES", "--device", "cuda:7"), "not available on this machine"),
     ("output not .safetensors", invert("IMAGES", out="out/e.pt"), "must end in .safetensors"),
-    ("rank 0", tune("--rank", "0"), "`rank` must be a positive integer"),
+    ("rank 0", tune("--rank", "0"), "--rank must be a positive integer"),
     ("embedding of another width", tune(embedding="sdxl_width.safetensors"), "1280 wide but this sd15 model's text encoder needs 32"),
     ("pickled code in a .pt embedding", tune(embedding="evil.pt"), "was refused: it is not a plain tensor file"),
-    ("class word of another length", tune("--reg", "path", "--reg-anchor", "red character"), "class word `anchor` 'red character' is 2 tokens"),
+    ("class word of another length", tune("--reg", "path", "--reg-anchor", "red character"), "class word --reg-anchor 'red character' is 2 tokens"),
     ("vslerp without centres", tune("--reg", "path", "--reg-interp", "vslerp"), "no centre was given"),
-    ("regulariser t out of range", tune("--reg", "path", "--reg-t", "2"), "`t` must be between 0.0 and 1.0, got 2.0"),
+    ("regulariser t out of range", tune("--reg", "path", "--reg-t", "2"), "--reg-t must be between 0.0 and 1.0, got 2.0"),
     ("SDXL single-file model", invert("IMAGES") [:2] + ["sdxl.safetensors"] + invert("IMAGES")[3:], "unsupported model"),
     ("empty caption file", ["norm-stats", "--model", "tiny", "--captions", "empty.txt", "--out", "out/s.json"], "empty.txt has no captions.*give at least 2 captions"),
     ("caption file not UTF-8", ["norm-stats", "--model", "tiny", "--captions", "latin1.txt", "--out", "out/s.json"], "latin1.txt line 1 is not valid UTF-8.*save the file as UTF-8"),
@@ -92,4 +109,12 @@ def test_bad_input_is_refused_clearly_and_nothing_is_written(files, image_folder
 def test_grayscale_images_train(files, monkeypatch):
     monkeypatch.chdir(files)
     assert main(invert("grey")) == 0
+    assert (files / "out" / "e.safetensors").is_file()
+
+
+def test_a_bomb_beside_good_images_is_skipped_with_a_warning_under_skip_bad_images(files, monkeypatch, capsys):
+    monkeypatch.chdir(files)
+    assert main(invert("bomb", "--skip-bad-images")) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 image(s) of a refused size" in err and "huge.png (400 Mpx" in err and "Traceback" not in err
     assert (files / "out" / "e.safetensors").is_file()

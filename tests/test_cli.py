@@ -186,3 +186,70 @@ def test_tune_bundles_the_embedding_into_the_lora_file(tmp_path, image_folder):
     with safe_open(str(lora), framework="pt") as f, safe_open(str(embedding), framework="pt") as e:
         assert torch.equal(f.get_tensor("bundle_emb.tok1.clip_l"), e.get_tensor("clip_l"))
         assert f.metadata()["pivotal.bundled_embeddings"] == "tok1"
+
+
+DATASET_OPTIONS = ["--buckets", "--mask-from", "alpha", "--mask-floor", "0.1", "--shuffle-tags", "--keep-tokens", "2",
+                   "--caption-dropout", "0.2"]
+COMMAND_ARGS = {
+    "invert": ["--out", "e.safetensors"],
+    "tune": ["--embedding", "e.safetensors", "--out", "l.safetensors"],
+    "run": ["--out-embedding", "e.safetensors", "--out-lora", "l.safetensors"],
+    "sweep": ["--kind", "inversion", "--lrs", "1e-3", "--out", "report"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_ARGS))
+def test_every_training_command_gives_the_dataset_its_buckets_masks_and_tags(command, tmp_path):
+    from example_images import write_shaped_images
+    from pti_ops.cli.invert import load_dataset_for
+    from pti_ops.cli.main import build_parser
+    from pti_ops.models import load_bundle
+    from pti_ops.tag_captions import TagCaptions
+
+    write_shaped_images(tmp_path, [(48, 48), (60, 36)], alpha_left=True)
+    args = build_parser().parse_args([command, "--model", "tiny", "--images", str(tmp_path), "--resolution", "32",
+                                      *COMMAND_ARGS[command], *DATASET_OPTIONS])
+    dataset = load_dataset_for(args, load_bundle("tiny"))
+    assert dataset.bucketed and [dataset.image_size(i) for i in range(2)] == [(32, 32), (24, 40)]
+    assert dataset.masks is not None and dataset.masks[0].float().mean() < 200 and dataset.mask_floor == 0.1
+    assert dataset.tag_captions == TagCaptions(shuffle_tags=True, keep_tokens=2, caption_dropout=0.2)
+    defaults = build_parser().parse_args([command, "--model", "tiny", "--images", str(tmp_path), *COMMAND_ARGS[command]])
+    plain = load_dataset_for(defaults, load_bundle("tiny"))
+    assert not plain.bucketed and plain.masks is None and not plain.tag_captions.active
+
+
+def test_run_trains_on_buckets_masks_and_tags_and_reports_the_buckets(tmp_path, caplog):
+    from PIL import Image
+
+    from example_images import write_shaped_images
+
+    images = tmp_path / "images"
+    for path in write_shaped_images(images, [(48, 48), (60, 36), (36, 60)], alpha_left=True):
+        path.with_suffix(".txt").write_text("1girl, red body, blue hat")
+        with Image.open(path) as image:
+            image.putalpha(0)  # all transparent: nothing is left in the loss but the floor
+            image.save(path)
+    history = tmp_path / "history.json"
+    args = ["run", "--model", "tiny-sdxl", "--images", str(images), "--resolution", "32", "--ti-steps", "2", "--steps", "2",
+            "--captions", "files", *DATASET_OPTIONS, "--history", str(history), "--overwrite",
+            "--out-embedding", str(tmp_path / "e.safetensors"), "--out-lora", str(tmp_path / "l.safetensors")]
+    with caplog.at_level("INFO", logger="pti_ops"):
+        assert main(args) == 0
+    assert "3 aspect-ratio buckets (width x height): 40x24: 1 image, 32x32: 1 image, 24x40: 1 image" in caplog.messages
+    floored = json.loads(history.read_text())
+    assert main([*args, "--mask-floor", "0"]) == 0
+    masked_out = json.loads(history.read_text())
+    for phase in ("inversion", "tuning"):
+        assert all(r["loss"] > 0 for r in floored[phase]["history"])
+        assert all(r["loss"] == 0 for r in masked_out[phase]["history"])  # the mask reached both phases' loss
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--mask-floor", "2", "--mask-floor must be between 0.0 and 1.0, got 2.0"),
+    ("--caption-dropout", "1", "--caption-dropout must be below 1"),
+    ("--bucket-step", "0", "--bucket-step must be a whole number of pixels"),
+])  # fmt: skip
+def test_bad_dataset_options_exit_2_naming_them_and_write_nothing(tmp_path, image_folder, capsys, option, value, message):
+    out = tmp_path / "tok1.safetensors"
+    assert main(_invert_args(image_folder, out, "--buckets", option, value)) == 2
+    assert message in capsys.readouterr().err and not out.exists()

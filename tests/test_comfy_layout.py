@@ -11,7 +11,7 @@ import torch
 from comfy_stubs import fake_comfy_models
 
 from pti_ops.errors import ModelLoadError
-from pti_ops.models import ComfyModels, bundle_from_comfy_models, comfy_family, text_encoder_from_comfy_state
+from pti_ops.models import ComfyModels, bundle_from_comfy_models, comfy_family, text_encoders_from_comfy_state
 from pti_ops.models.clip_vocab import write_clip_vocab
 from pti_ops.models.comfy_layout import diffusers_unet_config, scheduler_config
 from pti_ops.models.families.sd15 import CONFIG_DIR, SD15
@@ -115,7 +115,7 @@ def test_settings_read_from_comfyui_reach_the_bundle(tokenizer_root):
 def test_text_encoder_alone(tokenizer_root):
     reference = build_tiny_bundle()
     models = comfy_models(tokenizer_root, clip_heads=(4,))
-    tokenizer, encoder = text_encoder_from_comfy_state(SD15, models.clip, models.clip_heads, tokenizer_root)
+    (tokenizer,), (encoder,) = text_encoders_from_comfy_state(SD15, models.clip, models.clip_heads, tokenizer_root)
     assert set(encoder.state_dict()) == set(reference.text_encoder.state_dict())
     ids = tokenizer(["a girl with a hat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -207,8 +207,12 @@ def test_sdxl_clip_with_an_sd15_model_is_refused(tokenizer_root, tiny_sdxl):
         bundle_from_comfy_models(models)
 
 
-def test_sdxl_text_encoder_alone_is_clip_l(tokenizer_root, tiny_sdxl):
+def test_sdxl_text_encoders_alone(tokenizer_root, tiny_sdxl):
     models = sdxl_comfy_models(tokenizer_root, tiny_sdxl)
-    tokenizer, encoder = text_encoder_from_comfy_state(SDXL, models.clip, models.clip_heads, tokenizer_root)
-    assert set(encoder.state_dict()) == set(tiny_sdxl.text_encoder.state_dict())
-    assert all(torch.equal(v, tiny_sdxl.text_encoder.state_dict()[k]) for k, v in encoder.state_dict().items())
+    tokenizers, encoders = text_encoders_from_comfy_state(SDXL, models.clip, models.clip_heads, tokenizer_root)
+    assert [type(e).__name__ for e in encoders] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
+    assert tokenizers[1].pad_token == "!"
+    for encoder, reference in zip(encoders, tiny_sdxl.text_encoders):
+        want = reference.state_dict()
+        assert set(encoder.state_dict()) == set(want)
+        assert all(torch.equal(value, want[key]) for key, value in encoder.state_dict().items())

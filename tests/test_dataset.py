@@ -5,6 +5,7 @@ from PIL import Image
 
 from pti_ops.dataset import DatasetConfig, dataset_from_tensor, load_image_folder
 from pti_ops.errors import DatasetError, InvalidInputError
+from example_images import write_animated, write_png_header
 from helpers import warns_user
 
 
@@ -85,7 +86,7 @@ def test_skipped_images_are_reported_on_every_load_in_the_log(image_folder, capl
 
 def test_folder_with_only_unreadable_images_is_an_error_even_when_skipping(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"garbage")
-    with pytest.raises(DatasetError, match="No readable image is left"):
+    with pytest.raises(DatasetError, match="No usable image is left"):
         load_image_folder(tmp_path, DatasetConfig(on_bad_image="skip"))
 
 
@@ -129,3 +130,61 @@ def test_dataset_from_comfy_image_batch():
     assert data.images[:, 0].min() == 255 and data.images[:, 1:].max() == 0
     with pytest.raises(DatasetError, match="must be \\[N, H, W, 3\\]"):
         dataset_from_tensor(torch.zeros(3, 32, 32), 32)
+
+
+# --- the sizes the loader accepts (limits.py) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("width, height, shown", [
+    (10000, 10000, "10000x10000 px = 100 Mpx, above the limit of 64 Mpx"),  # under PIL's own error: our check
+    (20000, 20000, "400 Mpx, above the limit of 64 Mpx"),  # PIL's DecompressionBombError at open
+])  # fmt: skip
+def test_an_image_above_the_pixel_limit_is_refused_or_skipped_before_decoding(image_folder, width, height, shown):
+    write_png_header(image_folder / "huge.png", width, height)
+    with pytest.raises(DatasetError, match=rf"1 image\(s\) in .* have a size the loader refuses: huge.png \({shown}\)\. "
+                                           r"Fix or remove them, or set `on_bad_image` to skip"):
+        load_image_folder(image_folder, DatasetConfig(resolution=32))
+    with warns_user(rf"skipped 1 image\(s\) of a refused size .*training on the other 4: huge.png \({shown}\)"):
+        data = load_image_folder(image_folder, DatasetConfig(resolution=32, on_bad_image="skip"))
+    assert len(data) == 4 and "huge.png" not in data.names
+
+
+def test_an_image_just_under_the_pixel_limit_is_not_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("pti_ops.dataset.MAX_IMAGE_PIXELS", 64 * 48)  # the same rule at a size a test can decode
+    _save(tmp_path, "at_limit.png", Image.new("RGB", (64, 48)))
+    assert len(load_image_folder(tmp_path, DatasetConfig(resolution=32))) == 1
+    _save(tmp_path, "over.png", Image.new("RGB", (65, 48)))
+    with pytest.raises(DatasetError, match="over.png"):
+        load_image_folder(tmp_path, DatasetConfig(resolution=32))
+
+
+def test_an_image_too_small_to_upscale_is_refused_and_the_smallest_accepted_is_upscaled(tmp_path, image_folder):
+    _save(image_folder, "one.png", Image.new("RGB", (1, 1), (255, 0, 0)))
+    with pytest.raises(DatasetError, match=r"one.png \(1x1 px, shorter side under 8 px = the training resolution 32 / 4: "
+                                           r"too small to upscale\)"):
+        load_image_folder(image_folder, DatasetConfig(resolution=32))
+    with warns_user("skipped 1 image.*of a refused size.*one.png"):
+        assert len(load_image_folder(image_folder, DatasetConfig(resolution=32, on_bad_image="skip"))) == 4
+    only = tmp_path / "only"
+    _save(only, "seven.png", Image.new("RGB", (7, 40)))
+    with pytest.raises(DatasetError, match="seven.png.*No usable image is left"):
+        load_image_folder(only, DatasetConfig(resolution=32, on_bad_image="skip"))
+    (only / "seven.png").unlink()
+    _save(only, "eight.png", Image.new("RGB", (8, 40)))
+    with warns_user("upscaled.*eight.png 8x40"):
+        assert len(load_image_folder(only, DatasetConfig(resolution=32))) == 1
+
+
+def test_a_batch_too_small_to_upscale_is_refused():
+    with pytest.raises(DatasetError, match=r"the images are 1x1 px: their shorter side is under 8 px \(`resolution` 32"):
+        dataset_from_tensor(torch.rand(2, 1, 1, 3), 32)
+
+
+@pytest.mark.parametrize("suffix", [".webp", ".png"])
+def test_an_animated_image_gives_its_first_frame_with_a_warning(tmp_path, suffix):
+    write_animated(tmp_path / f"moving{suffix}")
+    with warns_user(rf"1 animated image\(s\) in .*only the first frame of each is trained on: moving{suffix} \(2 frames\)"):
+        data = load_image_folder(tmp_path, DatasetConfig(resolution=32))
+    red = data.images[0].float().mean(dim=(1, 2))
+    assert red[0] > 250 and red[1] < 5 and red[2] < 5  # the first frame (red), not the second (green)
+    assert any("animated" in message for message in data.warnings)

@@ -122,5 +122,6 @@ def test_the_family_encodes_tokens_as_training_does(tiny):
     with torch.no_grad():
         assert torch.equal(SD15.encode_tokens(tiny.text_encoder, ids, 1), tiny.text_encoder(ids).last_hidden_state)
         assert torch.equal(encode_tokens(tiny.text_encoder, ids, 2), SD15.encode_tokens(tiny.text_encoder, ids, 2))
-    with pytest.raises(InvalidInputError, match="`clip_skip` must be 1"):
-        SD15.encode_tokens(tiny.text_encoder, ids, 0)
+    for past in (0, tiny.text_encoder.config.num_hidden_layers + 1):
+        with pytest.raises(InvalidInputError, match=r"`clip_skip` must be between 1 \(last layer\) and 2 \(this text encoder's layers\)"):
+            SD15.encode_tokens(tiny.text_encoder, ids, past)

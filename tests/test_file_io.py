@@ -179,3 +179,11 @@ def test_safetensors_files_are_byte_identical_for_the_same_inputs(tmp_path):
         assert f.get_tensor("a").dtype == torch.float16
     with pytest.raises(OutputExistsError):
         write_safetensors(tmp_path / "f0.safetensors", {"x": torch.zeros(1)})
+
+
+def test_a_folder_in_the_place_of_a_node_output_is_refused_up_front_or_stepped_over(tmp_path):
+    (tmp_path / "tok1.safetensors").mkdir()
+    with pytest.raises(OutputExistsError, match=r"tok1.safetensors is a folder: nothing can be written in its place. "
+                                                r"Choose another `embedding_name`"):
+        output_path(tmp_path, "tok1", ".safetensors", "overwrite", what="embedding_name")
+    assert output_path(tmp_path, "tok1", ".safetensors", "increment") == tmp_path / "tok1_00001.safetensors"

@@ -18,11 +18,11 @@ COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "server"}
 # The core's rooms from the bottom up; a module may import its own room and the rooms below it.
 # Files sit above models: their key rules (embedding keys, LoRA names) are the model family's.
 ROOM_LAYERS = [
-    {"errors", "checks", "user_warnings"},
+    {"errors", "checks", "user_warnings", "limits"},
     {"safe_write", "interpolation"},
     {"models"},
     {"files"},
-    {"dataset", "placeholder"},
+    {"dataset", "placeholder", "aspect_buckets", "image_masks", "tag_captions"},
     {"training"},
     {"metrics", "regularizer"},
     {"pivot", "inversion", "lora_tune", "pivotal"},

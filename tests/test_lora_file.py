@@ -274,3 +274,29 @@ def test_apply_refuses_weights_of_another_size(good_file_tensors):
 def test_export_without_adapter_raises():
     with pytest.raises(InvalidInputError, match="no LoRA adapter named 'pivotal'"):
         lora_state_dict_to_kohya(unet=tuned_bundle().unet, adapter_name="pivotal")
+
+
+@pytest.mark.parametrize("key_suffix, value", [("lora_up.weight", float("nan")), ("alpha", float("inf"))])
+def test_a_lora_file_with_nan_or_inf_is_refused_at_load_naming_file_and_tensor(tmp_path, good_file_tensors, key_suffix, value):
+    key = f"{Q_PREFIX}.{key_suffix}"
+    good_file_tensors[key] = good_file_tensors[key].clone().flatten().index_fill(0, torch.tensor([0]), value).view_as(
+        good_file_tensors[key])
+    path = write(tmp_path, good_file_tensors, "diverged.safetensors")
+    with pytest.raises(InvalidInputError, match=rf"tensor '{key}' of LoRA file .*diverged\.safetensors holds 1 NaN or infinite"):
+        load_lora(path)
+    # A LoRA dict from another node (LORA_MODEL) is checked where it is applied.
+    with pytest.raises(InvalidInputError, match=rf"tensor '{key}' of the LoRA to apply holds 1 NaN"):
+        apply_kohya_lora(build_tiny_bundle().unet, None, good_file_tensors)
+
+
+def test_evaluate_refuses_a_lora_with_nan_before_loading_the_model(tmp_path, good_file_tensors, capsys, monkeypatch):
+    from pti_ops.cli import main
+
+    good_file_tensors[f"{Q_PREFIX}.lora_down.weight"][0, 0] = float("nan")
+    save_file(good_file_tensors, str(tmp_path / "nan.safetensors"))
+    monkeypatch.setattr("pti_ops.cli.evaluate.load_bundle", lambda *a, **k: pytest.fail("loaded the model"))
+    code = main(["evaluate", "--model", "tiny", "--lora", str(tmp_path / "nan.safetensors"), "--lpips", "off",
+                 "--out", str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nan.safetensors holds 1 NaN or infinite value" in err and "Traceback" not in err
+    assert not (tmp_path / "report").exists()

@@ -33,7 +33,7 @@ from pti_ops.metrics.lpips_model import BACKBONE_FILES, load_lpips, lpips_matrix
 from pti_ops.metrics.sampling import SamplingConfig, apply_lora
 from pti_ops.models.tiny_model import TINY_WORDS, build_tiny_bundle
 from pti_ops.pivot import Pivot, family_name
-from helpers import kohya_lora
+from helpers import kohya_lora, warns_user
 
 
 @pytest.fixture(scope="module")
@@ -279,11 +279,38 @@ def test_evaluate_command_writes_json_markdown_and_grid(tmp_path, image_folder, 
         args.handler(args)
 
 
-def test_evaluate_command_refuses_bad_seeds_and_missing_lpips_weights(tmp_path, monkeypatch):
+def test_evaluate_command_refuses_bad_seeds_and_an_explicit_backbone_without_its_weights(tmp_path, monkeypatch):
     from pti_ops.cli.evaluate import build_scorers, parse_seeds
 
     with pytest.raises(InvalidInputError, match="--seeds '0,x' must be comma-separated integers"):
         parse_seeds("0,x")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(MissingModelFileError, match="Nothing is downloaded: copy the file there"):
-        build_scorers(_evaluate_args("--out", str(tmp_path / "r")))
+        build_scorers(_evaluate_args("--lpips", "alex", "--out", str(tmp_path / "r")))
+    with warns_user("LPIPS metrics not computed: LPIPS needs the torchvision alex weights alexnet-owt-7be5be79.pth"):
+        scorers = build_scorers(_evaluate_args("--out", str(tmp_path / "r")))  # the default, auto: a reason
+    assert scorers.lpips is None and "(--lpips auto: LPIPS is computed where its weights are on disk" in scorers.lpips_reason
+
+
+def test_load_scorers_auto_uses_the_weights_where_present(tmp_path, monkeypatch):
+    from pti_ops.metrics import load_scorers
+    from pti_ops.metrics import scorers as scorers_module
+
+    loaded = []
+    monkeypatch.setattr(scorers_module, "load_lpips", lambda net, device="cpu", **k: loaded.append(net) or torch.nn.Identity())
+    found = load_scorers("auto")
+    assert loaded == ["alex"] and found.lpips is not None and found.lpips_reason == ""
+    assert "no CLIP model folder given (`clip_model_folder`)" in found.clip_reason
+    off = load_scorers("off", what="--lpips")
+    assert off.lpips is None and off.lpips_reason == "LPIPS switched off (--lpips off)" and loaded == ["alex"]
+
+
+def test_evaluate_with_default_options_on_a_fresh_machine_reports_lpips_not_computed(tmp_path, monkeypatch, capsys):
+    from pti_ops.cli import main
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "fresh_hub"))
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", "tiny", "--seeds", "0,1", "--steps", "1", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["diversity_lpips"]["value"] is None and "alexnet-owt-7be5be79.pth" in metrics["diversity_lpips"]["reason"]
+    assert "LPIPS metrics not computed" in capsys.readouterr().err

@@ -132,7 +132,8 @@ def test_clip_skip_follows_clip_set_last_layer(bridge, fake_models):
 
 def test_text_encoder_alone(bridge, fake_models):
     reference = build_tiny_bundle()
-    tokenizer, encoder = bridge.text_encoder_from_comfy(fake_models[1])
+    family, (tokenizer,), (encoder,) = bridge.text_encoders_from_comfy(fake_models[1])
+    assert family == "sd15" and not any(p.requires_grad for p in encoder.parameters())
     ids = tokenizer(["a girl with a hat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(encoder(ids).last_hidden_state, reference.text_encoder(ids).last_hidden_state)

@@ -6,8 +6,11 @@ import runpy
 import pytest
 from comfy_stubs import REPO_ROOT, comfy_env, comfy_pack  # noqa: F401  (fixtures)
 
+TRAINER_OPTIONS = ("optimizer", "lr_schedule", "warmup_steps", "snr_gamma", "noise_offset", "save_every", "preview_every",
+                   "preview_prompts")
+
 # Types ComfyUI itself defines; ours are prefixed PIVOTAL_.
-STOCK_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "CONDITIONING", "STRING", "INT", "FLOAT", "BOOLEAN", "LORA_MODEL", "LOSS_MAP"}
+STOCK_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "MASK", "LATENT", "CONDITIONING", "STRING", "INT", "FLOAT", "BOOLEAN", "LORA_MODEL", "LOSS_MAP"}
 EXPECTED = {
     "PivotalDatasetFromFolder", "PivotalDatasetFromImages", "TokenInversion", "SlerpRegularizer",
     "PivotalLoRATune", "EmbeddingNormStats", "PivotalPrompt", "PivotalEvaluate", "PivotalSweep", "PivotalLoRALoader",
@@ -64,9 +67,12 @@ def test_training_nodes_never_replace_a_file_by_default(mappings):
         assert spec["required"]["overwrite"][1]["default"] is False
         choices, options = spec["optional"]["if_exists"]
         assert choices == ["increment", "overwrite", "error"] and options["default"] == "increment"
-        # After the older widgets: saved workflows' widget positions are unchanged.
-        assert list(spec["optional"])[-2:] == (["if_exists", "bundle_embedding"] if node_id == "PivotalLoRATune"
-                                               else list(spec["optional"])[-2:-1] + ["if_exists"])
+        # After the older widgets: saved workflows' widget positions are unchanged (newer ones come after).
+        older = [name for name in spec["optional"] if name not in TRAINER_OPTIONS and name != "offload_text_encoders"]
+        assert older[-2:] == (["if_exists", "bundle_embedding"] if node_id == "PivotalLoRATune" else older[-2:-1] + ["if_exists"])
+        newer = list(spec["optional"])[len(older):]
+        assert newer == ([] if node_id == "PivotalSweep" else
+                         (["offload_text_encoders"] if node_id == "PivotalLoRATune" else []) + list(TRAINER_OPTIONS))
 
 
 def test_imported_as_a_plain_module_it_registers_nothing():

@@ -87,3 +87,40 @@ def test_a_clean_folder_returns_plain_outputs(nodes, character):
     outputs, ui = run_node_with_ui(nodes["PivotalDatasetFromFolder"], folder="character", resolution=64, flip=False,
                                    caption_source="template", on_bad_image="error")  # fmt: skip
     assert ui is None and len(outputs) == 1
+
+
+NEW_OPTIONS = ["buckets", "mask_from", "mask_floor", "shuffle_tags", "keep_tokens", "caption_dropout"]
+
+
+def test_buckets_masks_and_tags_are_optional_inputs_after_the_old_ones(nodes):
+    folder = nodes["PivotalDatasetFromFolder"].INPUT_TYPES()
+    images = nodes["PivotalDatasetFromImages"].INPUT_TYPES()
+    assert list(folder["optional"]) == NEW_OPTIONS  # workflows store widgets by position: appended, never inserted
+    assert list(images["optional"]) == ["mask", *[n for n in NEW_OPTIONS if n != "mask_from"]]
+    assert images["optional"]["mask"][0] == "MASK"
+
+
+def test_the_folder_node_loads_buckets_alpha_masks_and_tag_options(nodes, comfy_env):
+    from example_images import write_shaped_images
+
+    folder = comfy_env[1].folders["input"] / "shaped"
+    write_shaped_images(folder, [(64, 64), (80, 48)], alpha_left=True)
+    dataset = load(nodes, "shaped", buckets=True, mask_from="alpha", mask_floor=0.2, shuffle_tags=True, keep_tokens=2,
+                   caption_dropout=0.1)
+    assert dataset.bucketed and [dataset.image_size(i) for i in range(2)] == [(64, 64), (48, 80)]
+    assert dataset.masks[1][0, :, :38].max() == 0 and dataset.masks[1][0, :, 42:].min() == 255
+    assert dataset.mask_floor == 0.2 and dataset.tag_captions.shuffle_tags and dataset.tag_captions.keep_tokens == 2
+    plain = load(nodes, "shaped")
+    assert not plain.bucketed and plain.masks is None and not plain.tag_captions.active
+
+
+def test_the_images_node_takes_a_mask_batch(nodes):
+    images = torch.rand(2, 48, 80, 3)
+    mask = torch.zeros(2, 48, 80)
+    mask[:, :, 40:] = 1.0
+    dataset = run_node(nodes["PivotalDatasetFromImages"], images=images, resolution=64, flip=False, captions="1girl\nred hair",
+                       mask=mask, buckets=True, mask_floor=0.1)[0]
+    assert dataset.image_size(0) == (48, 80) and dataset.masks[0][0, :, :38].max() == 0 and dataset.mask_floor == 0.1
+    assert dataset.captions == ["1girl", "red hair"]  # tag lines without {}: the placeholder is prepended in training
+    with pytest.raises(ValueError, match=r"`mask` has shape \(1, 48, 80\) but the images are \(2, 48, 80\)"):
+        run_node(nodes["PivotalDatasetFromImages"], images=images, resolution=64, flip=False, captions="", mask=mask[:1])

@@ -35,8 +35,8 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture
 def random_lpips(monkeypatch, comfy_env):
-    """The node's LPIPS loader with a random backbone (asked for explicitly; nothing read or downloaded)."""
-    module = sys.modules[PACK_NAME + ".nodes.evaluation_nodes"]
+    """The nodes' LPIPS loader (the core's `load_scorers`) with a random backbone (nothing read or downloaded)."""
+    module = sys.modules[PACK_NAME + ".pti_ops.metrics.scorers"]
     monkeypatch.setattr(module, "load_lpips", lambda net, device="cpu": load_lpips(net, random_backbone=True, device=device))
 
 

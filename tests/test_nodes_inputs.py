@@ -42,6 +42,9 @@ DEFAULTS = [
     ("PivotalSweep", "lora_rank", SweepConfig, "rank"),
     ("PivotalDatasetFromFolder", "resolution", DatasetConfig, "resolution"),
     ("PivotalDatasetFromFolder", "caption_source", DatasetConfig, "caption_source"),
+    *[(node, name, DatasetConfig, name) for node in ("PivotalDatasetFromFolder", "PivotalDatasetFromImages")
+      for name in ("buckets", "mask_floor", "shuffle_tags", "keep_tokens", "caption_dropout")],
+    ("PivotalDatasetFromFolder", "mask_from", DatasetConfig, "mask_from"),
 ]
 
 

@@ -90,3 +90,17 @@ def test_loader_lists_the_lora_files_and_follows_their_content(nodes, comfy_env,
     assert node.IS_CHANGED(lora_name=bundled[1]) == before
     with pytest.raises(ValueError, match="`lora_name` 'missing.safetensors' is not in ComfyUI's loras folders"):
         node.IS_CHANGED(lora_name="missing.safetensors")
+
+
+def test_the_loader_refuses_a_file_with_nan_naming_it(nodes, comfy_env, fake_models, bundled):
+    model, clip, _ = fake_models
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(comfy_env[1].folders["loras"] / bundled[1]))
+    key = next(k for k in sorted(tensors) if k.endswith("lora_up.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(comfy_env[1].folders["loras"] / "diverged.safetensors"))
+    with pytest.raises(ValueError, match=rf"tensor '{key}' of LoRA file .*diverged\.safetensors holds 1 NaN"):
+        run_node(nodes["PivotalLoRALoader"], model=model, clip=clip, lora_name="diverged.safetensors",
+                 strength_model=1.0, strength_clip=1.0)  # fmt: skip
+    assert model.patches == {} and clip.patcher.patches == {}

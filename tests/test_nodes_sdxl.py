@@ -39,7 +39,7 @@ def invert(nodes, models, dataset, **overrides):
 def test_token_inversion_on_sdxl_trains_both_encoders_and_writes_clip_l_and_clip_g(nodes, comfy_env, sdxl_models, dataset):
     state = comfy_env[1]
     model, clip, _ = sdxl_models
-    embedding, clip_out, trigger, loss, _ = invert(nodes, sdxl_models, dataset)
+    embedding, clip_out, trigger, loss = invert(nodes, sdxl_models, dataset)[:4]
     assert trigger == "embedding:tok1" and len(loss["loss"]) == 2
     path = state.folders["embeddings"] / "tok1.safetensors"
     tensors = load_file(path)
@@ -77,3 +77,16 @@ def test_an_upstream_model_sampling_discrete_changes_what_is_trained(nodes, data
     v = invert(nodes, (v_model, clip, vae), dataset)[0].vectors_by_key
     assert all(torch.equal(eps[key], again[key]) for key in eps)  # the runs are deterministic: the difference is v
     assert all(not torch.allclose(eps[key], v[key]) for key in eps)
+
+
+def test_norm_stats_on_an_sdxl_clip_measure_both_encoders_for_vslerp(nodes, sdxl_models):
+    """EmbeddingNormStats converts both of SDXL's text encoders; its centres fit SDXL's conditioning in the regulariser."""
+    captions = "\n".join(f"an anime illustration of a {word}" for word in ("girl", "boy", "cat", "dog", "robot", "flower"))
+    inputs = dict(clip=sdxl_models[1], captions=captions, captions_file="", space="hidden", position="", template=TEMPLATE,
+                  class_word="character")  # fmt: skip
+    stats, summary, _ = run_node(nodes["EmbeddingNormStats"], **inputs)
+    assert list(stats.encoders) == ["clip_l", "clip_g"] and "clip_g" in summary
+    regularizer = run_node(nodes["SlerpRegularizer"], mode="path", anchor="character", templates=TEMPLATE,
+                           interpolation="vslerp", t=0.5, t_jitter=0.0, weight=1.0, every=1, samples=1, timestep_min=0,
+                           timestep_max=999, norm_stats=stats)[0]  # fmt: skip
+    assert regularizer.centre.shape == (77, sum(TINY_SDXL_TEXT_WIDTHS)) and regularizer.pooled_centre is not None

@@ -56,7 +56,7 @@ def regularizer(nodes, **overrides):
 def test_token_inversion_writes_the_embedding_and_reports_every_step(nodes, comfy_env, fake_models, dataset):
     state = comfy_env[1]
     model, clip, _ = fake_models
-    embedding, clip_out, trigger, loss, plot = invert(nodes, fake_models, dataset)
+    embedding, clip_out, trigger, loss, plot, snapshots = invert(nodes, fake_models, dataset)
     path = state.folders["embeddings"] / "tok1.safetensors"
     assert trigger == "embedding:tok1" and embedding.trigger == trigger
     tensors = load_file(path)
@@ -70,6 +70,25 @@ def test_token_inversion_writes_the_embedding_and_reports_every_step(nodes, comf
     assert clip_out is not clip and model.patches == {} and clip.patcher.patches == {}
     assert state.unloads >= 1  # ComfyUI's copies were unloaded before training
     assert embedding.templates == [TEMPLATE]
+    assert snapshots == ""  # save_every off
+
+
+def test_training_nodes_take_the_trainer_options_and_list_their_snapshots(nodes, comfy_env, fake_models, dataset):
+    state = comfy_env[1]
+    *_, snapshots = invert(nodes, fake_models, dataset, steps=3, save_every=2, lr_schedule="cosine", warmup_steps=1,
+                           snr_gamma=5.0, noise_offset=0.05)
+    assert snapshots == "tok1_step0002.safetensors" and (state.folders["embeddings"] / snapshots).is_file()
+    embedding = invert(nodes, fake_models, dataset, steps=1, embedding_name="other")[0]
+    *_, snapshots = tune(nodes, fake_models, dataset, embedding, steps=4, save_every=2, optimizer="adafactor")
+    assert snapshots.splitlines() == ["tok1_lora_step0002.safetensors"]
+    assert (state.folders["loras"] / "tok1_lora_step0002.safetensors").is_file()
+    assert state.previews == []
+    invert(nodes, fake_models, dataset, steps=3, preview_every=2, preview_prompts="a photo of {}", embedding_name="seen")
+    assert [step for step, _ in state.previews] == [2, 3]
+    kind, image, side = state.previews[0][1]
+    assert kind == "JPEG" and side == 512 and image.size[0] > 0  # a PIL image, as ComfyUI's previewers send
+    with pytest.raises(Exception, match="`warmup_steps` needs a schedule with warm-up"):
+        invert(nodes, fake_models, dataset, steps=3, warmup_steps=1, embedding_name="third")
 
 
 def test_existing_embedding_is_refused_before_training_with_if_exists_error(nodes, comfy_env, fake_models, dataset):
@@ -86,7 +105,7 @@ def test_existing_embedding_is_refused_before_training_with_if_exists_error(node
 def test_overwrite_switch_of_saved_workflows_still_replaces(nodes, comfy_env, fake_models, dataset):
     state = comfy_env[1]
     (state.folders["embeddings"] / "tok1.safetensors").write_bytes(b"user file")
-    *_, trigger, _, _ = invert(nodes, fake_models, dataset, overwrite=True, if_exists="error", steps=1)
+    *_, trigger, _, _, _ = invert(nodes, fake_models, dataset, overwrite=True, if_exists="error", steps=1)
     assert trigger == "embedding:tok1"
     assert (state.folders["embeddings"] / "tok1.safetensors").read_bytes() != b"user file"
     assert [p.name for p in state.folders["embeddings"].iterdir()] == ["tok1.safetensors"]
@@ -128,7 +147,7 @@ def test_lora_tune_applies_the_lora_to_clones_and_writes_a_kohya_file(nodes, com
     model, clip, _ = fake_models
     embedding = invert(nodes, fake_models, dataset, steps=1)[0]
     reg = regularizer(nodes)
-    model_out, clip_out, lora, loss, plot, lora_file, trigger = tune(nodes, fake_models, dataset, embedding, regularizer=reg)
+    model_out, clip_out, lora, loss, plot, lora_file, trigger, snapshots = tune(nodes, fake_models, dataset, embedding, regularizer=reg)
     assert lora_file == "tok1_lora.safetensors" and trigger == "embedding:tok1"
     assert model_out is not model and clip_out is not clip
     assert model.patches == {} and clip.patcher.patches == {}
@@ -153,7 +172,7 @@ def test_lora_tune_with_text_encoder_patches_the_clip_too(nodes, comfy_env, fake
 def test_joint_schedule_saves_its_own_embedding(nodes, comfy_env, fake_models, dataset):
     state = comfy_env[1]
     embedding = invert(nodes, fake_models, dataset, steps=1)[0]
-    *_, lora_file, trigger = tune(nodes, fake_models, dataset, embedding, schedule="joint", lora_name="joint_run")
+    *_, lora_file, trigger, _ = tune(nodes, fake_models, dataset, embedding, schedule="joint", lora_name="joint_run")
     assert trigger == "embedding:joint_run"
     vectors = load_file(state.folders["embeddings"] / "joint_run.safetensors")["clip_l"]
     assert not torch.equal(vectors, embedding.vectors)
@@ -173,7 +192,7 @@ def test_lora_name_taken_increments_and_the_outputs_name_the_file_written(nodes,
     state = comfy_env[1]
     embedding = invert(nodes, fake_models, dataset, steps=1)[0]
     (state.folders["loras"] / "tok1_lora.safetensors").write_bytes(b"user file")
-    *_, lora_file, trigger = tune(nodes, fake_models, dataset, embedding)
+    *_, lora_file, trigger, _ = tune(nodes, fake_models, dataset, embedding)
     assert lora_file == "tok1_lora_00001.safetensors" and trigger == "embedding:tok1"
     assert (state.folders["loras"] / "tok1_lora.safetensors").read_bytes() == b"user file"
     assert (state.folders["loras"] / lora_file).is_file()
@@ -183,7 +202,7 @@ def test_joint_schedule_increments_lora_and_embedding_together(nodes, comfy_env,
     state = comfy_env[1]
     embedding = invert(nodes, fake_models, dataset, steps=1)[0]
     (state.folders["embeddings"] / "joint_run.safetensors").write_bytes(b"user file")  # only the embedding is taken
-    *_, lora_file, trigger = tune(nodes, fake_models, dataset, embedding, schedule="joint", lora_name="joint_run")
+    *_, lora_file, trigger, _ = tune(nodes, fake_models, dataset, embedding, schedule="joint", lora_name="joint_run")
     assert lora_file == "joint_run_00001.safetensors" and trigger == "embedding:joint_run_00001"
     assert (state.folders["embeddings"] / "joint_run_00001.safetensors").is_file()
     assert not (state.folders["loras"] / "joint_run.safetensors").exists()

@@ -106,6 +106,21 @@ class Server:
                 inputs[name] = spec[0][0]
         return inputs
 
+    def widget_index(self, class_type: str, name: str) -> int:
+        """Where the frontend stores input `name` in a node's `widgets_values` (widgets in declaration order, the
+        control value after a seed)."""
+        info = self.object_info(class_type)["input"]
+        index = 0
+        for section in ("required", "optional"):
+            for input_name, spec in info.get(section, {}).items():
+                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if not (isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")):
+                    continue
+                if input_name == name:
+                    return index
+                index += 2 if options.get("control_after_generate") else 1
+        raise KeyError(f"{class_type} has no widget {name}")
+
     def output_index(self, class_type: str, kind: str) -> int:
         return self.object_info(class_type)["output"].index(kind)
 
@@ -193,14 +208,13 @@ def test_training_workflow_queued_again_and_again_with_prompts_between(server, t
     prompt["901"] = {"class_type": "PreviewAny", "inputs": {"source": [ids["PivotalLoRATune"], 5]}}
     api = tmp_path / "shown.json"
     api.write_text(json.dumps(prompt))
-    # The same workflow as saved before if_exists (and bundle_embedding, offload_text_encoders) existed: those
-    # widget values missing.
+    # The same workflow as saved before if_exists (and every widget added after it) existed: those values missing.
     saved = json.loads(workflow.read_text())
     for node in saved["nodes"]:
-        newer = {"TokenInversion": ["increment"], "PivotalLoRATune": ["increment", False, False]}.get(node["type"], [])
-        if newer:
-            assert node["widgets_values"][-len(newer):] == newer
-            del node["widgets_values"][-len(newer):]
+        if node["type"] in ("TokenInversion", "PivotalLoRATune"):
+            first_newer = server.widget_index(node["type"], "if_exists")
+            assert node["widgets_values"][first_newer] == "increment"
+            del node["widgets_values"][first_newer:]
     old = tmp_path / "saved_before_if_exists.json"
     old.write_text(json.dumps(saved))
     overrides = {**TRAIN_SMALL, "TokenInversion.embedding_name": "requeue", "PivotalLoRATune.lora_name": "requeue_lora"}

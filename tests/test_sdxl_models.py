@@ -316,14 +316,3 @@ def test_conditioning_batch_operations():
         Conditioning(hidden, pooled, (3, 3))
     with pytest.raises(ValueError, match="different blocks"):
         Conditioning.cat([cond, Conditioning(hidden, pooled, (4, 3))])
-
-
-def test_sampling_an_sdxl_bundle_is_refused_clearly(tiny_xl):
-    """Until the sampler takes pooled and time-id conditioning, it refuses SDXL by name (textual inversion
-    and LoRA tuning train SDXL: tests/test_sdxl_inversion.py, tests/test_sdxl_lora_tune.py)."""
-    from pti_ops.errors import InvalidInputError
-    from pti_ops.metrics.sampling import sample_images
-
-    with pytest.raises(InvalidInputError, match="sampling is not available for SDXL models yet"):
-        sample_images(tiny_xl, ["a character"], [0])
-    assert tiny_xl.tokenizer.convert_tokens_to_ids("tok1") == tiny_xl.tokenizer.unk_token_id  # nothing was added

@@ -1,6 +1,5 @@
 """Learning-rate sweeps: the analysis on synthetic curves, both sweeps and the command on the tiny model."""
 
-import argparse
 import csv
 import json
 import math
@@ -245,11 +244,9 @@ def test_lora_sweep_measures_locality_spread_and_onset(dataset, scorers):
 
 
 def _sweep_args(*extra):
-    from pti_ops.cli.sweep import add_sweep_command
+    from pti_ops.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    add_sweep_command(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["sweep", "--model", "tiny", "--images", "unused", *extra])
+    return build_parser().parse_args(["sweep", "--model", "tiny", "--images", "unused", *extra])
 
 
 @pytest.mark.parametrize(
@@ -257,8 +254,8 @@ def _sweep_args(*extra):
     [
         (["--kind", "gan", "--lrs", "1e-3"], InvalidInputError, "sweep kind must be one of inversion, lora, got 'gan'"),
         (["--kind", "inversion", "--lrs", "1e-3,x"], InvalidInputError, "--lrs '1e-3,x' must be comma-separated numbers"),
-        (["--kind", "inversion", "--lrs", ","], InvalidInputError, "`--lrs` is empty"),
-        (["--kind", "inversion", "--lrs", "1e-3,-2e-3"], InvalidInputError, "`--lrs` must hold positive finite numbers, got -0.002"),
+        (["--kind", "inversion", "--lrs", ","], InvalidInputError, "^--lrs is empty"),
+        (["--kind", "inversion", "--lrs", "1e-3,-2e-3"], InvalidInputError, "^--lrs must hold positive finite numbers, got -0.002"),
         (["--kind", "lora", "--lrs", "1e-3"], InvalidInputError, "--kind lora needs --embedding"),
         (["--kind", "lora", "--lrs", "1e-3", "--embedding", "x", "--reg", "none,blur"], InvalidInputError, "--reg 'blur' is not a regulariser"),
     ],
@@ -314,3 +311,15 @@ def test_a_diverging_run_is_reported_and_the_sweep_goes_on(dataset, scorers):
     assert "training diverged" in report.summary["stopped_before_any_record"]["lr=1"]
     assert [(r["run"], r["step"]) for r in report.rows] == [("initial", 0), ("lr=0.001", 2)]
     assert list(report.traces) == ["lr=0.001"] and set(report.plots) == {"inversion_curves", "distance_fit"}
+
+
+def test_sweep_with_default_scorers_on_a_fresh_machine_goes_on_without_lpips(tmp_path, image_folder, monkeypatch, capsys):
+    """A default never needs a file the package cannot ship: no AlexNet weights → LPIPS 'not computed', with the reason."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "fresh_hub"))
+    out = tmp_path / "report"
+    assert main(["sweep", "--model", "tiny", "--images", str(image_folder), "--resolution", "32", "--kind", "inversion",
+                 "--lrs", "1e-3", "--steps", "1", "--history-every", "1", "--seeds", "0,1", "--sample-steps", "1",
+                 "--out", str(out)]) == 0  # fmt: skip
+    data = json.loads((out / "sweep.json").read_text())
+    assert any("alexnet-owt-7be5be79.pth" in reason for reason in data["not_computed"].values()), data["not_computed"]
+    assert "LPIPS metrics not computed" in capsys.readouterr().err

@@ -155,11 +155,9 @@ def test_pivotal_workflow_trains_and_generates_in_one_run(mappings, family):
     workflow = load(REPO_ROOT / "workflows" / f"pivotal_tuning_{family}.json")
     types = {node["id"]: node["type"] for node in workflow["nodes"]}
     edges = {(types[origin], types[target]) for _, origin, _, target, _, _ in workflow["links"]}
-    # SD1.5's vSLERP takes its centres from EmbeddingNormStats; SDXL's workflow uses SLERP (no centres needed)
-    centres = [("EmbeddingNormStats", "SlerpRegularizer")] if family == "sd15" else []
-    for edge in centres + [
+    for edge in [
         ("CheckpointLoaderSimple", "TokenInversion"), ("PivotalDatasetFromFolder", "TokenInversion"),
-        ("TokenInversion", "PivotalLoRATune"),
+        ("EmbeddingNormStats", "SlerpRegularizer"), ("TokenInversion", "PivotalLoRATune"),
         ("SlerpRegularizer", "PivotalLoRATune"), ("PivotalLoRATune", "PivotalPrompt"),
         ("PivotalPrompt", "CLIPTextEncode"), ("PivotalLoRATune", "CLIPTextEncode"), ("PivotalLoRATune", "KSampler"),
         ("KSampler", "VAEDecode"), ("VAEDecode", "SaveImage"), ("TokenInversion", "PreviewImage"),
@@ -189,7 +187,8 @@ def test_sdxl_workflows_default_to_1024_px_with_the_memory_options_on(mappings):
         assert train[node]["mixed_precision"] == "bf16" and train[node]["gradient_checkpointing"] is True, node
     assert train["PivotalLoRATune"]["offload_text_encoders"] is True  # allowed: sequential, text encoders frozen
     assert train["PivotalLoRATune"]["schedule"] == "sequential" and train["PivotalLoRATune"]["train_text_encoder"] is False
-    assert train["SlerpRegularizer"]["interpolation"] == "slerp"  # no SDXL norm statistics needed
+    # vSLERP around both encoders' centres (and the pooled one): the norm statistics measure every encoder
+    assert train["SlerpRegularizer"]["interpolation"] == "vslerp" and train["EmbeddingNormStats"].get("encoder", "all") == "all"
     assert train["CheckpointLoaderSimple"]["ckpt_name"] == use["CheckpointLoaderSimple"]["ckpt_name"]
 
 

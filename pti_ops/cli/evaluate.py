@@ -11,18 +11,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..checks import default_of
+from ..checks import check_number, default_of
 from ..dataset import DatasetConfig, load_image_folder
 from ..errors import InvalidInputError
 from ..files import atomic_write, check_output_folder, load_embedding, load_lora
 from ..pivot import Pivot
-from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, EvaluationConfig, Scorers, evaluate_tuned, load_lpips, try_load_clip
+from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, LPIPS_CHOICES, EvaluationConfig, Scorers, evaluate_tuned
+from ..metrics import load_scorers, sampling_side
+from ..metrics.snapshot_series import evaluate_series, series_table, snapshot_files
 from ..models import load_bundle
-from .options import add_model_options, add_sampling_options, sampling_config, write_json
+from .option_words import in_option_words
+from .outputs import check_output_space, images_bytes
+from .options import add_model_options, add_sampling_options, check_seed, sampling_config, write_json
 
 logger = logging.getLogger(__name__)
 
-LPIPS_CHOICES = ("alex", "vgg", "random", "off")
 OUTPUT_FILES = ("metrics.json", "metrics.md", "grid.png")
 
 
@@ -34,12 +37,14 @@ def add_evaluate_command(subparsers) -> None:
         "CLIP scores need a local CLIPModel folder; without one they are reported as not computed.",
     )
     add_model_options(p)
-    p.add_argument("--embedding", default=None, help="trained embedding file (.safetensors or .pt) to load as --token.")
+    p.add_argument("--embedding", default=None, help="trained embedding file (.safetensors or .pt) to load as --token; or a "
+                   "folder of --save-every snapshots (NAME_stepNNNN.safetensors), each evaluated in turn.")
     p.add_argument("--token", default=None, help="placeholder word that fills {} in prompts (default: the embedding's, else tok1).")
     p.add_argument("--init-word", default=None,
                    help="class word: the embedding's initializer (distances start there), the word edit prompts are scored "
                         "with and of default locality prompts (default: the embedding's, else character).")
-    p.add_argument("--lora", default=None, help="kohya LoRA file (.safetensors) to apply.")
+    p.add_argument("--lora", default=None, help="kohya LoRA file (.safetensors) to apply; or a folder of --save-every LoRA "
+                   "snapshots, each evaluated in turn (with --embedding, or with the token a joint snapshot carries).")
     p.add_argument("--lora-strength", type=float, default=1.0, help="LoRA multiplier: 1 = as trained, 0 = base model (default: 1.0).")
     p.add_argument("--images", default=None, help="folder of the training images (reconstruction is not computed without it).")
     p.add_argument("--prompts", action="append", default=None, help=f"training prompt with {{}} for the token; repeat for several (default: {DEFAULT_PROMPTS[0]!r}).")
@@ -49,9 +54,7 @@ def add_evaluate_command(subparsers) -> None:
     p.add_argument("--seeds", default=seeds, help=f"comma-separated seeds, the same in every set (default: {seeds}).")
     add_sampling_options(p)
     p.add_argument("--clip-model", default=None, help="local transformers CLIPModel folder for the CLIP scores (nothing is downloaded).")
-    p.add_argument("--lpips", choices=LPIPS_CHOICES, default="alex",
-                   help="LPIPS backbone: alex or vgg (torchvision weights from the torch hub cache); random = untrained "
-                        "backbone, only to test the pipeline; off = LPIPS scores not computed (default: alex).")
+    add_lpips_option(p)
     p.add_argument("--out", required=True, help="report folder (metrics.json, metrics.md, grid.png).")
     p.add_argument("--overwrite", action="store_true", help="replace existing report files.")
     p.set_defaults(handler=run_evaluate_command)
@@ -65,12 +68,14 @@ def parse_seeds(text: str) -> list[int]:
         raise InvalidInputError(f"--seeds {text!r} must be comma-separated integers, e.g. 0,1,2,3.") from err
     if not seeds:
         raise InvalidInputError("--seeds is empty: give comma-separated integers, e.g. 0,1,2,3.")
-    return seeds
+    return [check_seed(seed, "each of --seeds") for seed in seeds]
 
 
-def fill_names_from_embedding(args: argparse.Namespace) -> dict[str, str]:
-    """Read the embedding's metadata; default --token and --init-word to the names it was trained with."""
-    metadata = load_embedding(args.embedding).metadata if args.embedding else {}
+def fill_names_from_embedding(args: argparse.Namespace, embedding: str | Path | None = None) -> dict[str, str]:
+    """Read the embedding's metadata (`embedding`, default --embedding); default --token and --init-word to the names
+    it was trained with."""
+    embedding = embedding if embedding is not None else args.embedding
+    metadata = load_embedding(embedding).metadata if embedding else {}
     for option, key, default in (("token", "placeholder", "tok1"), ("init_word", "initializer", "character")):
         recorded = metadata.get(key)
         if getattr(args, option) is None:
@@ -82,35 +87,45 @@ def fill_names_from_embedding(args: argparse.Namespace) -> dict[str, str]:
 
 def build_config(args: argparse.Namespace) -> EvaluationConfig:
     """The evaluation settings from the command line (checked before any model is loaded)."""
-    return EvaluationConfig(
-        prompts=args.prompts or list(DEFAULT_PROMPTS),
-        edit_prompts=args.edit_prompts if args.edit_prompts is not None else list(DEFAULT_EDIT_PROMPTS),
-        locality_prompts=args.locality_prompts, placeholder=args.token, class_word=args.init_word,
-        seeds=parse_seeds(args.seeds), sampling=sampling_config(args),
-    )
+    sampling, seeds = sampling_config(args), parse_seeds(args.seeds)
+    with in_option_words(args, {"placeholder": "token", "class_word": "init_word"}):
+        check_number("lora_strength", args.lora_strength)  # NaN would blank every generation
+        return EvaluationConfig(
+            prompts=args.prompts or list(DEFAULT_PROMPTS),
+            edit_prompts=args.edit_prompts if args.edit_prompts is not None else list(DEFAULT_EDIT_PROMPTS),
+            locality_prompts=args.locality_prompts, placeholder=args.token, class_word=args.init_word,
+            seeds=seeds, sampling=sampling,
+        )
+
+
+def add_lpips_option(parser) -> None:
+    """`--lpips` of `evaluate` and `sweep`."""
+    parser.add_argument("--lpips", choices=LPIPS_CHOICES, default="auto",
+                        help="LPIPS backbone: auto = alex where torchvision's weights are in the torch hub cache, else "
+                             "the LPIPS scores are reported as not computed, with the reason; alex or vgg = required "
+                             "(a missing file stops before any generation); random = untrained backbone, only to test "
+                             "the pipeline; off = not computed (default: auto).")
 
 
 def build_scorers(args: argparse.Namespace) -> Scorers:
-    """LPIPS (a missing weight file stops here, before any generation) and CLIP (missing → reason)."""
-    clip, clip_reason = try_load_clip(args.clip_model, args.device)
-    if args.lpips == "off":
-        return Scorers(None, clip, "LPIPS switched off (--lpips off)", clip_reason)
-    if args.lpips == "random":
-        logger.warning("LPIPS with a random backbone: its values test the pipeline and are not perceptual distances.")
-        return Scorers(load_lpips("alex", random_backbone=True, device=args.device), clip, "", clip_reason)
-    return Scorers(load_lpips(args.lpips, device=args.device), clip, "", clip_reason)
+    """LPIPS and CLIP scorers of the options (`metrics.load_scorers`); an explicit --lpips alex/vgg must load."""
+    return load_scorers(args.lpips, args.clip_model, args.device, required=True, what="--lpips", clip_what="--clip-model")
 
 
 def run_evaluate_command(args: argparse.Namespace) -> int:
+    if any(path and Path(path).is_dir() for path in (args.embedding, args.lora)):
+        return evaluate_snapshot_folder(args)
     out = check_output_folder(args.out, args.overwrite, what="--out", hint="pass --overwrite", files=OUTPUT_FILES)
     fill_names_from_embedding(args)
     config = build_config(args)
     scorers = build_scorers(args)
+    lora = load_lora(args.lora)[0] if args.lora else None  # a damaged file stops before the model loads
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
     pivot = Pivot.load(args.embedding, bundle, placeholder=args.token, initializer=args.init_word) if args.embedding else None
-    lora = load_lora(args.lora)[0] if args.lora else None
-    side = config.sampling.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
-    dataset = load_image_folder(args.images, DatasetConfig(resolution=side)) if args.images else None
+    side = sampling_side(bundle, config.sampling.resolution)
+    prompt_sets = len(config.prompts) + len(config.edit_prompts) + len(config.locality_prompts or config.prompts)
+    check_output_space({out / "grid.png": images_bytes(prompt_sets * len(config.seeds), side)})
+    dataset = load_image_folder(args.images, DatasetConfig(resolution=side), skip_hint=None) if args.images else None
     logger.info("model %s: generating with %d seed(s) per prompt", bundle.name, len(config.seeds))
     result = evaluate_tuned(bundle, config, scorers, pivot=pivot, lora=lora, lora_strength=args.lora_strength,
                             dataset=dataset)  # fmt: skip
@@ -119,6 +134,45 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     write_report(out, result, args.overwrite)
     logger.info("%s", result.report.to_markdown())
     logger.info("wrote %s", ", ".join(str(out / name) for name in OUTPUT_FILES))
+    return 0
+
+
+SERIES_FILES = ("series.json", "series.md")
+
+
+def evaluate_snapshot_folder(args: argparse.Namespace) -> int:
+    """`--embedding DIR` or `--lora DIR`: each snapshot evaluated with the same prompts and seeds; a report per
+    snapshot in `--out/NAME/` and one table of every metric against the step (`series.json`, `series.md`)."""
+    if args.embedding and args.lora and Path(args.embedding).is_dir():
+        raise InvalidInputError("give one folder of snapshots: --embedding DIR (embeddings) or --lora DIR (LoRAs), not both.")
+    kind = "lora" if args.lora and Path(args.lora).is_dir() else "embedding"
+    files = snapshot_files(args.lora if kind == "lora" else args.embedding)
+    out = check_output_folder(args.out, args.overwrite, what="--out", hint="pass --overwrite", files=SERIES_FILES)
+    fill_names_from_embedding(args, files[0][1] if kind == "embedding" else None)
+    config, scorers = build_config(args), build_scorers(args)
+
+    def load_pivot(path, bundle):
+        names = dict(placeholder=args.token, initializer=args.init_word)
+        if kind == "embedding":
+            return Pivot.load(path, bundle, **names)
+        if path is not None:  # a joint snapshot: the token of its step is inside
+            return Pivot.from_lora_file(path, bundle, **names)
+        return Pivot.load(args.embedding, bundle, **names) if args.embedding else None
+
+    def fresh_bundle():
+        return load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
+
+    side = sampling_side(fresh_bundle(), config.sampling.resolution)
+    dataset = load_image_folder(args.images, DatasetConfig(resolution=side), skip_hint=None) if args.images else None
+    logger.info("evaluating %d %s file(s) of %s", len(files), kind, args.lora if kind == "lora" else args.embedding)
+    entries = evaluate_series(fresh_bundle, config, files, kind, scorers, load_pivot, args.lora_strength, dataset)
+    for entry in entries:
+        write_report(out / entry.file.name[: -len(".safetensors")], entry.result, args.overwrite)
+    rows, markdown = series_table(entries)
+    write_json(out / "series.json", {"kind": kind, "rows": rows}, overwrite=args.overwrite)
+    atomic_write(out / "series.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"), overwrite=args.overwrite)
+    logger.info("%s", markdown)
+    logger.info("wrote %s and a report per file", ", ".join(str(out / name) for name in SERIES_FILES))
     return 0
 
 

@@ -15,6 +15,8 @@ from .demo import add_demo_command
 from .evaluate import add_evaluate_command
 from .invert import add_invert_command
 from .norm_stats import add_norm_stats_command
+from .option_words import name_option, option_names
+from .options import LIMITED_OPTIONS, add_limits_option, check_limits
 from .sweep import add_sweep_command
 from .tune import add_run_command, add_tune_command
 
@@ -33,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in COMMANDS:
         add_command(subparsers)
+    for command in subparsers.choices.values():
+        if LIMITED_OPTIONS.keys() & option_names(command).keys():
+            add_limits_option(command)
+        command.set_defaults(option_names=option_names(command))  # errors name the options (`option_words.py`)
     return parser
 
 
@@ -52,16 +58,36 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     try:
         with collect_warnings() as warned:
+            check_limits(args)
             code = int(args.handler(args) or 0)
         _repeat_warnings(warned)
         return code
     except PivotalError as err:
-        # Errors a user can fix: one clear sentence, no traceback.
+        # Errors a user can fix: one clear sentence, no traceback, naming the option the user typed.
+        name_option(err, args, getattr(args, "option_fields", None))
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        print(f"error: out of memory ({_first_line(err)}). Nothing was written. Lower --resolution, --batch-size or "
+              "--rank, or use --mixed-precision bf16 and --gradient-checkpointing.", file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was written.", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Python's, torch's CPU allocator's and CUDA's out-of-memory errors (torch raises the latter as RuntimeError)."""
+    text = str(err)
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text \
+        or "out of memory" in text.lower()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
 
 
 def _repeat_warnings(warned: list[str]) -> None:

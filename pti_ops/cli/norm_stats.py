@@ -6,20 +6,21 @@ Example (the method's regularisation prompt; position 5 is `tok1`):
         --template "an anime illustration of {}" --class-word character --embedding tok1.safetensors \
         --out stats.json --plot stats.png
 
-Add `--centre layernorm_bias` (hidden and pooled only) to centre on the final LayerNorm's bias β
-rather than on the captions' mean.
+Add `--centre layernorm_bias` (spaces read right after the final LayerNorm) to centre on its bias β
+rather than on the captions' mean. On SDXL every text encoder is measured (`--encoder` picks one), and
+the `hidden` statistics also hold the pooled conditioning's centre: both centres `tune --norm-stats`
+reads.
 """
 
 import argparse
 import logging
-from pathlib import Path
 
 from ..models import load_bundle
 from .options import add_model_options
-from ..files import load_embedding
-from ..errors import InvalidInputError, OutputExistsError
-from ..norm_stats import CENTRES, EOS, SPACES, NormStatsConfig, compute_norm_stats
-from ..placeholder import add_placeholder
+from .outputs import check_output_files, check_output_space, norm_stats_bytes
+from ..errors import InvalidInputError
+from ..norm_stats import CENTRES, ENCODERS, EOS, SPACES, NormStatsConfig, measure_norm_stats
+from ..pivot import Pivot
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +42,20 @@ def add_norm_stats_command(subparsers) -> None:
     add_model_options(p)
     p.add_argument("--captions", required=True, help="UTF-8 text file, one caption per line (blank lines skipped).")
     p.add_argument("--space", choices=SPACES, default="hidden",
-                   help="hidden: per-token UNet conditioning (after the final LayerNorm); hidden_prenorm: before it; "
-                   "pooled: EOS vector; projected: EOS through the text projection (the paper's space; needs a model "
-                   "that has one); token_embedding: input rows (default: hidden).")
+                   help="hidden: per-token UNet conditioning (SD1.5: after the final LayerNorm; SDXL: the penultimate "
+                   "layer without it); hidden_prenorm / hidden_postnorm: the same layer before / through the final "
+                   "LayerNorm (--clip-skip 1 --space hidden_postnorm: the final hidden state); pooled: EOS vector; "
+                   "projected: EOS through the text projection (the paper's space, SDXL's pooled conditioning; needs "
+                   "an encoder that has one: SDXL's clip_g); token_embedding: input rows (default: hidden).")
+    p.add_argument("--encoder", choices=("all", *ENCODERS), default="all",
+                   help="text encoder to measure, by its embedding key (SDXL: clip_l or clip_g); all: every encoder "
+                   "of the model, each reported on its own (the regulariser's vSLERP needs all; default: all).")
     p.add_argument("--position", default=None,
                    help="token index (5 = tok1 in 'an anime illustration of tok1'), 'eos', or a word located in each "
                    "caption (default: the --template placeholder's index, else eos).")
-    p.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer, 2 = penultimate (hidden spaces; default: 1).")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="1 = last text-encoder layer, 2 = penultimate (hidden spaces; default: the model family's "
+                   "conditioning layer, 1 for SD1.5, 2 for SDXL).")
     p.add_argument("--template", default=None, help="prompt with {} for the SLERP endpoints, e.g. 'an anime illustration of {}'.")
     p.add_argument("--class-word", default=None, help="class word of the class prompt, e.g. character (needed with --template).")
     p.add_argument("--embedding", default=None,
@@ -59,11 +67,12 @@ def add_norm_stats_command(subparsers) -> None:
                    "captions' mean vector per position; layernorm_bias: the final LayerNorm's bias, the exact centre "
                    "of the shell that hidden and pooled vectors lie on (a sphere only when the LayerNorm's gain is "
                    "uniform; only for --space hidden or pooled). Default: mean.")
-    p.add_argument("--batch-size", type=int, default=128, help="captions per forward pass (default: 128).")
+    # Its own dest: captions per text-encoder pass are cheap, not the limited image batches of the training commands.
+    p.add_argument("--batch-size", dest="caption_batch_size", type=int, default=128, help="captions per forward pass (default: 128).")
     p.add_argument("--out", required=True, help="output statistics file (.json), read by the regulariser for vSLERP centres.")
     p.add_argument("--plot", default=None, help="also write histograms of raw vs centred norms here (.png).")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files.")
-    p.set_defaults(handler=run_norm_stats_command)
+    p.set_defaults(handler=run_norm_stats_command, option_fields={"batch_size": "caption_batch_size"})
 
 
 def parse_position(text: str | None) -> int | str | None:
@@ -86,23 +95,24 @@ def run_norm_stats_command(args: argparse.Namespace) -> int:
         args (`argparse.Namespace`): the parsed options of `add_norm_stats_command`.
     """
     # 1. Check options and outputs before loading anything.
-    for path in (args.out, args.plot):
-        if path and Path(path).exists() and not args.overwrite:
-            raise OutputExistsError(f"{path} already exists: choose another output path or pass --overwrite.")
+    outputs = check_output_files({"--out": args.out, "--plot": args.plot}, args.overwrite)
     if args.embedding and not args.template:
         raise InvalidInputError("--embedding is only used for the SLERP endpoints: give --template and --class-word too.")
     config = NormStatsConfig(
         space=args.space, position=parse_position(args.position), clip_skip=args.clip_skip,
-        template=args.template, class_word=args.class_word, batch_size=args.batch_size, centre=args.centre,
+        template=args.template, class_word=args.class_word, batch_size=args.caption_batch_size, centre=args.centre,
+        encoder=None if args.encoder == "all" else args.encoder,
     )
     # 2. Load the model; this command owns it, so adding the placeholder to it is safe.
     bundle = load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
+    config.check_family(bundle.family)
+    check_output_space({path: norm_stats_bytes(bundle) for path in outputs.values()})
     placeholder = None
-    if args.embedding:
-        vectors = load_embedding(args.embedding).for_family(bundle.family, bundle.embedding_dim)
-        placeholder = add_placeholder(bundle.tokenizer, bundle.text_encoder, args.placeholder, args.class_word, vectors=vectors)
+    if args.embedding:  # every encoder's vectors (SDXL: clip_l and clip_g)
+        placeholder = Pivot.load(args.embedding, bundle, placeholder=args.placeholder, initializer=args.class_word).apply(bundle)
     # 3. Measure and write.
-    stats = compute_norm_stats(bundle.tokenizer, bundle.text_encoder, args.captions, config, placeholder, model_name=bundle.name)
+    stats = measure_norm_stats(bundle.tokenizers, bundle.text_encoders, args.captions, config, placeholder,
+                               family=bundle.family, model_name=bundle.name)  # fmt: skip
     stats.save_json(args.out, overwrite=args.overwrite)
     if args.plot:
         stats.save_plot(args.plot, overwrite=args.overwrite)

@@ -28,8 +28,10 @@ from ..sweeps import (
     regularizers_for_modes,
     run_sweep,
 )
-from .evaluate import LPIPS_CHOICES, build_scorers, parse_seeds
+from .evaluate import add_lpips_option, build_scorers, parse_seeds
 from .invert import load_dataset_for
+from .option_words import in_option_words
+from .outputs import check_output_space, embedding_bytes, images_bytes, lora_bytes
 from .options import (
     TerminalProgress,
     add_dataset_options,
@@ -87,11 +89,10 @@ def add_sweep_command(subparsers) -> None:
     g.add_argument("--edit-prompts", action="append", default=None, help="edit prompt with {}; repeat (default: three built-in edits).")
     seeds = ",".join(map(str, _default("sample_seeds")))
     g.add_argument("--seeds", default=seeds, help=f"comma-separated sampling seeds, the same for every run (default: {seeds}).")
-    add_sampling_options(g, steps_option="--sample-steps", batch_option="--sample-batch-size")
+    add_sampling_options(g, steps_option="--sample-steps", batch_option="--sample-batch-size",
+                         resolution_option="--sample-resolution")  # fmt: skip
     g.add_argument("--clip-model", default=None, help="local transformers CLIPModel folder for the CLIP scores (nothing is downloaded).")
-    g.add_argument("--lpips", choices=LPIPS_CHOICES, default="alex",
-                   help="LPIPS backbone: alex or vgg (torchvision weights from the torch hub cache); random = untrained, "
-                        "only to test the pipeline; off = LPIPS scores not computed (default: alex).")
+    add_lpips_option(g)
     g.add_argument("--knee-threshold", type=float, default=DEFAULT_KNEE_THRESHOLD,
                    help="inversion knee: gain per unit distance below this fraction of the initial gain (default: 0.5).")
     g.add_argument("--onset-fraction", type=float, default=DEFAULT_ONSET_FRACTION,
@@ -108,40 +109,35 @@ def parse_learning_rates(text: str) -> list[float]:
         values = [float(s) for s in text.split(",") if s.strip()]
     except ValueError as err:
         raise InvalidInputError(f"--lrs {text!r} must be comma-separated numbers, e.g. 1e-4,5e-4,2e-3,5e-3.") from err
-    return check_learning_rates(values, "--lrs")
+    return check_learning_rates(values)  # its messages name `learning_rates`: --lrs where the sweep is built
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     # 1. Check every input before loading or training anything.
     check_sweep_kind(args.kind)
     check_output_folder(args.out, args.overwrite, what="--out", hint="pass --overwrite")
-    lrs = parse_learning_rates(args.lrs)
-    knee_threshold = check_fraction("--knee-threshold", args.knee_threshold)
-    onset_fraction = check_fraction("--onset-fraction", args.onset_fraction)
+    with in_option_words(args, SWEEP_FIELDS):
+        lrs = parse_learning_rates(args.lrs)
+        knee_threshold = check_fraction("knee_threshold", args.knee_threshold)
+        onset_fraction = check_fraction("onset_fraction", args.onset_fraction)
     embedding, token, init_word = _token_names(args, args.kind)
     templates = args.template or _default("templates")
     if args.kind == "inversion" and args.reg != "none":
         logger.warning("--reg is ignored by the inversion sweep (it applies to --kind lora).")
     regularizers = [None]
-    if args.kind == "lora":
-        regularizers = regularizers_for_modes(args.reg.split(","), anchor=init_word, templates=templates, t=args.reg_t,
-                                              weight=args.reg_weight, what="--reg")  # fmt: skip
-    config = SweepConfig(
-        kind=args.kind, learning_rates=lrs, steps=args.steps, placeholder=token, initializer=init_word,
-        num_vectors=args.num_vectors, templates=templates, batch_size=args.batch_size, seed=args.seed,
-        clip_skip=args.clip_skip, history_every=args.history_every, eval_every=args.eval_every, rank=args.rank,
-        alpha=args.alpha, targets=args.targets, regularizers=regularizers,
-        prompts=args.prompts or list(DEFAULT_PROMPTS),
-        edit_prompts=args.edit_prompts if args.edit_prompts is not None else list(DEFAULT_EDIT_PROMPTS),
-        sample_seeds=parse_seeds(args.seeds), sampling=sampling_config(args), knee_threshold=knee_threshold,
-        onset_fraction=onset_fraction, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, out=Path(args.out), overwrite=args.overwrite,
-    )  # fmt: skip
-    scorers = build_scorers(args)  # a missing LPIPS weight file stops here
+    sampling, seeds = sampling_config(args), parse_seeds(args.seeds)
+    with in_option_words(args, SWEEP_FIELDS):
+        if args.kind == "lora":
+            regularizers = regularizers_for_modes(args.reg.split(","), anchor=init_word, templates=templates,
+                                                  t=args.reg_t, weight=args.reg_weight, what="--reg")  # fmt: skip
+        config = _sweep_config(args, lrs, token, init_word, templates, regularizers, sampling, seeds, knee_threshold,
+                               onset_fraction)  # fmt: skip
+    scorers = build_scorers(args)  # an explicit --lpips alex/vgg without its file stops here
     # 2. Load once for the dataset; that bundle serves the first run, later runs load fresh ones.
     first = [load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)]
+    check_output_space({Path(args.out) / "sweep.json": _report_bytes(config, first[0])})
     dataset = load_dataset_for(args, first[0])
-    vectors = None if embedding is None else embedding.for_family(first[0].family, first[0].embedding_dim)
+    vectors = None if embedding is None else embedding.vectors_for(first[0].family, first[0].embedding_dims)
 
     def bundle_factory():
         return first.pop() if first else load_bundle(args.model, device=args.device, tokenizer_dir=args.tokenizer_dir)
@@ -155,6 +151,37 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         progress.close()
     logger.info("%s", "\n".join(f"{key}: {value}" for key, value in report.summary.items()))
     return 0
+
+
+# `SweepConfig` (and its regularisers', inversion's and evaluation's) field → dest, where they differ.
+SWEEP_FIELDS = {"learning_rates": "lrs", "learning_rate": "lrs", "placeholder": "token", "initializer": "init_word",
+                "class_word": "init_word", "templates": "template", "sample_seeds": "seeds", "regularizers": "reg",
+                "t": "reg_t", "weight": "reg_weight"}
+
+
+def _sweep_config(args, lrs, token, init_word, templates, regularizers, sampling, seeds, knee_threshold,
+                  onset_fraction) -> SweepConfig:  # fmt: skip
+    return SweepConfig(
+        kind=args.kind, learning_rates=lrs, steps=args.steps, placeholder=token, initializer=init_word,
+        num_vectors=args.num_vectors, templates=templates, batch_size=args.batch_size, seed=args.seed,
+        clip_skip=args.clip_skip, history_every=args.history_every, eval_every=args.eval_every, rank=args.rank,
+        alpha=args.alpha, targets=args.targets, regularizers=regularizers,
+        prompts=args.prompts or list(DEFAULT_PROMPTS),
+        edit_prompts=args.edit_prompts if args.edit_prompts is not None else list(DEFAULT_EDIT_PROMPTS),
+        sample_seeds=seeds, sampling=sampling, knee_threshold=knee_threshold,
+        onset_fraction=onset_fraction, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, out=Path(args.out), overwrite=args.overwrite,
+    )  # fmt: skip
+
+
+def _report_bytes(config: SweepConfig, bundle) -> int:
+    """The report folder's expected size: every run's trained file, two thumbnail grids, tables and plots."""
+    if config.kind == "inversion":
+        per_run = embedding_bytes(bundle, config.num_vectors)
+    else:
+        per_run = lora_bytes(bundle, config.training_config())
+    side = config.sampling.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
+    return config.runs * per_run + 2 * images_bytes((config.runs + 1) * len(config.sample_seeds), side)
 
 
 def _token_names(args: argparse.Namespace, kind: str):

@@ -103,6 +103,15 @@ class EmbeddingFile:
             )
 
 
+# Header allowance of a written file: the JSON of keys, shapes and metadata (templates, settings).
+HEADER_BYTES = 4 * 1024
+
+
+def embedding_file_size(num_vectors: int, dims: dict[str, int]) -> int:
+    """Bytes of the embedding file of `num_vectors` float32 vectors per encoder (`dims`: key → width), about."""
+    return HEADER_BYTES + 4 * num_vectors * sum(dims.values())
+
+
 def save_embedding(
     path: str | os.PathLike,
     vectors: torch.Tensor | dict[str, torch.Tensor],

@@ -28,6 +28,7 @@ from peft import LoraConfig, PeftModel, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
 
+from ..checks import check_finite
 from ..errors import InvalidInputError, MissingModelFileError
 from ..models import DEFAULT_FAMILY, FAMILIES, ModelFamily, get_family, supported_families
 from ..models.families.sdxl_lora import CLIP_G_LORA_PREFIX, CLIP_L_LORA_PREFIX, LORA_UNET_PREFIX
@@ -225,6 +226,29 @@ def _check_module(prefix: str, parts: dict[str, torch.Tensor], where: str) -> No
 # ---------------------------------------------------------------------------------------------
 
 
+# Header bytes per kohya module: three keys with their dtype, shape and offsets in the JSON header.
+_MODULE_HEADER_BYTES = 600
+
+
+def lora_file_size(models: Sequence[tuple[torch.nn.Module | None, Sequence[str]]], rank: int, extra_bytes: int = 0) -> int:
+    """Bytes of the LoRA file that adapters of `rank` on these modules give, about (float32, as written).
+
+    Args:
+        models (`list`): `(model, target suffixes)` pairs, as peft matches them (`to_q` matches `….to_q`);
+            a None model is left out.
+        rank (`int`): the adapters' rank.
+        extra_bytes (`int`): more in the file (a bundled embedding).
+    """
+    total = 4 * 1024 + extra_bytes  # metadata
+    for model, targets in models:
+        for name, module in ([] if model is None else model.named_modules()):
+            if not any(name == t or name.endswith("." + t) for t in targets) or not hasattr(module, "weight"):
+                continue
+            shape = module.weight.shape  # [out, in] or [out, in, kh, kw]
+            total += 4 * rank * (int(shape[0]) + math.prod(int(n) for n in shape[1:])) + 4 + _MODULE_HEADER_BYTES
+    return total
+
+
 def save_lora(
     path: str | os.PathLike,
     kohya_dict: dict[str, torch.Tensor],
@@ -295,7 +319,15 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     except (SafetensorError, OSError) as err:
         raise InvalidInputError(f"{path} is not a readable .safetensors file: {err}") from err
     check_lora_keys(split_bundled(tensors, str(path))[0], str(path))
+    check_lora_finite(tensors, f"LoRA file {path}")
     return tensors, metadata
+
+
+def check_lora_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise naming the first tensor with NaN or infinite values (a diverged run's or a damaged file)."""
+    for key in sorted(tensors):
+        if tensors[key].is_floating_point():
+            check_finite(tensors[key], f"tensor {key!r} of {where}")
 
 
 def check_lora_keys(tensors: dict[str, torch.Tensor], where: str = "LoRA") -> None:
@@ -345,6 +377,7 @@ def apply_kohya_lora(
     """
     family = get_family(family)
     kohya_dict = split_bundled(kohya_dict)[0]  # bundled embeddings are not weights (`bundled_embeddings.py`)
+    check_lora_finite(kohya_dict, "the LoRA to apply")  # also a LORA_MODEL from another node
     aliases = module_aliases(unet and _unwrap(unet), _encoder_list(text_encoder, family), family)
     converted, unmatched = to_kohya(kohya_dict, aliases, "LoRA to apply")
     modules = group_kohya_modules(converted, "LoRA to apply") if converted else {}

@@ -15,12 +15,16 @@ from .evaluation import (
 )
 from .lpips_model import BACKBONE_URLS, LPIPS_NETS, backbone_path, load_lpips
 from .plots import figure_to_array, history_figure, save_png
-from .sampling import SAMPLERS, SamplingConfig, apply_embedding, apply_lora, sample_images
+from .previews import PreviewConfig, Previews
+from .scorers import LPIPS_CHOICES, load_scorers
+from .sampling import SAMPLERS, SamplingConfig, apply_embedding, apply_lora, sample_images, sampling_side
 from .scores import EvaluationReport, Metric, dataset_images
 
 __all__ = [
-    "BACKBONE_URLS", "DEFAULT_EDIT_PROMPTS", "DEFAULT_PROMPTS", "LPIPS_NETS", "SAMPLERS", "ClipScorer", "EvaluationConfig",
-    "EvaluationReport", "EvaluationResult", "Metric", "SamplingConfig", "Scorers", "apply_embedding", "apply_lora",
-    "backbone_path", "dataset_images", "embedding_distance", "evaluate", "evaluate_tuned", "evaluation_batches",
-    "figure_to_array", "history_figure", "load_clip", "load_lpips", "nearest_tokens", "sample_images", "save_png", "try_load_clip",
+    "PreviewConfig", "Previews",
+    "BACKBONE_URLS", "DEFAULT_EDIT_PROMPTS", "DEFAULT_PROMPTS", "LPIPS_CHOICES", "LPIPS_NETS", "SAMPLERS", "ClipScorer",
+    "EvaluationConfig", "EvaluationReport", "EvaluationResult", "Metric", "SamplingConfig", "Scorers", "apply_embedding",
+    "apply_lora", "backbone_path", "dataset_images", "embedding_distance", "evaluate", "evaluate_tuned", "evaluation_batches",
+    "figure_to_array", "history_figure", "load_clip", "load_lpips", "load_scorers", "nearest_tokens", "sample_images",
+    "sampling_side", "save_png", "try_load_clip",
 ]

@@ -11,6 +11,7 @@ from ..models.bundle import ModelBundle
 from ..errors import InvalidInputError
 from .scores import Metric, metric, not_computed
 
+
 def embedding_distance(vectors: torch.Tensor, initial: torch.Tensor) -> dict[str, float]:
     """`distance` ‖e − e0‖ (all vectors), mean `norm` ‖e‖, mean `cosine` cos(e, e0); as the inversion history.
 
@@ -30,19 +31,22 @@ def embedding_distance(vectors: torch.Tensor, initial: torch.Tensor) -> dict[str
     }
 
 
-def nearest_tokens(bundle: ModelBundle, vectors: torch.Tensor, vocabulary_size: int, k: int = 3) -> list[list[str]]:
+def nearest_tokens(bundle: ModelBundle, vectors: torch.Tensor, vocabulary_size: int, k: int = 3, encoder: int = 0) -> list[list[str]]:
     """The `k` vocabulary tokens of highest cosine with each vector, `[n_vectors][k]` token strings.
 
     Args:
-        bundle (`ModelBundle`): its tokenizer and token-embedding matrix.
-        vectors (`torch.Tensor`): `[n_vectors, dim]`.
+        bundle (`ModelBundle`): its tokenizers and token-embedding matrices.
+        vectors (`torch.Tensor`): `[n_vectors, dim]`, in that encoder's token-embedding space.
         vocabulary_size (`int`): search rows `0 … vocabulary_size − 1` only (leave placeholders out).
         k (`int`): tokens per vector.
+        encoder (`int`): which text encoder's vocabulary, in family order (SDXL: 0 CLIP-L, 1 bigG).
     """
-    weight = bundle.text_encoder.get_input_embeddings().weight.detach().float()[:vocabulary_size]
+    if not 0 <= encoder < len(bundle.text_encoders):
+        raise InvalidInputError(f"`encoder` {encoder} is not one of this model's {len(bundle.text_encoders)} text encoder(s).")
+    weight = bundle.text_encoders[encoder].get_input_embeddings().weight.detach().float()[:vocabulary_size]
     similarity = F.normalize(vectors.float().to(weight.device), dim=-1) @ F.normalize(weight, dim=-1).T
     ids = similarity.topk(min(k, vocabulary_size), dim=-1).indices.tolist()
-    return [bundle.tokenizer.convert_ids_to_tokens(row) for row in ids]
+    return [bundle.tokenizers[encoder].convert_ids_to_tokens(row) for row in ids]
 
 
 def distance_from_history(history: list[dict]) -> dict[str, float]:

@@ -32,7 +32,15 @@ from .scores import (
 )
 from .clip import ClipScorer
 from .distance import distance_metrics, embedding_distance, nearest_tokens
-from ..placeholder import DEFAULT_TEMPLATES, PLACEHOLDER_SLOT, PlaceholderToken, fill_placeholder, initializer_ids, placeholder_vectors
+from ..placeholder import (
+    DEFAULT_TEMPLATES,
+    PLACEHOLDER_SLOT,
+    PlaceholderToken,
+    fill_placeholder,
+    initializer_ids,
+    placeholder_in_tokenizers,
+    placeholder_vectors,
+)
 from ..training.adapters import adapters_disabled, has_lora
 from ..training.recorder import StepCallback
 from .sampling import (
@@ -41,6 +49,7 @@ from .sampling import (
     apply_lora,
     image_grid,
     sample_images,
+    sampling_side,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,7 +71,8 @@ class EvaluationConfig:
         placeholder (`str`): the word that fills `{}`, e.g. `tok1`.
         class_word (`str`): the class word of the TI protocol and of the default locality prompts.
         seeds (`list[int]`): one image per seed and prompt; the same seeds in every set.
-        sampling (`SamplingConfig` or `dict`): steps, guidance, sampler, batch size, clip skip.
+        sampling (`SamplingConfig` or `dict`): steps, guidance, sampler, batch size, clip skip (None: the
+            family's layer), resolution (None: the model's native size).
         locality_timesteps (`tuple[int, ...]`): noise levels of the ε-prediction locality check.
         subject_threshold (`float`): colour distance from the background that counts as subject.
     """
@@ -211,7 +221,7 @@ def evaluate_tuned(
         apply_lora(bundle, lora, lora_strength)
     training = None
     if dataset is not None:
-        side = config.sampling.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
+        side = sampling_side(bundle, config.sampling.resolution)
         training = dataset_images(dataset, (side, side))
     return evaluate(bundle, config, scorers, training, token, on_step)
 
@@ -271,13 +281,26 @@ def _locality(bundle, config: EvaluationConfig, sets, scorers: Scorers) -> dict[
     return out
 
 
-def _distance(bundle: ModelBundle, token: PlaceholderToken | None) -> dict[str, float] | None:
-    """The placeholder's distance from the rows of its initializer word in this (base) text encoder."""
+def _distance(bundle: ModelBundle, token: PlaceholderToken | None) -> dict | None:
+    """The placeholder's distance from the rows of its initializer word in each (base) text encoder.
+
+    `distance`, `norm`, `cosine`, `nearest` are the first encoder's (SD1.5's only one, SDXL's CLIP-L), as in
+    the inversion history; with several encoders each also has `{key}_distance`, `{key}_norm`,
+    `{key}_cosine` and `{key}_nearest` (`clip_l_…`, `clip_g_…`), measured in its own vocabulary.
+    """
     if token is None:
         return None
-    weight = bundle.text_encoder.get_input_embeddings().weight.detach().float()
-    initial = weight[initializer_ids(bundle.tokenizer, token.initializer, token.num_vectors)]
-    vectors = placeholder_vectors(bundle.text_encoder, token)
-    # Nearest among the original vocabulary: placeholder rows are appended after it.
-    nearest = nearest_tokens(bundle, vectors, vocabulary_size=min(token.token_ids))
-    return {**embedding_distance(vectors, initial), "nearest": nearest, "initializer": token.initializer}
+    keys = bundle.family.embedding_keys
+    out: dict = {}
+    for i, found in enumerate(placeholder_in_tokenizers(bundle.tokenizers, token)):
+        encoder = bundle.text_encoders[i]
+        weight = encoder.get_input_embeddings().weight.detach().float()
+        initial = weight[initializer_ids(bundle.tokenizers[i], found.initializer, found.num_vectors)]
+        vectors = placeholder_vectors(encoder, found)
+        # Nearest among the original vocabulary: placeholder rows are appended after it.
+        measured = {**embedding_distance(vectors, initial), "nearest": nearest_tokens(bundle, vectors, min(found.token_ids), encoder=i)}
+        if i == 0:
+            out.update(measured)
+        if len(keys) > 1:
+            out.update({f"{keys[i]}_{name}": value for name, value in measured.items()})
+    return {**out, "initializer": token.initializer}

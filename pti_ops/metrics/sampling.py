@@ -1,8 +1,17 @@
 """Generating images from a bundle (+ a trained embedding, + a LoRA at a strength), for evaluation.
 
 A short loop of our own rather than a diffusers pipeline, so it runs on a `ModelBundle` as it is
-(our tokenizer with placeholders, `clip_skip`, peft adapters injected by `lora_file`): encode the
-prompts, classifier-free guidance, `scheduler.step`, VAE decode. The starting noise of every image
+(our tokenizers with placeholders, `clip_skip`, peft adapters injected by `lora_file`): encode the
+prompts into the family's `Conditioning`, classifier-free guidance, `scheduler.step`, VAE decode.
+The scheduler is built from the bundle's training schedule, so its prediction type (ε or v) and
+zero-terminal-SNR rescaling are the model's.
+
+SDXL: the UNet also gets the pooled embedding and `add_time_ids` with original size = target size
+= the sampled image's size and crop (0, 0), as diffusers' `StableDiffusionXLPipeline` does by
+default. The negative prompt is encoded like any prompt, pooled vector included, also when it is
+empty: what ComfyUI's CLIPTextEncode gives for an empty negative, and diffusers' pipeline for
+`negative_prompt=""` (it zeroes the negative embeddings only when no negative prompt is given at
+all and the model sets `force_zeros_for_empty_prompt`; ComfyUI zeroes only with ConditioningZeroOut). The starting noise of every image
 is drawn from a CPU generator seeded with that image's seed alone, so an image depends on its
 (prompt, seed) only — not on the batch it was computed in, nor on the device — and one seed starts
 every prompt from the same noise, as ComfyUI's KSampler does, so prompts compare on equal terms.
@@ -26,9 +35,10 @@ from ..training.adapters import bundle_deltas, lora_layers
 from ..models.bundle import ModelBundle
 from ..errors import InvalidInputError
 from ..files.lora_file import apply_kohya_lora
-from ..placeholder import PlaceholderToken, add_placeholder
+from ..placeholder import PlaceholderToken, add_placeholders
 from ..training.recorder import StepCallback
-from ..training.text_conditioning import encode_prompts
+from ..models.conditioning import Conditioning, add_time_ids
+from ..training.text_conditioning import encode_conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +56,13 @@ class SamplingConfig:
             UNet work), higher follows the prompt more closely at the cost of variety.
         sampler (`str`): `ddim` (deterministic DDIM, eta 0) or `euler` (Euler discrete); both built
             from the bundle's training-schedule config.
-        negative_prompt (`str`): the unconditional prompt of guidance (`""` as in the TI paper).
+        negative_prompt (`str`): the unconditional prompt of guidance (`""` as in the TI paper), encoded
+            like any prompt (SDXL: pooled vector included; see the module docstring).
         batch_size (`int`): images denoised together; does not change any image.
-        clip_skip (`int`): 1 = last text-encoder layer, 2 = penultimate (as the model was trained).
-        resolution (`int`, *optional*): image side in pixels; default the model's native size.
+        clip_skip (`int`, *optional*): 1 = last text-encoder layer, 2 = penultimate (as the model was
+            trained); None = the family's default (SD1.5 1, SDXL 2).
+        resolution (`int`, *optional*): image side in pixels (SDXL: also its size time ids); default the
+            model's native size (the UNet's `sample_size` × the VAE factor).
     """
 
     steps: int = 30
@@ -57,12 +70,14 @@ class SamplingConfig:
     sampler: SamplerName = "ddim"
     negative_prompt: str = ""
     batch_size: int = 4
-    clip_skip: int = 1
+    clip_skip: int | None = None
     resolution: int | None = None
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "clip_skip"):
+        for name in ("steps", "batch_size", "clip_skip", "resolution"):
             value = getattr(self, name)
+            if value is None and name in ("clip_skip", "resolution"):
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidInputError(f"`{name}` must be a positive integer, got {value!r}.")
         if self.sampler not in SAMPLERS:
@@ -114,6 +129,11 @@ def initial_noise(bundle: ModelBundle, seed: int, resolution: int | None = None)
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
+def sampling_side(bundle: ModelBundle, resolution: int | None = None) -> int:
+    """The side in pixels images are generated at: `resolution`, or the model's native size when None."""
+    return resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
+
+
 def _latent_side(bundle: ModelBundle, resolution: int | None) -> int:
     if resolution is None:
         return bundle.unet.config.sample_size
@@ -142,7 +162,6 @@ def sample_images(
         token (`PlaceholderToken`, *optional*): expands a multi-vector placeholder in the prompts.
         on_step (`callable`, *optional*): `on_step(done_batches, total_batches, {})`; may raise to stop.
     """
-    bundle.check_trainable("sampling")
     config = config or SamplingConfig()
     if not prompts or not seeds:
         raise InvalidInputError("sampling needs at least one prompt and one seed.")
@@ -161,7 +180,8 @@ def sample_images(
 
 
 @torch.no_grad()
-def denoise(bundle: ModelBundle, prompts: list[str], noise: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+def denoise(bundle: ModelBundle, prompts: list[str], noise: torch.Tensor, config: SamplingConfig,
+            time_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Run the sampler from unit noise `[B, C, h, w]` to clean latents, one prompt per latent.
 
     Args:
@@ -169,30 +189,53 @@ def denoise(bundle: ModelBundle, prompts: list[str], noise: torch.Tensor, config
         prompts (`list[str]`): `B` prompts, already expanded.
         noise (`torch.Tensor`): unit Gaussian latents from `initial_noise`.
         config (`SamplingConfig`): steps, guidance, sampler, negative prompt, clip skip.
+        time_ids (`torch.Tensor`, *optional*): SDXL's `add_time_ids` `[B, 6]` or `[6]`; default
+            `sampling_time_ids` of the latents' size. Families without time ids take none.
     """
     dtype = bundle.unet.dtype
     scheduler = build_scheduler(bundle, config.sampler)
     scheduler.set_timesteps(config.steps, device=bundle.device)
-    cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, prompts, config.clip_skip).to(dtype)
+    if time_ids is None:
+        time_ids = sampling_time_ids(bundle, noise.shape)
+    cond = encode_conditioning(bundle, prompts, config.clip_skip).to(dtype=dtype)
     # At cfg 1 the guided prediction equals the conditional one: skip the unconditional pass.
     uncond = None
     if config.cfg_scale != 1.0:
-        uncond = encode_prompts(bundle.tokenizer, bundle.text_encoder, [config.negative_prompt] * len(prompts), config.clip_skip).to(dtype)
+        uncond = encode_conditioning(bundle, [config.negative_prompt] * len(prompts), config.clip_skip).to(dtype=dtype)
     # Euler starts at sigma_max, DDIM at 1: the scheduler says how far to scale unit noise.
     latents = noise.to(bundle.device, dtype) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t)
-        prediction = _guided_prediction(bundle, model_input, t, cond, uncond, config.cfg_scale)
+        prediction = _guided_prediction(bundle, model_input, t, cond, uncond, config.cfg_scale, time_ids)
         latents = scheduler.step(prediction, t, latents).prev_sample
     return latents
 
 
-def _guided_prediction(bundle, latents, t, cond, uncond, cfg_scale) -> torch.Tensor:
+def sampling_time_ids(bundle: ModelBundle, latent_shape: torch.Size | tuple[int, ...]) -> torch.Tensor | None:
+    """SDXL's `add_time_ids` `[B, 6]` for images of this latent shape: original = target = the image's
+    (height, width) in pixels, crop (0, 0); None for families without time ids (SD1.5).
+
+    Args:
+        bundle (`ModelBundle`): gives the family and the pixels per latent cell.
+        latent_shape (`tuple`): `[B, C, h, w]`.
+    """
+    if not bundle.family.num_time_ids:
+        return None
+    batch, _, h, w = latent_shape
+    size = (h * bundle.vae_scale_factor, w * bundle.vae_scale_factor)
+    return add_time_ids(size, (0, 0), size, batch_size=batch, device=bundle.device)
+
+
+def _guided_prediction(bundle, latents, t, cond: Conditioning, uncond: Conditioning | None, cfg_scale: float,
+                       time_ids: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     """Classifier-free guidance: `uncond + cfg · (cond − uncond)`, both halves in one UNet call."""
     if uncond is None:
-        return bundle.unet(latents, t, cond).sample
-    both = bundle.unet(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).sample
-    pred_uncond, pred_cond = both.chunk(2)
+        return bundle.unet(latents, t, **cond.unet_kwargs(time_ids)).sample
+    if time_ids is not None and time_ids.ndim == 2:
+        time_ids = torch.cat([time_ids, time_ids])
+    both = Conditioning.cat([uncond, cond])
+    prediction = bundle.unet(torch.cat([latents, latents]), t, **both.unet_kwargs(time_ids)).sample
+    pred_uncond, pred_cond = prediction.chunk(2)
     return pred_uncond + cfg_scale * (pred_cond - pred_uncond)
 
 
@@ -211,25 +254,27 @@ def predict_noise(
     prompts: list[str],
     noisy_latents: torch.Tensor,
     timesteps: torch.Tensor,
-    clip_skip: int = 1,
+    clip_skip: int | None = None,
     token: PlaceholderToken | None = None,
 ) -> torch.Tensor:
-    """The UNet's prediction (ε for epsilon models) for each noisy latent and its prompt, float32.
+    """The UNet's prediction (ε for epsilon models, v for v-prediction ones) for each noisy latent and its
+    prompt, float32; SDXL's time ids are `sampling_time_ids` of the latents' size.
 
     Args:
         bundle (`ModelBundle`): the model as it is now (adapters on or off).
         prompts (`list[str]`): one prompt per latent.
         noisy_latents (`torch.Tensor`): `[B, C, h, w]` noised latents.
         timesteps (`torch.Tensor`): `[B]` training timesteps of the noise.
-        clip_skip (`int`): text-encoder layer, as in `SamplingConfig`.
+        clip_skip (`int`, *optional*): text-encoder layer, as in `SamplingConfig` (None: the family's).
         token (`PlaceholderToken`, *optional*): expands a multi-vector placeholder.
     """
     if len(prompts) != noisy_latents.shape[0]:
         raise InvalidInputError(f"{len(prompts)} prompt(s) for {noisy_latents.shape[0]} latent(s): give one prompt per latent.")
     texts = [token.expand(p) if token else p for p in prompts]
-    cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, texts, clip_skip).to(bundle.unet.dtype)
+    cond = encode_conditioning(bundle, texts, clip_skip).to(dtype=bundle.unet.dtype)
     latents = noisy_latents.to(bundle.device, bundle.unet.dtype)
-    return bundle.unet(latents, timesteps.to(bundle.device), cond).sample.float()
+    time_ids = sampling_time_ids(bundle, latents.shape)
+    return bundle.unet(latents, timesteps.to(bundle.device), **cond.unet_kwargs(time_ids)).sample.float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,16 +282,31 @@ def predict_noise(
 # ---------------------------------------------------------------------------------------------
 
 
-def apply_embedding(bundle: ModelBundle, vectors: torch.Tensor, placeholder: str, initializer: str = "character") -> PlaceholderToken:
-    """Add a trained placeholder to the bundle's tokenizer and text encoder (in place).
+def apply_embedding(bundle: ModelBundle, vectors: torch.Tensor | dict[str, torch.Tensor], placeholder: str,
+                    initializer: str = "character") -> PlaceholderToken:  # fmt: skip
+    """Add a trained placeholder to the bundle's tokenizers and text encoders (in place).
 
     Args:
         bundle (`ModelBundle`): a bundle the caller may modify (load a fresh one to keep the base).
-        vectors (`torch.Tensor`): `[num_vectors, dim]` trained rows (`EmbeddingFile.for_family`).
+        vectors (`torch.Tensor` or `dict[str, torch.Tensor]`): `[num_vectors, dim]` trained rows of a
+            one-encoder family (`EmbeddingFile.for_family`), or one set per embedding key
+            (`EmbeddingFile.vectors_for`: SDXL's `clip_l` and `clip_g`).
         placeholder (`str`): the word prompts use for it, e.g. `tok1`.
         initializer (`str`): its class word, kept as the reference of distances and edit prompts.
+
+    Returns the placeholder as the first tokenizer holds it (the same strings in every tokenizer).
     """
-    return add_placeholder(bundle.tokenizer, bundle.text_encoder, placeholder, initializer, vectors=vectors)
+    keys = bundle.family.embedding_keys
+    if isinstance(vectors, torch.Tensor):
+        if len(keys) != 1:
+            raise InvalidInputError(f"a {bundle.family.display_name} model needs one vector set per text encoder "
+                                    f"({', '.join(keys)}): give them as a dict keyed so.")  # fmt: skip
+        vectors = {keys[0]: vectors}
+    missing = [key for key in keys if key not in vectors]
+    if missing:
+        raise InvalidInputError(f"embedding vectors for {sorted(vectors)} but this model's text encoders are {list(keys)} (missing {missing}).")
+    rows = [vectors[key] for key in keys]
+    return add_placeholders(bundle.tokenizers, bundle.text_encoders, placeholder, initializer, vectors=rows)[0]
 
 
 def apply_lora(bundle: ModelBundle, kohya_dict: dict[str, torch.Tensor], strength: float = 1.0, adapter_name: str = "default") -> None:
@@ -261,7 +321,9 @@ def apply_lora(bundle: ModelBundle, kohya_dict: dict[str, torch.Tensor], strengt
         strength (`float`): multiplier of the LoRA update (1 = as trained, 0 = base model).
         adapter_name (`str`): peft adapter name; must not exist yet.
     """
-    apply_kohya_lora(bundle.unet, bundle.text_encoder, kohya_dict, adapter_name=adapter_name, strict=True, family=bundle.family)
+    # SDXL's `lora_te1_` / `lora_te2_` modules go to the encoders in family order.
+    encoders = bundle.text_encoder if len(bundle.text_encoders) == 1 else list(bundle.text_encoders)
+    apply_kohya_lora(bundle.unet, encoders, kohya_dict, adapter_name=adapter_name, strict=True, family=bundle.family)
     for layer in lora_layers(bundle):
         layer.requires_grad_(False)
     set_lora_strength(bundle, strength, adapter_name)

@@ -128,10 +128,25 @@ def dataset_images(dataset: ImageDataset, size: tuple[int, int] | None = None) -
         dataset (`ImageDataset`): the training images (`pixels()` is in [-1, 1]).
         size (`tuple[int, int]`, *optional*): `(H, W)` of the generations they are compared with.
     """
-    x = dataset.pixels() / 2 + 0.5  # (n, 3, H, W) in [0, 1]
+    if dataset.bucketed and len(dataset.groups()) > 1:
+        if size is None:
+            raise InvalidInputError("training images in several aspect-ratio buckets need the `size` to compare them at.")
+        x = torch.cat([_centre_crop_to_aspect(dataset.pixels([i]) / 2 + 0.5, size) for i in range(len(dataset))])
+    else:
+        x = dataset.pixels() / 2 + 0.5  # (n, 3, H, W) in [0, 1]
     if size is not None and tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
     return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _centre_crop_to_aspect(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`x` `[n, 3, h, w]` centre-cropped to the aspect ratio of `size`, then resized to it (a bucketed image
+    compared with square generations as the square dataset would be)."""
+    height, width = x.shape[-2:]
+    keep_h, keep_w = min(height, round(width * size[0] / size[1])), min(width, round(height * size[1] / size[0]))
+    top, left = (height - keep_h) // 2, (width - keep_w) // 2
+    x = x[..., top:top + keep_h, left:left + keep_w]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
 
 
 def l2_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -234,7 +249,7 @@ def fixed_noisy_latents(bundle: ModelBundle, count: int, timesteps: tuple[int, .
 
 
 def locality_eps_mse(bundle: ModelBundle, prompts: list[str], timesteps: tuple[int, ...] = LOCALITY_TIMESTEPS,
-                     seed: int = 0, clip_skip: int = 1, batch_size: int = 8) -> float:
+                     seed: int = 0, clip_skip: int | None = None, batch_size: int = 8) -> float:
     """Mean squared difference between tuned and base (adapters off) predictions on fixed noisy latents.
 
     Args:
@@ -242,7 +257,7 @@ def locality_eps_mse(bundle: ModelBundle, prompts: list[str], timesteps: tuple[i
         prompts (`list[str]`): prompts without the placeholder.
         timesteps (`tuple[int, ...]`): noise levels, each used with every prompt.
         seed (`int`): seed of the fixed latents.
-        clip_skip (`int`): text-encoder layer, as sampled.
+        clip_skip (`int`, *optional*): text-encoder layer, as sampled (None: the family's).
         batch_size (`int`): latents per UNet call.
     """
     if not prompts:

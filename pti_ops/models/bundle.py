@@ -116,18 +116,6 @@ class ModelBundle:
                 f"UNet downsample by that factor): use {nearest}."
             )
 
-    def check_trainable(self, what: str) -> None:
-        """Raise unless `what` (training, sampling) works for this family yet: SD1.5 only for now.
-
-        SDXL bundles load, encode prompts and round-trip their files; the loops that train and sample
-        them (two encoders, pooled and time-id conditioning) are not wired yet.
-        """
-        if len(self.text_encoders) != 1:
-            raise InvalidInputError(
-                f"{what} is not available for {self.family.display_name} models yet: this version trains and samples "
-                "SD1.5-family models only (SDXL models load, and their embedding and LoRA files are read and written)."
-            )
-
     def to(self, device: str | torch.device) -> "ModelBundle":
         """Move every module to `device` (in place) and return the bundle."""
         for module in self.modules:

@@ -28,7 +28,7 @@ from .families.sd15 import SD15
 from .families.sdxl import SDXL
 from .family import ModelFamily, TextEncoderSpec
 from .ldm_layout import clip_to_open_clip
-from .single_file import bundle_from_ldm_state, check_layout, load_configs, prediction_config, text_encoder_from_ldm_state
+from .single_file import bundle_from_ldm_state, check_layout, load_configs, prediction_config, text_encoders_from_ldm_state
 from .tokenizer_files import tokenizer_from_folder
 
 # ComfyUI's attribute names of the text encoders in `clip.cond_stage_model`, for the families it knows:
@@ -119,10 +119,7 @@ def bundle_from_comfy_models(models: ComfyModels) -> ModelBundle:
     for index, part in enumerate(family.text_encoder_parts):
         configs[part] = text_encoder_config(models.clip, _heads(models.clip_heads, index), family, index)
     configs["scheduler"] = scheduler_config(models.model_type, family, models.zero_terminal_snr)
-    tokenizers = [
-        comfy_tokenizer(models.tokenizer_root, spec, configs[part]["max_position_embeddings"])
-        for spec, part in zip(family.text_encoders, family.text_encoder_parts)
-    ]
+    tokenizers = comfy_tokenizers(models.tokenizer_root, configs, family)
     return bundle_from_ldm_state(
         state, configs, tokenizers[0], name=models.name, source="comfyui", where=CONNECTED, family=family,
         tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
@@ -133,11 +130,11 @@ def _heads(clip_heads: tuple[int | None, ...] | None, index: int) -> int | None:
     return clip_heads[index] if clip_heads is not None and index < len(clip_heads) else None
 
 
-def text_encoder_from_comfy_state(
+def text_encoders_from_comfy_state(
     family: ModelFamily, clip: dict[str, torch.Tensor], clip_heads: tuple[int | None, ...], tokenizer_root: Path
-) -> tuple[CLIPTokenizer, CLIPTextModel]:
-    """`(tokenizer, text_encoder)` of the family's first text encoder (CLIP-L), float32 on the CPU, from the
-    weights of ComfyUI's CLIP.
+) -> tuple[tuple[CLIPTokenizer, ...], tuple[CLIPTextModel, ...]]:
+    """`(tokenizers, text_encoders)` of the family in family order (SDXL's bigG a `CLIPTextModelWithProjection`),
+    float32 on the CPU, from the weights of ComfyUI's CLIP alone.
 
     Args:
         family (`ModelFamily`): from `comfy_family`.
@@ -145,16 +142,25 @@ def text_encoder_from_comfy_state(
         clip_heads (`tuple`): attention heads of each text encoder (`ComfyModels.clip_heads`).
         tokenizer_root (`Path`): the folder of ComfyUI's `comfy/sd1_clip.py`.
     """
-    spec = family.text_encoders[0]
-    text_config = text_encoder_config(clip, _heads(clip_heads, 0), family)
-    tokenizer = comfy_tokenizer(tokenizer_root, spec, text_config["max_position_embeddings"])
-    encoder = text_encoder_from_ldm_state(encoder_ldm_state(clip, spec), text_config, CONNECTED_CLIP)
-    return tokenizer, encoder
+    state, configs = {}, {}
+    for index, (spec, part) in enumerate(zip(family.text_encoders, family.text_encoder_parts)):
+        state.update(encoder_ldm_state(clip, spec))
+        configs[part] = text_encoder_config(clip, _heads(clip_heads, index), family, index)
+    encoders = text_encoders_from_ldm_state(state, configs, family, CONNECTED_CLIP)
+    return comfy_tokenizers(tokenizer_root, configs, family), tuple(encoders)
 
 
 def comfy_tokenizer(tokenizer_root: Path, spec: TextEncoderSpec, model_max_length: int) -> CLIPTokenizer:
     """One text encoder's CLIP tokenizer from the vocab.json / merges.txt ComfyUI ships, padding as ComfyUI does."""
     return tokenizer_from_folder(tokenizer_root / spec.comfy_tokenizer, model_max_length, spec.pad_token or EOS_TOKEN)
+
+
+def comfy_tokenizers(tokenizer_root: Path, configs: dict[str, dict], family: ModelFamily) -> tuple[CLIPTokenizer, ...]:
+    """Every text encoder's tokenizer in family order, as long as its encoder's positions (`configs` by part)."""
+    return tuple(
+        comfy_tokenizer(tokenizer_root, spec, configs[part]["max_position_embeddings"])
+        for spec, part in zip(family.text_encoders, family.text_encoder_parts)
+    )
 
 
 def encoder_ldm_state(clip: dict[str, torch.Tensor], spec: TextEncoderSpec) -> dict[str, torch.Tensor]:

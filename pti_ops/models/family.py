@@ -87,6 +87,9 @@ class ModelFamily:
             encoders and one id tensor per encoder in family order: all the UNet is conditioned on.
         default_clip_skip (`int`): the layer the family is sampled with when nothing says otherwise
             (`clip_skip` counts as ComfyUI's `CLIPSetLastLayer` -n: 1 = last; SD1.5 1, SDXL 2).
+        conditioning_final_norm (`bool`): whether `encode_tokens` passes the layer through the encoder's
+            final LayerNorm (SD1.5) or gives the raw hidden state (SDXL), which decides whether the
+            conditioning's norms are fixed by construction (norm statistics).
         num_time_ids (`int`): length of the UNet's `add_time_ids` (SDXL 6; 0 = none).
         prediction_markers (`tuple[str, ...]`): top-level single-file keys that flag v-prediction and
             zero terminal SNR (SDXL: `v_pred`, `ztsnr`, as ComfyUI reads them), in that order.
@@ -107,6 +110,7 @@ class ModelFamily:
     encode_tokens: Callable[[torch.nn.Module, torch.Tensor, int], torch.Tensor] = field(repr=False)
     encode_conditioning: Callable[[Sequence[torch.nn.Module], Sequence[torch.Tensor], int], Conditioning] = field(repr=False)
     default_clip_skip: int = 1
+    conditioning_final_norm: bool = True
     num_time_ids: int = 0
     prediction_markers: tuple[str, ...] = ()
     derive_unet_config: Callable[[dict, dict], dict] | None = field(default=None, repr=False)

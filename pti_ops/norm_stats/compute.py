@@ -39,13 +39,16 @@ from .report import IMMATERIAL_GAP, JSON_FORMAT, JSON_VERSION, LAYERNORM_BIAS, N
 from .spaces import (
     AFTER_NORM_SPACES,
     EOS,
+    LAYER_SPACES,
     PER_TOKEN_SPACES,
     SPACES,
     Space,
+    after_final_norm,
     checked_encoder,
     collect_vectors,
     final_layer_norm_affine,
 )
+from ..models import DEFAULT_FAMILY, FAMILIES, ModelFamily
 from .synthetic import shell_expectations, synthetic_layernorm, synthetic_shell
 from ..placeholder import PlaceholderToken
 from ..metrics.plots import figure_to_array, save_png
@@ -53,12 +56,14 @@ from ..user_warnings import warn_user
 
 Centre = Literal["mean", "layernorm_bias"]
 CENTRES: tuple[str, ...] = get_args(Centre)
+# Every text encoder key of the known families (`clip_l`, `clip_g`): what `encoder` may name.
+ENCODERS: tuple[str, ...] = tuple(dict.fromkeys(key for family in FAMILIES.values() for key in family.embedding_keys))
 
 __all__ = [
     "NormStatsConfig", "NormStats", "ShellStats", "EndpointStats", "compute_norm_stats", "stats_of_vectors",
     "load_captions", "shell_stats", "held_out_stats", "interpolation_gaps",
     "synthetic_shell", "shell_expectations", "synthetic_layernorm",
-    "Space", "SPACES", "PER_TOKEN_SPACES", "AFTER_NORM_SPACES", "EOS", "Centre", "CENTRES",
+    "Space", "SPACES", "PER_TOKEN_SPACES", "AFTER_NORM_SPACES", "EOS", "Centre", "CENTRES", "ENCODERS",
     "SHELL_CV", "NEAR_CONSTANT_CV", "IMMATERIAL_GAP", "T_STEPS", "JSON_FORMAT", "JSON_VERSION",
 ]
 
@@ -73,7 +78,8 @@ class NormStatsConfig:
             of tok1`; 0 is the start token), `"eos"`, or a word whose first occurrence is located in
             each caption (captions without it are left out with a warning). Default: the template's
             placeholder index when `template` is given, else `"eos"`. Ignored by `pooled`/`projected`.
-        clip_skip (`int`): 1 = last layer, 2 = penultimate… (hidden spaces only).
+        clip_skip (`int`, *optional*): 1 = last layer, 2 = penultimate… (hidden spaces only); None = the
+            family's conditioning layer (SD1.5 1, SDXL 2).
         template (`str`, *optional*): prompt with `{}` for the SLERP endpoints, e.g.
             `"an anime illustration of {}"`: placeholder prompt vs class-word prompt.
         class_word (`str`, *optional*): the word the placeholder is compared with, e.g. `character`.
@@ -82,25 +88,31 @@ class NormStatsConfig:
         centre (`str`): what the centred statistics, the stored vSLERP `centres` and the endpoint
             angles are taken around. `mean`: the captions' mean vector (fitted on half of them).
             `layernorm_bias`: the final LayerNorm's bias β, the exact centre of the shell γ⊙ẑ+β
-            that `hidden` and `pooled` vectors lie on (a sphere only when the gain γ is uniform);
-            only for those two spaces.
+            that vectors read right after it lie on (a sphere only when the gain γ is uniform);
+            only for those spaces: `pooled`, `hidden_postnorm`, and `hidden` where the family's
+            conditioning goes through the final LayerNorm (SD1.5; not SDXL).
+        encoder (`str`, *optional*): which text encoder to measure, by its embedding key (`clip_l`,
+            `clip_g`); None = every encoder of the model, each reported on its own.
     """
 
     space: Space = "hidden"
     position: int | str | None = None
-    clip_skip: int = 1
+    clip_skip: int | None = None
     template: str | None = None
     class_word: str | None = None
     batch_size: int = 128
     centre: Centre = "mean"
+    encoder: str | None = None
 
     def __post_init__(self):
         if self.space not in SPACES:
             raise InvalidInputError(f"`space` must be one of {', '.join(SPACES)}; got {self.space!r}.")
         self._check_position()
         self._check_centre()
-        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
+        if self.clip_skip is not None and (isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1):
             raise InvalidInputError(f"`clip_skip` must be 1 (last layer) or more, got {self.clip_skip!r}.")
+        if self.encoder is not None and self.encoder not in ENCODERS:
+            raise InvalidInputError(f"`encoder` must be one of {', '.join(ENCODERS)} (or empty for every encoder), got {self.encoder!r}.")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise InvalidInputError(f"`batch_size` must be a positive integer, got {self.batch_size!r}.")
         if self.template is not None and self.template.count("{}") != 1:
@@ -113,7 +125,7 @@ class NormStatsConfig:
             warn_user("`class_word` is ignored because no `template` is given.")
         if self.space not in PER_TOKEN_SPACES and self.position not in (None, EOS):
             warn_user(f"`position` {self.position!r} is ignored: the `{self.space}` space is the EOS vector.")
-        if self.space not in PER_TOKEN_SPACES and self.clip_skip != 1:
+        if self.space not in PER_TOKEN_SPACES and self.clip_skip not in (None, 1):
             warn_user(f"`clip_skip` is ignored: `{self.space}` is always the final layer's EOS vector.")
 
     def _check_position(self) -> None:
@@ -137,6 +149,22 @@ class NormStatsConfig:
                 "LayerNorm's shell: use `centre` 'mean'."
             )
 
+    def check_family(self, family: ModelFamily) -> None:
+        """Raise if a setting does not apply to `family`'s encoders (before any forward pass)."""
+        if self.centre == LAYERNORM_BIAS and not after_final_norm(self.space, family):
+            raise InvalidInputError(
+                f"`centre` 'layernorm_bias' needs vectors read right after the final LayerNorm, but "
+                f"{family.display_name}'s `{self.space}` conditioning is the raw hidden state (no final LayerNorm): "
+                "use `space` hidden_postnorm or pooled, or `centre` 'mean'."
+            )
+        if self.encoder is not None and self.encoder not in family.embedding_keys:
+            raise InvalidInputError(f"`encoder` {self.encoder!r} is not a text encoder of {family.display_name} models "
+                                    f"({', '.join(family.embedding_keys)}).")  # fmt: skip
+
+    def layer(self, family: ModelFamily) -> int:
+        """The `clip_skip` measured: the given one, or the family's conditioning layer."""
+        return family.default_clip_skip if self.clip_skip is None else self.clip_skip
+
 
 @dataclass
 class NormStats:
@@ -157,6 +185,8 @@ class NormStats:
         raw_norms (`torch.Tensor`), centred_norms (`torch.Tensor`): the held-out norms (plots).
         endpoints (`EndpointStats`, *optional*): SLERP endpoint geometry, when a template is given.
         centre (`str`): `mean` or `layernorm_bias` (`NormStatsConfig.centre`).
+        after_final_norm (`bool`): the vectors were read right after the final LayerNorm, which fixes
+            their raw norms by construction (SD1.5's `hidden`, `pooled`; not SDXL's `hidden`).
     """
 
     space: str
@@ -172,6 +202,7 @@ class NormStats:
     centred_norms: torch.Tensor = field(repr=False)
     endpoints: EndpointStats | None = None
     centre: Centre = "mean"
+    after_final_norm: bool = False
 
     @property
     def offset(self) -> float:
@@ -199,6 +230,11 @@ class NormStats:
         if not isinstance(positions, slice) and ((index < 0) | (index >= self.centres.shape[0])).any():
             raise InvalidInputError(f"positions {list(positions)} are outside 0..{self.centres.shape[0] - 1}.")
         return self.centres[index].clone()
+
+    def pooled_centre(self) -> None:
+        """One text encoder's statistics hold no pooled centre (SD1.5 has no pooled conditioning); a
+        family with one measures it beside its encoders (`PerEncoderNormStats.pooled_centre`)."""
+        return None
 
     def summary(self) -> str:
         """The conclusion in one sentence, with the numbers it rests on."""
@@ -267,7 +303,7 @@ def stats_of_vectors(vectors: torch.Tensor, label: str = "vectors", layernorm_bi
         centres = torch.as_tensor(layernorm_bias).double().reshape(1, -1).float()
     return NormStats(
         label, EOS, 1, "", vectors.shape[0], raw, centred, centre_norm, centres, raw_norms, centred_norms,
-        centre="mean" if layernorm_bias is None else LAYERNORM_BIAS,
+        centre="mean" if layernorm_bias is None else LAYERNORM_BIAS, after_final_norm=label in AFTER_NORM_SPACES,
     )
 
 
@@ -278,13 +314,15 @@ def compute_norm_stats(
     config: NormStatsConfig | None = None,
     placeholder: PlaceholderToken | None = None,
     model_name: str = "",
+    family: ModelFamily = DEFAULT_FAMILY,
 ) -> NormStats:
-    """Norm statistics of `config.space` at `config.position` over `captions`.
+    """Norm statistics of `config.space` at `config.position` over `captions`, for one text encoder.
 
     Nothing the caller owns is modified: the tokenizer and text encoder are only read (an fp16
     encoder is copied to fp32). To compare a trained placeholder with its class word, add it
     first (`add_placeholder(tokenizer, text_encoder, "tok1", "character", vectors=trained)`) and
     pass the returned `PlaceholderToken`; without one, the endpoints are the class prompt twice.
+    `measure_norm_stats` runs this for every encoder of a model (SDXL's two).
 
     Args:
         tokenizer (`CLIPTokenizer`): the model's tokenizer.
@@ -293,11 +331,14 @@ def compute_norm_stats(
         config (`NormStatsConfig`, *optional*): what to measure (default: `hidden` at EOS).
         placeholder (`PlaceholderToken`, *optional*): a placeholder already added to both.
         model_name (`str`): recorded in the statistics.
+        family (`ModelFamily`): the model's family, whose rule makes `hidden` (SD1.5 when not given).
     """
     config = config or NormStatsConfig()
+    config.check_family(family)
+    clip_skip = config.layer(family)
     eos_id = tokenizer.eos_token_id
     # 1. Check everything before the forward passes.
-    encoder = checked_encoder(text_encoder, config.space, config.clip_skip)
+    encoder = checked_encoder(text_encoder, config.space, clip_skip)
     texts, labels = load_captions(captions)
     prompts = endpoint_prompts(tokenizer, config.template, config.class_word, placeholder)
     position = config.position
@@ -308,19 +349,21 @@ def compute_norm_stats(
     if int(keep.sum()) < 2:
         raise InvalidInputError(f"norm statistics need at least 2 captions; {int(keep.sum())} can be used.")
     # 2. Encode the captions in batches, then summarise the held-out norms around the centre.
-    vectors, means = collect_vectors(encoder, ids[keep], positions[keep], config.space, config.clip_skip, config.batch_size, eos_id)
+    vectors, means = collect_vectors(encoder, ids[keep], positions[keep], config.space, clip_skip, config.batch_size, eos_id, family)
     centres, fixed = means, None  # (positions, dim) float64
     if config.centre == LAYERNORM_BIAS:
         centres, fixed = _layernorm_bias_centres(encoder, means, vectors, position, config.space)
     raw, centred, centre_norm, raw_norms, centred_norms = held_out_stats(vectors, fixed)
     endpoints = None
     if prompts is not None:
-        endpoints = endpoint_stats(encoder, prompts, centres, config.space, config.clip_skip, eos_id)
+        endpoints = endpoint_stats(encoder, prompts, centres, config.space, clip_skip, eos_id, family)
     if config.space not in PER_TOKEN_SPACES:
         position = EOS
+    recorded_skip = clip_skip if config.space in LAYER_SPACES else (config.clip_skip or 1)
     return NormStats(
-        config.space, position, config.clip_skip, model_name, vectors.shape[0], raw, centred, centre_norm,
+        config.space, position, recorded_skip, model_name, vectors.shape[0], raw, centred, centre_norm,
         centres.float(), raw_norms, centred_norms, endpoints, centre=config.centre,
+        after_final_norm=after_final_norm(config.space, family),
     )
 
 

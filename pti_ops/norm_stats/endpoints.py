@@ -12,6 +12,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ..interpolation import angle_between, lerp, slerp, vslerp
+from ..models import DEFAULT_FAMILY, ModelFamily
 from .spaces import encode_space
 from ..placeholder import PlaceholderToken
 from ..training.text_conditioning import tokenize
@@ -106,7 +107,8 @@ def endpoint_prompts(
 
 
 def endpoint_stats(
-    text_encoder, prompts: EndpointPrompts, centres: torch.Tensor, space: str, clip_skip: int, eos_id: int
+    text_encoder, prompts: EndpointPrompts, centres: torch.Tensor, space: str, clip_skip: int, eos_id: int,
+    family: ModelFamily = DEFAULT_FAMILY,
 ) -> EndpointStats:
     """Angles and SLERP/LERP gaps between the two prompts' vectors, per position.
 
@@ -116,9 +118,10 @@ def endpoint_stats(
         centres (`torch.Tensor`): vSLERP centres `[positions, dim]` of the space.
         space (`str`), clip_skip (`int`): what to encode.
         eos_id (`int`): the tokenizer's end token.
+        family (`ModelFamily`): whose rule makes the `hidden` space.
     """
     with torch.no_grad():
-        out = encode_space(text_encoder, prompts.ids, space, clip_skip, eos_id).double().cpu()
+        out = encode_space(text_encoder, prompts.ids, space, clip_skip, eos_id, family).double().cpu()
     a, b = out[0], out[1]  # (positions, dim)
     centres = centres.double()
     angle_raw = torch.rad2deg(angle_between(a, b)).squeeze(-1)

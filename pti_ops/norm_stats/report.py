@@ -16,7 +16,7 @@ from ..checks import check_finite
 from ..errors import InvalidInputError
 from .endpoints import EndpointStats
 from .geometry import ROUNDING, ShellStats
-from .spaces import AFTER_NORM_SPACES, EOS
+from .spaces import EOS
 from ..metrics.plots import new_figure
 
 # A shell is "thin" when the norms vary by less than 10 % of their mean. Any cloud in d dimensions
@@ -66,14 +66,14 @@ def summary(stats) -> str:
 def _mean_verdict(stats) -> str:
     raw, centred = stats.raw.cv, stats.centred.cv
     if raw < NEAR_CONSTANT_CV and not centred < raw:
-        why = ", as the final LayerNorm makes them" if stats.space in AFTER_NORM_SPACES else " (as after a LayerNorm)"
+        why = ", as the final LayerNorm makes them" if stats.after_final_norm else " (as after a LayerNorm)"
         return (
             f"raw norms are near-constant{why}, so centring cannot lower their spread and this says "
             "nothing against an offset centre"
         )
     if centred < raw:
         return "centring lowers the CV: the shell is offset from the origin and vSLERP around the stored centres follows it"
-    after_norm = " (taken after the final LayerNorm, which nearly fixes raw norms)" if stats.space in AFTER_NORM_SPACES else ""
+    after_norm = " (taken after the final LayerNorm, which nearly fixes raw norms)" if stats.after_final_norm else ""
     return (
         f"centring does not lower the CV{after_norm}: the spread around the centre (thickness or "
         "anisotropy of the shell) is divided by a smaller radius than the raw spread is, so compare the "
@@ -164,6 +164,7 @@ def to_json(stats) -> dict:
         "model": stats.model,
         "num_captions": stats.num_captions,
         "centre": stats.centre,
+        "after_final_norm": stats.after_final_norm,
         "raw": asdict(stats.raw),
         "centred": asdict(stats.centred),
         "centre_norm": stats.centre_norm,
@@ -210,13 +211,27 @@ def _fields_from_dict(data: dict) -> dict:
         raw_norms=torch.tensor(data["raw_norms"], dtype=torch.float32),
         centred_norms=torch.tensor(data["centred_norms"], dtype=torch.float32), endpoints=endpoints,
         centre=data.get("centre", "mean"),  # files written before the option centred on the mean
+        # Files written before SDXL: SD1.5's `hidden` and `pooled` were the spaces after the final LayerNorm.
+        after_final_norm=data.get("after_final_norm", data["space"] in ("hidden", "pooled")),
     )
 
 
 def plot(stats):
     """Histograms of raw vs centred held-out norms, absolute and relative (`NormStats.plot_figure`)."""
     figure = new_figure(9.0, 3.6)
-    panels = figure.subplots(1, 2)
+    plot_into(figure.subplots(1, 2), stats)
+    figure.suptitle(f"`{stats.space}` at {where(stats)}: held-out norms of {len(stats.raw_norms)} captions", fontsize=10)
+    return figure
+
+
+def plot_into(panels, stats, label: str = "") -> None:
+    """Draw `stats`' two histograms (absolute, relative to the means) into two matplotlib axes.
+
+    Args:
+        panels: two axes.
+        stats (`NormStats`): what to draw.
+        label (`str`): prefix of the panel titles (e.g. the text encoder).
+    """
     centred_name = "centred on β" if stats.centre == LAYERNORM_BIAS else "centred"
     sets = [("raw", stats.raw_norms.double().numpy(), stats.raw), (centred_name, stats.centred_norms.double().numpy(), stats.centred)]
     for panel, relative in zip(panels, (False, True)):
@@ -226,7 +241,6 @@ def plot(stats):
         for (name, _, s), v in zip(sets, values):
             panel.hist(v, bins=edges, alpha=0.6, label=f"{name} (CV {s.cv:.3g})")
         panel.legend(fontsize=8)
-    panels[0].set(xlabel="norm ‖x‖", ylabel="captions", title="norms")
-    panels[1].set(xlabel="norm / mean norm", title="relative spread (compare these)")
-    figure.suptitle(f"`{stats.space}` at {where(stats)}: held-out norms of {len(stats.raw_norms)} captions", fontsize=10)
-    return figure
+    prefix = f"{label}: " if label else ""
+    panels[0].set(xlabel="norm ‖x‖", ylabel="captions", title=prefix + "norms")
+    panels[1].set(xlabel="norm / mean norm", title=prefix + "relative spread (compare these)")

@@ -49,7 +49,9 @@ class SweepConfig:
         templates (`list[str]`): training prompt templates with `{}`.
         batch_size (`int`): training images per step.
         seed (`int`): the training seed, the same in every run.
-        clip_skip (`int`): text-encoder layer for training and sampling (1 = last).
+        clip_skip (`int`, *optional*): text-encoder layer of the training runs (1 = last); None = the family's
+            (SD1.5 1, SDXL 2, the penultimate). The evaluation samples with `sampling.clip_skip` (the CLI and
+            the node set both from one option).
         history_every (`int`): record the losses and distances every N steps (the points of the distance fit).
         eval_every (`int`, *optional*): `inversion`: also evaluate every N steps along each run (a multiple
             of `history_every`); None = the last step only (evaluation costs far more than training).
@@ -79,7 +81,7 @@ class SweepConfig:
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     batch_size: int = InversionConfig.batch_size
     seed: int = InversionConfig.seed
-    clip_skip: int = TuneConfig.clip_skip  # one layer for both loops; InversionConfig's None means "the family's"
+    clip_skip: int | None = None  # one layer for both loops; None: the family's
     history_every: int = InversionConfig.history_every
     eval_every: int | None = None
     rank: int = TuneConfig.rank
@@ -186,7 +188,7 @@ def run_sweep(
     bundle_factory: BundleFactory,
     dataset: ImageDataset,
     scorers: Scorers | None = None,
-    token_vectors: torch.Tensor | None = None,
+    token_vectors: torch.Tensor | dict[str, torch.Tensor] | None = None,
     on_progress: StepCallback | None = None,
     settings: dict | None = None,
 ) -> SweepReport:
@@ -197,7 +199,8 @@ def run_sweep(
         bundle_factory (`callable`): returns a fresh bundle without the placeholder; called once per run.
         dataset (`ImageDataset`): the character's images (also the reconstruction target).
         scorers (`Scorers`, *optional*): LPIPS and CLIP; missing ones give "not computed" columns.
-        token_vectors (`torch.Tensor`, *optional*): `lora`: the trained token `[num_vectors, dim]` (the pivot).
+        token_vectors (`torch.Tensor` or `dict`, *optional*): `lora`: the trained token (the pivot), `[num_vectors, dim]`
+            or one set per embedding key (`Pivot.vectors_by_key`).
         on_progress (`callable`, *optional*): `on_progress(done, total, logs)` over `config.total_steps`.
         settings (`dict`, *optional*): more JSON-ready settings for the report (model, files, scorer names).
     """

@@ -45,6 +45,20 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "(0 at the initializer; grows as the token takes over the prompt; CLIP-free editability proxy, lower = more class-like).",
     "edit_drift_l2": "mean squared RGB difference of the same pairs as edit_drift_lpips (the proxy without LPIPS).",
 }
+# Per-encoder columns (`clip_g_distance`, …): a family with several text encoders measures each one's vectors.
+PER_ENCODER_COLUMNS = ("distance", "norm", "cosine")
+
+
+def column_description(name: str) -> str:
+    """What a column means (empty for an unknown one); `KEY_distance` etc. are the named encoder's."""
+    if name in COLUMN_DESCRIPTIONS:
+        return COLUMN_DESCRIPTIONS[name]
+    key, _, measure = name.rpartition("_")
+    if key and measure in PER_ENCODER_COLUMNS:
+        return f"{COLUMN_DESCRIPTIONS[measure][:-1]}, of the `{key}` text encoder's vectors (in its own vocabulary's space)."
+    return ""
+
+
 GRID_CELL = 128  # pixels: grid thumbnails are at most this side, so a long sweep's grid stays small
 
 
@@ -109,7 +123,7 @@ class SweepReport:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "settings": self.settings, "summary": self.summary, "columns": self.columns,
-                "descriptions": {c: COLUMN_DESCRIPTIONS.get(c, "") for c in self.columns},
+                "descriptions": {c: column_description(c) for c in self.columns},
                 "not_computed": self.not_computed, "rows": self.rows, "traces": self.traces}
 
     def to_csv(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -137,7 +151,7 @@ class SweepReport:
             lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
         if self.not_computed:
             lines += ["", "Not computed:"] + [f"- {name}: {reason}" for name, reason in self.not_computed.items()]
-        lines += ["", "Columns:"] + [f"- {c}: {COLUMN_DESCRIPTIONS[c]}" for c in columns if c in COLUMN_DESCRIPTIONS]
+        lines += ["", "Columns:"] + [f"- {c}: {column_description(c)}" for c in columns if column_description(c)]
         return "\n".join(lines) + "\n"
 
     def save(self, folder: str | Path, overwrite: bool = False) -> list[Path]:

@@ -10,6 +10,7 @@ it measures how much the edit prompt still behaves as it does for the class word
 from ..metrics.evaluation import Scorers
 from ..metrics.lpips_model import lpips_pairs
 from .analysis import find_knee, fit_through_origin, position_learning_onset
+from .report import PER_ENCODER_COLUMNS
 
 INVERSION_METRICS = ("reconstruction_lpips", "reconstruction_l2", "reconstruction_clip", "editability_clip",
                      "diversity_lpips", "position_spread")
@@ -36,13 +37,30 @@ def inversion_row(run: str, lr: float, step: int, result, stopped: str) -> dict:
     """
     if step == 0:
         zero = {"distance": 0.0, "norm": result.initial_vectors.norm(dim=-1).mean().item(), "cosine": 1.0, "loss": None}
-        return {"run": "initial", "lr": None, "step": 0, "lr_x_steps": 0.0, **zero, "nearest": result.token.initializer,
-                "stopped": "", "reasons": {"lr": "the initializer's embedding, before any run", "loss": "not trained"}}
+        return {"run": "initial", "lr": None, "step": 0, "lr_x_steps": 0.0, **zero, **_initial_per_encoder(result),
+                "nearest": result.token.initializer, "stopped": "",
+                "reasons": {"lr": "the initializer's embedding, before any run", "loss": "not trained"}}
     record = next(h for h in result.history if h["step"] == step)
     nearest = " / ".join(" ".join(tokens) for tokens in record["nearest"])
+    per_encoder = {f"{key}_{name}": record[f"{key}_{name}"] for key in _encoder_keys(result) for name in PER_ENCODER_COLUMNS}
     return {"run": run, "lr": lr, "step": step, "lr_x_steps": lr * step, "distance": record["distance"],
-            "norm": record["norm"], "cosine": record["cosine"], "loss": record["loss"], "nearest": nearest,
+            "norm": record["norm"], "cosine": record["cosine"], **per_encoder, "loss": record["loss"], "nearest": nearest,
             "stopped": stopped, "reasons": {}}
+
+
+def _encoder_keys(result) -> list[str]:
+    """The embedding keys of a run with several text encoders (their own columns); none for one encoder."""
+    keys = list(result.initial_by_key)
+    return keys if len(keys) > 1 else []
+
+
+def _initial_per_encoder(result) -> dict:
+    """Per-encoder columns of the `initial` row: distance 0, cosine 1, each initializer's own norm."""
+    out = {}
+    for key in _encoder_keys(result):
+        norm = result.initial_by_key[key].norm(dim=-1).mean().item()
+        out.update({f"{key}_distance": 0.0, f"{key}_norm": norm, f"{key}_cosine": 1.0})
+    return out
 
 
 def lora_row(run: str, label: str, lr: float | None, result, stopped: str, evaluated: dict) -> dict:

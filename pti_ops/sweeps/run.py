@@ -32,7 +32,7 @@ from ..metrics.scores import dataset_images
 from ..metrics.evaluation import EvaluationConfig, Scorers, evaluate
 from ..pivot import Pivot, family_name
 from ..regularizer import RegularizerConfig
-from ..metrics.sampling import apply_lora, sample_images
+from ..metrics.sampling import apply_lora, sample_images, sampling_side
 from ..placeholder import fill_placeholder
 from ..training.recorder import StepCallback
 from .analysis import DEFAULT_KNEE_THRESHOLD, DEFAULT_ONSET_FRACTION, check_fraction, check_learning_rates
@@ -116,8 +116,8 @@ def inversion_sweep(
         steps += _evaluation_steps(result.snapshots, eval_every)
         for step in steps:
             progress.tell({"run": run, "stage": "evaluate", "step": step})
-            vectors = result.initial_vectors if step == 0 else result.snapshots[step]
-            _write_vectors(bundle, result.token, vectors)
+            vectors = result.snapshot_by_key(step)  # every encoder's (SDXL: clip_l and clip_g)
+            _write_vectors(bundle, result.tokens, vectors)
             evaluation = evaluate(bundle, eval_config, scorers, training, result.token)
             row = inversion_row(run, lr, step, result, stopped)
             row.update(metric_columns(evaluation.report, INVERSION_METRICS, row["reasons"]))
@@ -138,7 +138,7 @@ def inversion_sweep(
 def lora_sweep(
     bundle_factory: BundleFactory,
     dataset: ImageDataset,
-    token_vectors: torch.Tensor,
+    token_vectors: torch.Tensor | dict[str, torch.Tensor],
     placeholder: str,
     initializer: str,
     base_config: TuneConfig,
@@ -159,7 +159,8 @@ def lora_sweep(
     Args:
         bundle_factory (`callable`): returns a fresh bundle without the placeholder; called once per run.
         dataset (`ImageDataset`): the character's images.
-        token_vectors (`torch.Tensor`): the trained embedding `[num_vectors, dim]` (the pivot).
+        token_vectors (`torch.Tensor` or `dict`): the trained embedding (the pivot): `[num_vectors, dim]` for a
+            one-encoder family, or one set per embedding key (`Pivot.vectors_by_key`; SDXL: `clip_l`, `clip_g`).
         placeholder (`str`): its word, e.g. `tok1` (must be `eval_config.placeholder`).
         initializer (`str`): its class word.
         base_config (`TuneConfig`): everything but the learning rate.
@@ -180,7 +181,7 @@ def lora_sweep(
     rows, training, skipped, files = [], None, {}, {}
     for label, reg, lr in [(label, reg, lr) for label, reg in regs.items() for lr in lrs]:
         bundle = bundle_factory()
-        pivot = Pivot(placeholder, initializer, token_vectors, family_name(bundle), base_config.templates, base_model=bundle.name)
+        pivot = _pivot(bundle, token_vectors, placeholder, initializer, base_config.templates)
         token = pivot.apply(bundle)
         if training is None:  # the base row first: the model with the token and no LoRA
             training = _training_images(bundle, dataset, eval_config)
@@ -253,6 +254,14 @@ def _check_regularizers(regularizers) -> dict[str, RegularizerConfig | None]:
 # --- runs ---------------------------------------------------------------------------------------
 
 
+def _pivot(bundle: ModelBundle, token_vectors, placeholder: str, initializer: str, templates) -> Pivot:
+    """The fixed token of the LoRA sweep, for this bundle's family (checked by `Pivot.apply`)."""
+    by_key = {bundle.family.embedding_keys[0]: token_vectors} if isinstance(token_vectors, torch.Tensor) else dict(token_vectors)
+    keys = list(by_key)
+    return Pivot(placeholder, initializer, by_key[keys[0]], family_name(bundle), templates, base_model=bundle.name,
+                 extra_vectors={key: by_key[key] for key in keys[1:]})  # fmt: skip
+
+
 class _Progress:
     """Turns per-run `on_step` calls into one count over the whole sweep."""
 
@@ -309,14 +318,15 @@ def _evaluation_steps(snapshots: dict[int, torch.Tensor], eval_every: int | None
 
 
 @torch.no_grad()
-def _write_vectors(bundle: ModelBundle, token, vectors: torch.Tensor) -> None:
-    """Put `vectors` `[num_vectors, dim]` into the placeholder's rows of the embedding matrix."""
-    weight = bundle.text_encoder.get_input_embeddings().weight
-    weight[list(token.token_ids)] = vectors.to(weight)
+def _write_vectors(bundle: ModelBundle, tokens, vectors: dict[str, torch.Tensor]) -> None:
+    """Put each encoder's `[num_vectors, dim]` vectors into its placeholder rows (keys and tokens in family order)."""
+    for token, encoder, rows in zip(tokens, bundle.text_encoders, vectors.values()):
+        weight = encoder.get_input_embeddings().weight
+        weight[list(token.token_ids)] = rows.to(weight)
 
 
 def _training_images(bundle: ModelBundle, dataset: ImageDataset, config: EvaluationConfig) -> torch.Tensor:
-    side = config.sampling.resolution or bundle.unet.config.sample_size * bundle.vae_scale_factor
+    side = sampling_side(bundle, config.sampling.resolution)
     return dataset_images(dataset, (side, side))
 
 
@@ -336,13 +346,14 @@ def _evaluated(bundle, eval_config, scorers, training, token, grids: GridCollect
     return {**values, "reasons": reasons}
 
 
-def _embedding_file(files: dict, result, lr: float, step: int, vectors: torch.Tensor, row: dict) -> str | None:
+def _embedding_file(files: dict, result, lr: float, step: int, vectors: dict[str, torch.Tensor], row: dict) -> str | None:
     """Register the evaluated embedding for the report folder; its relative path (None for the initializer)."""
     if step == 0:
         row["reasons"]["embedding_file"] = "the initializer's own embedding: nothing trained to save"
         return None
     history = [h for h in result.history if h["step"] <= step]
-    snapshot = result.pivot.with_vectors(vectors.detach().clone(), history, {**result.pivot.made_by, "lr": repr(lr), "steps": str(step)})
+    rows = [v.detach().clone() for v in vectors.values()]
+    snapshot = result.pivot.with_vectors(rows, history, {**result.pivot.made_by, "lr": repr(lr), "steps": str(step)})
     relative = f"embeddings/{_file_stem(f'{result.token.placeholder}_lr{lr:g}_step{step}')}.safetensors"
     files[relative] = lambda path, overwrite: snapshot.save(path, overwrite=overwrite)
     return relative

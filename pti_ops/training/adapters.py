@@ -10,13 +10,13 @@ from ..models.bundle import ModelBundle
 
 
 def lora_layers(bundle: ModelBundle) -> list[BaseTunerLayer]:
-    """Every peft adapter layer in the bundle's UNet and text encoder."""
-    return [m for model in (bundle.unet, bundle.text_encoder) for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    """Every peft adapter layer in the bundle's UNet and text encoders (SDXL: both)."""
+    return [m for model in (bundle.unet, *bundle.text_encoders) for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
 def bundle_deltas(bundle: ModelBundle) -> list[WeightDelta]:
-    """Every full weight delta (a LoRA file's `.diff` / `.diff_b`) in the bundle's UNet and text encoder."""
-    return weight_deltas(bundle.unet, bundle.text_encoder)
+    """Every full weight delta (a LoRA file's `.diff` / `.diff_b`) in the bundle's UNet and text encoders."""
+    return weight_deltas(bundle.unet, *bundle.text_encoders)
 
 
 def has_lora(bundle: ModelBundle) -> bool:

@@ -24,8 +24,11 @@ def text_transformer(text_encoder: CLIPTextModel) -> torch.nn.Module:
 
 def encode_clip_tokens(text_encoder: CLIPTextModel, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
     """Per-token conditioning `[batch, tokens, dim]` of `input_ids` (gradients flow if enabled)."""
-    if clip_skip < 1:
-        raise InvalidInputError(f"`clip_skip` must be 1 (last layer) or more, got {clip_skip}.")
+    layers = text_encoder.config.num_hidden_layers
+    if not 1 <= clip_skip <= layers:
+        raise InvalidInputError(
+            f"`clip_skip` must be between 1 (last layer) and {layers} (this text encoder's layers), got {clip_skip}."
+        )
     input_ids = input_ids.to(text_encoder.device)
     if clip_skip == 1:
         return text_encoder(input_ids).last_hidden_state

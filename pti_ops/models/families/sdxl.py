@@ -109,6 +109,7 @@ SDXL = ModelFamily(
     encode_tokens=encode_hidden_tokens,
     encode_conditioning=encode_sdxl_conditioning,
     default_clip_skip=PENULTIMATE,
+    conditioning_final_norm=False,
     num_time_ids=NUM_TIME_IDS,
     prediction_markers=("v_pred", "ztsnr"),
     derive_unet_config=derive_sdxl_unet_config,
