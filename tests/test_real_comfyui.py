@@ -757,8 +757,17 @@ def test_sdxl_embedding_and_lora_chain_into_a_stock_sdxl_graph(sdxl_server, tmp_
             "alpha": 0.0, "targets": "attention", "learning_rate": 0.01, "steps": 2, "batch_size": 1, "seed": 0,
             "schedule": "sequential", "train_text_encoder": True, "lora_name": "xlchain_lora", "overwrite": False}},
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 4]}},
+        # PivotalEvaluate on the SDXL base + the token and LoRA just trained (sampling SDXL in the real server)
+        "6": {"class_type": "PivotalEvaluate", "inputs": server.stock_inputs(
+            "PivotalEvaluate", model=["1", 0], clip=["1", 1], vae=["1", 2], embedding=["3", 0], lora=["4", 2],
+            prompts="a photo of {}", edit_prompts="a photo of {} on the beach", class_word="", seeds="0", steps=2, cfg=5.0,
+            sampler="euler", resolution=64, batch_size=2, lpips="off", clip_model_folder="", lora_strength=1.0)},
+        "7": {"class_type": "PreviewAny", "inputs": {"source": ["6", 0]}},
     }  # fmt: skip
-    run_prompt(server, tmp_path, "train", train, timeout=1500)
+    result, _ = run_prompt(server, tmp_path, "train", train, timeout=1500)
+    shown = shown_text(result, "7")
+    lines = {line.split("|")[1].strip(): line for line in shown.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "not computed" not in lines["locality_eps_mse"] and "not computed" not in lines["embedding_distance"], shown
     lora = embedding_tensors(server.models / "loras" / "xlchain_lora.safetensors")
     assert {prefix for prefix in ("lora_unet_", "lora_te1_", "lora_te2_") if any(k.startswith(prefix) for k in lora)} == {
         "lora_unet_", "lora_te1_", "lora_te2_"}, sorted(lora)[:5]
