@@ -63,7 +63,7 @@ CASES = [
     ("negative seed", invert("IMAGES", "--seed", "-1"), "--seed must be a whole number from 0"),
     ("clip skip past the layers", invert("IMAGES", "--clip-skip", "99"), "--clip-skip must be between 1 \\(last layer\\) and 2"),
     ("norm strength nan", invert("IMAGES", "--norm-strength", "nan"), "--norm-strength must be a finite number"),
-    ("max timestep 0", tune("--max-timestep", "0"), "--max-timestep must satisfy"),
+    ("max timestep 0", tune("--max-timestep", "0"), "--t-min/--t-max must satisfy"),
     ("placeholder past CLIP's 77 tokens", invert("IMAGES", "--template", "word " * 100 + "{}"),
      "puts the placeholder after CLIP's 77-token limit"),
     ("lora strength nan", ["evaluate", "--model", "tiny", "--lora-strength", "nan", "--out", "out/r"], "--lora-strength must be a finite number"),

@@ -175,6 +175,8 @@ def odd_caption(rng: random.Random, ws: Workspace) -> Case:
     case = invert(ws, ws.images_with(f"caption_{kind}", write), "--captions", "files", name=f"caption {kind}")
     if kind == "huge_placeholder_first":
         case.warning = r"training prompt\(s\) are longer than CLIP's 77 tokens and are cut there"
+    if kind == "no_placeholder":  # documented: the token goes in front as the first tag, with a warning
+        case.warning = r"caption\(s\) hold neither \{\} nor the token 'tok1'; it was put in front of them"
     return case
 
 

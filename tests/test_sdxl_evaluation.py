@@ -211,7 +211,7 @@ def test_sweep_commands_on_tiny_sdxl(trained, images, tmp_path):
 def test_pivotal_sweep_node_on_an_sdxl_bundle(nodes, comfy_env, fake_models, dataset, trained, lpips_model, monkeypatch):
     """The node delegates to the core, whatever family the bridge's bundle is (here tiny-sdxl stands in for the
     converted SDXL models)."""
-    module = sys.modules[PACK_NAME + ".nodes.evaluation_nodes"]
+    module = sys.modules[PACK_NAME + ".pti_ops.metrics.scorers"]  # the nodes' LPIPS loader is the core's
     bridge = sys.modules[PACK_NAME + ".nodes.bridge"]
     monkeypatch.setattr(module, "load_lpips", lambda net, device="cpu": lpips_model)
     pack_models = sys.modules[PACK_NAME + ".pti_ops.models"]  # the pack's own classes, as the node's code sees them

@@ -62,3 +62,22 @@ def test_joint_snapshots_are_evaluated_with_the_token_they_carry(tmp_path):
     assert seen == [path for _, path in files] and len(entries) == 3  # every file carried its own token
     tokens = [Pivot.from_lora_file(path, load_bundle("tiny")).vectors for _, path in files]
     assert not torch.equal(tokens[0], tokens[1])  # the joint token moved between the snapshots
+
+
+def test_cli_evaluate_takes_a_folder_of_snapshots(tmp_path, image_folder):
+    import json
+
+    from pti_ops.cli import main
+
+    embedding, loras = tmp_path / "tok1.safetensors", tmp_path / "loras"
+    assert main(["invert", "--model", "tiny", "--images", str(image_folder), "--steps", "2", "--out", str(embedding)]) == 0
+    assert main(["tune", "--model", "tiny", "--images", str(image_folder), "--embedding", str(embedding), "--steps", "4",
+                 "--lr", "0.01", "--save-every", "2", "--out", str(loras / "tok1_lora.safetensors")]) == 0
+    report = tmp_path / "report"
+    args = ["evaluate", "--model", "tiny", "--embedding", str(embedding), "--lora", str(loras), "--steps", "1", "--seeds", "0",
+            "--resolution", "32", "--lpips", "off", "--out", str(report)]
+    assert main(args) == 0
+    series = json.loads((report / "series.json").read_text())
+    assert series["kind"] == "lora" and [row["step"] for row in series["rows"]] == [2, None]
+    assert (report / "tok1_lora_step0002" / "metrics.json").is_file() and (report / "series.md").is_file()
+    assert main(args) == 2  # the report is not replaced without --overwrite

@@ -17,8 +17,7 @@ from ..errors import InvalidInputError
 from ..files import atomic_write, check_output_folder, load_embedding, load_lora
 from ..pivot import Pivot
 from ..metrics import DEFAULT_EDIT_PROMPTS, DEFAULT_PROMPTS, LPIPS_CHOICES, EvaluationConfig, Scorers, evaluate_tuned
-from ..metrics import load_scorers, sampling_side
-from ..metrics.snapshot_series import evaluate_series, series_table, snapshot_files
+from ..metrics import evaluate_series, load_scorers, sampling_side, series_table, snapshot_files
 from ..models import load_bundle
 from .option_words import in_option_words
 from .outputs import check_output_space, images_bytes

@@ -14,11 +14,11 @@ from transformers import CLIPTokenizer
 
 from ..models.conditioning import add_time_ids
 from ..dataset import ImageDataset
-from ..errors import InvalidInputError
+from ..errors import DatasetError, InvalidInputError
 from ..tag_captions import TagCaptions
 from .bucket_batches import bucket_epoch
 from .latent_cache import LatentCache
-from ..placeholder import PlaceholderToken, caption_with_placeholder, check_templates, fill_placeholder
+from ..placeholder import PLACEHOLDER_SLOT, PlaceholderToken, caption_with_placeholder, check_templates, fill_placeholder
 from .text_conditioning import tokenize
 from ..user_warnings import warn_user
 
@@ -105,12 +105,19 @@ def build_caption_table(
             prompts.append(prompt)
         return index[prompt]
 
-    choices = []
-    for caption in dataset.captions:
+    choices, prepended = [], []
+    for name, caption in zip(dataset.names, dataset.captions):
         if caption is None:
             choices.append([add(fill_placeholder(t, token.placeholder)) for t in templates])
-        else:
-            choices.append([add(caption_with_placeholder(caption, token.placeholder))])
+            continue
+        prompt = caption_with_placeholder(caption, token.placeholder)
+        if PLACEHOLDER_SLOT not in caption and prompt == f"{token.placeholder}, {caption}":  # it went in front
+            prepended.append(name)
+        choices.append([add(prompt)])
+    if prepended:
+        shown = ", ".join(prepended[:5]) + (" …" if len(prepended) > 5 else "")
+        warn_user(f"{len(prepended)} caption(s) hold neither {{}} nor the token {token.placeholder!r}; it was put in "
+                  f"front of them as the first tag (\"{token.placeholder}, …\"): {shown}.")
     expanded = [token.expand(p) for p in prompts]
     ids = tuple(tokenize(t, expanded) for t in tokenizers)
     _check_placeholder_kept(prompts, expanded, ids[0], token, tokenizers[0], _users(choices, dataset.names))
