@@ -40,7 +40,7 @@ from ..pti_ops.models import (
     ModelFamily,
     bundle_from_comfy_models,
     comfy_family,
-    text_encoder_from_comfy_state,
+    text_encoders_from_comfy_state,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,12 +58,14 @@ def bundle_from_comfy(model, clip, vae) -> ModelBundle:
     model sits in its memory while training.
 
     Args:
-        model (`ModelPatcher`): ComfyUI's MODEL (an SD1.x UNet).
-        clip (`comfy.sd.CLIP`): ComfyUI's CLIP of the same checkpoint.
+        model (`ModelPatcher`): ComfyUI's MODEL (an SD1.x or SDXL-family UNet; its sampling, an upstream
+            ModelSamplingDiscrete's included, sets the prediction type and zero terminal SNR).
+        clip (`comfy.sd.CLIP`): ComfyUI's CLIP of the same checkpoint (its text encoders give the family).
         vae (`comfy.sd.VAE`): ComfyUI's VAE.
     """
     _check_inputs(model, clip, vae)
     family = _clip_family(clip)
+    prediction, zero_terminal_snr = sampling_settings(model)
     free_accelerator_memory()
     models = ComfyModels(
         family=family,
@@ -71,11 +73,12 @@ def bundle_from_comfy(model, clip, vae) -> ModelBundle:
         clip=_clip_weights(clip, family),
         vae=effective_weights(vae.patcher, ""),
         unet_config=model.model.model_config.unet_config,
-        model_type=getattr(getattr(model.model, "model_type", None), "name", "EPS"),
+        model_type=prediction,
         latent_scale=_latent_scale(model),
         clip_heads=_clip_heads(clip, family),
         tokenizer_root=_tokenizer_root(),
         name=f"comfyui-{type(model.model.model_config).__name__}",
+        zero_terminal_snr=zero_terminal_snr,
     )
     bundle = bundle_from_comfy_models(models)
     del models
@@ -83,28 +86,45 @@ def bundle_from_comfy(model, clip, vae) -> ModelBundle:
     return bundle.to(comfy.model_management.get_torch_device())
 
 
-def text_encoder_from_comfy(clip):
-    """`(tokenizer, text_encoder)`, float32 on the CPU, from ComfyUI's CLIP (which is not modified)."""
+def text_encoders_from_comfy(clip):
+    """`(family, tokenizers, text_encoders)` of ComfyUI's CLIP in family order, float32 on the CPU (not modified):
+    SD1.5's CLIP-L; SDXL's CLIP-L and bigG (with its projection)."""
     _check_clip(clip)
     family = _clip_family(clip)
-    tokenizer, encoder = text_encoder_from_comfy_state(family, _clip_weights(clip, family), _clip_heads(clip, family), _tokenizer_root())
-    return tokenizer, encoder.requires_grad_(False)
-
-
-def text_encoders_from_comfy(clip):
-    """`(family, tokenizers, text_encoders)` of ComfyUI's CLIP in family order, float32 on the CPU (not modified).
-
-    What this bridge converts of a CLIP so far: the first text encoder (all of SD1.5's); a family with more
-    encoders gets them here once its CLIP conversion lands, and until then the core refuses the lone one.
-    """
-    tokenizer, encoder = text_encoder_from_comfy(clip)
-    return _clip_family(clip), (tokenizer,), (encoder,)
+    tokenizers, encoders = text_encoders_from_comfy_state(family, _clip_weights(clip, family), _clip_heads(clip, family),
+                                                          _tokenizer_root())  # fmt: skip
+    return family, tokenizers, tuple(encoder.requires_grad_(False) for encoder in encoders)
 
 
 def clip_skip(clip) -> int:
-    """The text-encoder layer ComfyUI's CLIP uses, as `clip_skip` (1 = last; CLIPSetLastLayer -2 → 2)."""
+    """The text-encoder layer ComfyUI's CLIP uses, as `clip_skip` (CLIPSetLastLayer -n → n; 1 = last).
+
+    Without CLIPSetLastLayer, the family's own layer (SD1.5: the last; SDXL: the penultimate, as ComfyUI's
+    SDXL text encoders default to).
+    """
     layer_idx = getattr(clip, "layer_idx", None)
-    return 1 if layer_idx is None or layer_idx >= 0 else -int(layer_idx)
+    if layer_idx is None:
+        return _clip_family(clip).default_clip_skip
+    return 1 if layer_idx >= 0 else -int(layer_idx)
+
+
+def sampling_settings(model) -> tuple[str, bool]:
+    """`(prediction type, zsnr)` of the MODEL's sampling as ComfyUI samples it (`EPS`, `V_PREDICTION`, …).
+
+    Read from the patcher's `model_sampling` object, so an upstream ModelSamplingDiscrete (an object patch)
+    counts, not only the checkpoint's own `model_type`. The prediction type is the class of
+    comfy/model_sampling.py that defines `calculate_denoised` first in its MRO (V_PREDICTION before EPS).
+    """
+    getter = getattr(model, "get_model_object", None)
+    sampling = getter("model_sampling") if getter is not None else model.model.model_sampling
+    classes = type(sampling).__mro__
+    if not any(cls.__name__ == "ModelSamplingDiscrete" for cls in classes):
+        raise InvalidInputError(
+            f"the connected MODEL samples with {type(sampling).__name__}, not a discrete DDPM schedule: training "
+            "supports ComfyUI's ModelSamplingDiscrete (eps or v_prediction, zsnr on or off) only."
+        )
+    prediction = next((cls.__name__ for cls in classes if "calculate_denoised" in vars(cls)), "EPS")
+    return prediction, bool(getattr(sampling, "zsnr", False))
 
 
 def effective_weights(patcher, prefix: str) -> dict[str, torch.Tensor]:
@@ -144,12 +164,16 @@ def _clip_family(clip) -> ModelFamily:
     return comfy_family(name for name in COMFY_TEXT_ENCODER_NAMES if hasattr(clip.cond_stage_model, name))
 
 
-def _clip_heads(clip, family: ModelFamily) -> int | None:
-    try:
-        encoder = getattr(clip.cond_stage_model, family.text_encoders[0].name)
-        return int(encoder.transformer.text_model.encoder.layers[0].self_attn.heads)
-    except (AttributeError, IndexError, TypeError):
-        return None
+def _clip_heads(clip, family: ModelFamily) -> tuple[int | None, ...]:
+    """Attention heads of each text encoder (None where ComfyUI's module does not say)."""
+    heads = []
+    for spec in family.text_encoders:
+        try:
+            encoder = getattr(clip.cond_stage_model, spec.name)
+            heads.append(int(encoder.transformer.text_model.encoder.layers[0].self_attn.heads))
+        except (AttributeError, IndexError, TypeError):
+            heads.append(None)
+    return tuple(heads)
 
 
 def _latent_scale(model) -> float | None:

@@ -68,8 +68,11 @@ def format_numbers(values) -> str:
 # --- inputs several nodes share ---------------------------------------------------------------
 
 MODEL_INPUTS = {
-    "model": link("MODEL", "The SD1.5 model (from Load Checkpoint). It is only read: the core works on a converted copy."),
-    "clip": link("CLIP", "The model's CLIP text encoder. It is only read; CLIPSetLastLayer is honoured."),
+    "model": link("MODEL", "The SD1.5 or SDXL-family model (from Load Checkpoint; the family is read from the CLIP). It "
+        "is only read: the core works on a converted copy. An upstream ModelSamplingDiscrete (eps / v_prediction, "
+        "zsnr) sets what is trained."),
+    "clip": link("CLIP", "The model's CLIP text encoder(s): CLIP-L, or SDXL's CLIP-L + bigG (both trained). It is only "
+        "read; CLIPSetLastLayer is honoured (SDXL without it: the penultimate layer, as ComfyUI conditions SDXL)."),
     "vae": link("VAE", "The model's VAE (training images in, generated images out). It is only read."),
 }
 # The models and the training images: the first inputs of every node that trains.

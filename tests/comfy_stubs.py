@@ -21,9 +21,10 @@ from unittest.mock import patch
 import pytest
 import torch
 
-from pti_ops.models.clip_vocab import write_clip_vocab
-from pti_ops.models.ldm_layout import clip_to_ldm, unet_to_ldm, vae_to_ldm
+from pti_ops.files.comfy_lora_keys import comfyui_sdxl_lora_key_map
 from pti_ops.files.lora_file import comfyui_lora_key_map
+from pti_ops.models.clip_vocab import write_clip_vocab
+from pti_ops.models.ldm_layout import unet_to_ldm, vae_to_ldm
 from pti_ops.models.tiny_model import TINY_WORDS, build_tiny_bundle
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,39 @@ class ModelType(enum.Enum):
     V_PREDICTION = 2
 
 
+# comfy/model_sampling.py: the prediction types (each defines `calculate_denoised`) and the discrete schedule.
+class EPS:
+    def calculate_denoised(self, sigma, model_output, model_input):
+        return model_input - model_output * sigma
+
+
+class V_PREDICTION(EPS):
+    def calculate_denoised(self, sigma, model_output, model_input):
+        return model_input * 1.0 / (sigma**2 + 1.0) - model_output * sigma / (sigma**2 + 1.0) ** 0.5
+
+
+class X0(EPS):
+    def calculate_denoised(self, sigma, model_output, model_input):
+        return model_output
+
+
+class ModelSamplingDiscrete(torch.nn.Module):
+    def __init__(self, model_config=None, zsnr=None):
+        super().__init__()
+        self.zsnr = bool(zsnr)
+
+
+class ModelSamplingContinuousEDM(torch.nn.Module):
+    def __init__(self, model_config=None, zsnr=None):
+        super().__init__()
+
+
+def model_sampling(prediction: type = EPS, zsnr: bool = False, base: type = ModelSamplingDiscrete):
+    """A model_sampling object as ComfyUI builds one (model_base.model_sampling, ModelSamplingDiscrete's node:
+    `class ModelSamplingAdvanced(sampling_base, sampling_type)`)."""
+    return type("ModelSamplingAdvanced", (base, prediction), {})(None, zsnr=zsnr)
+
+
 class FakePatcher:
     """The parts of comfy.model_patcher.ModelPatcher the bridge and LoRA stubs use."""
 
@@ -65,11 +99,19 @@ class FakePatcher:
         self.weights = weights  # shared between clones, like ModelPatcher.model
         self.model = model
         self.patches: dict[str, list] = {}
+        self.object_patches: dict[str, object] = {}
 
     def clone(self):
         other = self.__class__(self.weights, self.model)
         other.patches = {k: list(v) for k, v in self.patches.items()}
+        other.object_patches = dict(self.object_patches)
         return other
+
+    def add_object_patch(self, name, obj):
+        self.object_patches[name] = obj
+
+    def get_model_object(self, name):
+        return self.object_patches[name] if name in self.object_patches else getattr(self.model, name)
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
         added = []
@@ -95,6 +137,10 @@ class SD15:
         self.unet_config = unet_config
 
 
+class SDXL(SD15):
+    """Named like ComfyUI's supported_models.SDXL."""
+
+
 class FakeModel(FakePatcher):
     """MODEL: a patcher whose `.model` has the config, latent format and prediction type."""
 
@@ -109,8 +155,14 @@ class FakeCLIP:
         self.patcher = patcher
         self.cond_stage_model = cond_stage_model
         self.layer_idx = layer_idx
-        # ComfyUI's SD1Tokenizer: one SDTokenizer per encoder, each searching `embedding_directory` for embedding:NAME.
-        self.tokenizer = tokenizer or types.SimpleNamespace(clip_name="l", clip_l=types.SimpleNamespace(embedding_directory=[]))
+        # ComfyUI's SD1Tokenizer / SDXLTokenizer: one SDTokenizer per encoder, each searching `embedding_directory`
+        # for embedding:NAME.
+        if tokenizer is None:
+            names = [name for name in ("clip_l", "clip_g") if hasattr(cond_stage_model, name)]
+            tokenizer = types.SimpleNamespace(**{name: types.SimpleNamespace(embedding_directory=[]) for name in names})
+            if names == ["clip_l"]:
+                tokenizer.clip_name = "l"
+        self.tokenizer = tokenizer
 
     def clone(self):
         return FakeCLIP(self.patcher.clone(), self.cond_stage_model, self.layer_idx, self.tokenizer)  # the tokenizer is shared
@@ -144,38 +196,72 @@ def comfy_unet_config(config: dict) -> dict:
     }  # fmt: skip
 
 
-def fake_comfy_models(bundle=None):
-    """`(MODEL, CLIP, VAE)` fakes holding `bundle`'s weights (default: the tiny model) in ComfyUI's layout."""
+def comfy_clip_weights(name: str, encoder) -> dict[str, torch.Tensor]:
+    """A text encoder's weights as ComfyUI's CLIP holds them: `NAME.transformer.text_model.*` in transformers'
+    names (bigG too), a `text_projection` (CLIP-L's unused, as ComfyUI always builds one), `NAME.logit_scale`,
+    no position-ids buffer."""
+    out = {}
+    for key, value in encoder.state_dict().items():
+        if key.endswith("position_ids"):
+            continue
+        key = key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
+        out[f"{name}.transformer.{key}"] = value.clone()
+    out.setdefault(f"{name}.transformer.text_projection.weight", torch.eye(encoder.config.hidden_size))
+    out[f"{name}.logit_scale"] = torch.tensor(4.6055)
+    return out
+
+
+def _encoder_module(encoder):
+    layer = types.SimpleNamespace(self_attn=types.SimpleNamespace(heads=encoder.config.num_attention_heads))
+    text_model = types.SimpleNamespace(encoder=types.SimpleNamespace(layers=[layer]))
+    return types.SimpleNamespace(transformer=types.SimpleNamespace(text_model=text_model))
+
+
+def _lora_key_maps(bundle) -> tuple[set[str], set[str]]:
+    """(UNet keys, CLIP keys) ComfyUI's `model_lora_keys_unet` / `_clip` give for the bundle's models."""
+    unet_modules = [name for name, _ in bundle.unet.named_modules()]
+    encoder_modules = [[name for name, _ in encoder.named_modules()] for encoder in bundle.text_encoders]
+    if len(encoder_modules) == 1:
+        return set(comfyui_lora_key_map(unet_modules, [])), set(comfyui_lora_key_map([], encoder_modules[0]))
+    every = comfyui_sdxl_lora_key_map(unet_modules, *encoder_modules)
+    clip = {key for key in every if key.startswith(("lora_te", "lora_prior_te", "text_encoder"))}
+    return every - clip, clip
+
+
+def fake_comfy_models(bundle=None, prediction: type = EPS, zsnr: bool = False):
+    """`(MODEL, CLIP, VAE)` fakes holding `bundle`'s weights (default: the tiny model) in ComfyUI's layout.
+
+    An SD1.5 bundle gives ComfyUI's SD15 objects, an SDXL one its SDXL objects (`clip_l` + `clip_g`); the
+    MODEL samples with `prediction` (EPS, V_PREDICTION) and `zsnr`, as a checkpoint's own sampling.
+    """
     bundle = bundle or build_tiny_bundle()
+    family = bundle.family
     unet_config = dict(bundle.unet.config)
-    unet = {k.removeprefix("model."): v.clone() for k, v in unet_to_ldm(bundle.unet.state_dict(), unet_config).items()}
+    ldm_unet = unet_to_ldm(bundle.unet.state_dict(), unet_config, family)
+    unet = {k.removeprefix("model."): v.clone() for k, v in ldm_unet.items()}
+    unet_keys, clip_keys = _lora_key_maps(bundle)
+    model_class = SDXL if len(bundle.text_encoders) > 1 else SD15
+    comfy_config = comfy_unet_config(unet_config)
+    if len(bundle.text_encoders) > 1:
+        comfy_config.update(adm_in_channels=unet_config["projection_class_embeddings_input_dim"], num_heads=-1, num_head_channels=64)
     base_model = types.SimpleNamespace(
-        model_config=SD15(comfy_unet_config(unet_config)),
+        model_config=model_class(comfy_config),
         latent_format=types.SimpleNamespace(scale_factor=bundle.vae.config.scaling_factor),
-        model_type=ModelType.EPS,
-        diffusers_unet_modules=[name for name, _ in bundle.unet.named_modules()],
+        model_type=ModelType[prediction.__name__],
+        model_sampling=model_sampling(prediction, zsnr),
+        lora_keys=unet_keys,
     )
     model = FakeModel(unet, base_model)
 
-    max_positions = bundle.text_encoder.config.max_position_embeddings
-    clip_weights = {
-        "clip_l.transformer." + k.removeprefix("cond_stage_model.transformer."): v.clone()
-        for k, v in clip_to_ldm(bundle.text_encoder.state_dict(), max_positions).items()
-        if not k.endswith("position_ids")  # ComfyUI's CLIP has no position-ids buffer
-    }
-    width = bundle.text_encoder.config.hidden_size
-    clip_weights["clip_l.transformer.text_projection.weight"] = torch.eye(width)
-    clip_weights["clip_l.logit_scale"] = torch.tensor(4.6055)
-    heads = bundle.text_encoder.config.num_attention_heads
-    layer = types.SimpleNamespace(self_attn=types.SimpleNamespace(heads=heads))
-    text_model = types.SimpleNamespace(encoder=types.SimpleNamespace(layers=[layer]))
-    cond_stage_model = types.SimpleNamespace(
-        clip_l=types.SimpleNamespace(transformer=types.SimpleNamespace(text_model=text_model)),
-        diffusers_text_modules=[name for name, _ in bundle.text_encoder.named_modules()],
-    )
+    clip_weights, encoders = {}, {}
+    for spec, encoder in zip(family.text_encoders, bundle.text_encoders):
+        clip_weights.update(comfy_clip_weights(spec.name, encoder))
+        encoders[spec.name] = _encoder_module(encoder)
+    cond_stage_model = types.SimpleNamespace(**encoders, lora_keys=clip_keys)
     clip = FakeCLIP(FakePatcher(clip_weights, cond_stage_model), cond_stage_model)
 
-    vae = {k.removeprefix("first_stage_model."): v.clone() for k, v in vae_to_ldm(bundle.vae.state_dict(), dict(bundle.vae.config)).items()}
+    vae_state = vae_to_ldm(bundle.vae.state_dict(), dict(bundle.vae.config), family)
+    vae = {k.removeprefix(family.vae_prefix): v.clone() for k, v in vae_state.items()}
     return model, clip, FakeVAE(vae)
 
 
@@ -250,14 +336,12 @@ def make_stub_modules(state: StubState, tokenizer_root: Path) -> dict[str, types
 
     def model_lora_keys_unet(model, key_map=None):
         key_map = {} if key_map is None else key_map
-        for key in comfyui_lora_key_map(model.diffusers_unet_modules, []):
-            key_map[key] = key
+        key_map.update({key: key for key in model.lora_keys})
         return key_map
 
     def model_lora_keys_clip(model, key_map=None):
         key_map = {} if key_map is None else key_map
-        for key in comfyui_lora_key_map([], model.diffusers_text_modules):
-            key_map[key] = key
+        key_map.update({key: key for key in model.lora_keys})
         return key_map
 
     def calculate_weight(patches, weight, key, intermediate_dtype=torch.float32):

@@ -6,14 +6,17 @@ with `--cpu` (this checkout linked into its custom_nodes/), queue every shipped 
 the training workflow three times with other prompts between, the norm-stats and learning-rate-sweep
 workflows, and the stock generation graph on the files written (LoraLoader + `embedding:NAME`) — plus the
 stock Train LoRA node's output into PivotalEvaluate, check the outputs, the files and the server log
-("lora key not loaded", missing embeddings, exceptions), and stop the server.
+("lora key not loaded", missing embeddings, exceptions), and stop the server. The SDXL tests add two tiny
+SDXL-family checkpoints (random weights, full-size text encoders, ~1.8 GiB each, made by make_tiny_sdxl.py in
+`--sdxl-dir`, kept there for the next run): the bridge against ComfyUI's own SDXL models, both SDXL workflows,
+our files in a stock SDXL graph, and an upstream ModelSamplingDiscrete.
 
 It neither downloads nor installs anything: ComfyUI and its requirements (and this pack's, in the Python
-that runs ComfyUI) must be there already. The drivers `comfy_harness.py` and `make_tiny_sd15.py` come from
+that runs ComfyUI) must be there already. The drivers `comfy_harness.py`, `make_tiny_sd15.py` and `make_tiny_sdxl.py` come from
 `--tools` (default: `../shared/tools` beside the checkout). Do not run two at the same time against one
 ComfyUI folder: the server's custom_nodes/ link is shared.
 
-    python tests/run_real_comfyui.py --comfy ~/ComfyUI [--python ~/ComfyUI/venv/bin/python] [-- -k sweep]
+    python tests/run_real_comfyui.py --comfy ~/ComfyUI [--python ~/ComfyUI/venv/bin/python] [--sdxl-dir DIR] [-- -k sdxl]
 """
 
 import argparse
@@ -40,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfy", required=True, type=Path, help="the ComfyUI checkout (the folder with main.py)")
     parser.add_argument("--python", help="the Python that runs ComfyUI (default: a venv in or beside --comfy)")
-    parser.add_argument("--tools", type=Path, help="folder with comfy_harness.py and make_tiny_sd15.py")
+    parser.add_argument("--tools", type=Path, help="folder with comfy_harness.py, make_tiny_sd15.py and make_tiny_sdxl.py")
+    parser.add_argument("--sdxl-dir", type=Path, help="folder to keep the tiny SDXL checkpoints in between runs (made "
+                        "there when missing; default: a temporary folder, made anew each run)")
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments, after --")
     args = parser.parse_args(argv)
     comfy = args.comfy.expanduser().resolve()
@@ -52,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no Python found in or beside {comfy} (venv/, .venv/): give --python")
     env["COMFYUI_PYTHON"] = python
     tools = (args.tools or REPO_ROOT.parent / "shared" / "tools").expanduser().resolve()
-    missing = [name for name in ("comfy_harness.py", "make_tiny_sd15.py") if not (tools / name).is_file()]
+    missing = [name for name in ("comfy_harness.py", "make_tiny_sd15.py", "make_tiny_sdxl.py") if not (tools / name).is_file()]
     if missing:  # the tests would be skipped, and a skipped job must not read as a pass
         parser.error(f"{', '.join(missing)} not found in {tools}: give --tools")
     env["PTI_COMFY_TOOLS"] = str(tools)
+    if args.sdxl_dir:
+        env["PTI_TINY_SDXL_DIR"] = str(args.sdxl_dir.expanduser().resolve())
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", "-x",
                str(REPO_ROOT / "tests" / "test_real_comfyui.py"), *args.pytest_args]
     print(f"ComfyUI {comfy}, its Python {python}", flush=True)

@@ -4,9 +4,10 @@ import importlib
 
 import pytest
 import torch
-from comfy_stubs import PACK_NAME, comfy_env, fake_comfy_models, fake_models  # noqa: F401  (fixtures)
+from comfy_stubs import PACK_NAME, V_PREDICTION, X0, ModelSamplingContinuousEDM, comfy_env, fake_comfy_models, fake_models  # noqa: F401
+from comfy_stubs import model_sampling
 
-from pti_ops.models.tiny_model import build_tiny_bundle
+from pti_ops.models.tiny_model import build_tiny_bundle, build_tiny_sdxl_bundle
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +46,75 @@ def test_bundle_applies_upstream_patches_without_touching_them(bridge):
 
 
 def test_v_prediction_models_train_with_v_targets(bridge):
-    model, clip, vae = fake_comfy_models()
-    model.model.model_type = type(model.model.model_type)["V_PREDICTION"]
-    assert bridge.bundle_from_comfy(model, clip, vae).noise_scheduler.config.prediction_type == "v_prediction"
+    model, clip, vae = fake_comfy_models(prediction=V_PREDICTION, zsnr=True)  # a checkpoint with v_pred + ztsnr
+    config = bridge.bundle_from_comfy(model, clip, vae).noise_scheduler.config
+    assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr
+
+
+@pytest.mark.parametrize("bundle_factory", [build_tiny_bundle, build_tiny_sdxl_bundle], ids=["sd15", "sdxl"])
+def test_upstream_model_sampling_discrete_is_honoured(bridge, bundle_factory):
+    """ModelSamplingDiscrete patches the MODEL's `model_sampling` object, not `model_type`: read what ComfyUI samples with."""
+    model, clip, vae = fake_comfy_models(bundle_factory())
+    patched = model.clone()  # as ModelSamplingDiscrete(sampling=v_prediction, zsnr=true) does
+    patched.add_object_patch("model_sampling", model_sampling(V_PREDICTION, zsnr=True))
+    config = bridge.bundle_from_comfy(patched, clip, vae).noise_scheduler.config
+    assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr and config.timestep_spacing == "trailing"
+    assert model.model.model_type.name == "EPS"  # the checkpoint's own type says eps: it is not what counts
+    plain = bridge.bundle_from_comfy(model, clip, vae).noise_scheduler.config
+    assert plain.prediction_type == "epsilon" and not plain.get("rescale_betas_zero_snr", False)
+    back = patched.clone()  # ModelSamplingDiscrete(sampling=eps) after a v-prediction one
+    back.add_object_patch("model_sampling", model_sampling())
+    assert bridge.bundle_from_comfy(back, clip, vae).noise_scheduler.config.prediction_type == "epsilon"
+
+
+def test_sampling_the_core_cannot_train_is_refused(bridge, fake_models):
+    model, clip, vae = fake_models
+    x0 = model.clone()
+    x0.add_object_patch("model_sampling", model_sampling(X0))
+    with pytest.raises(ValueError, match="the connected MODEL predicts `X0`"):
+        bridge.bundle_from_comfy(x0, clip, vae)
+    edm = model.clone()
+    edm.add_object_patch("model_sampling", model_sampling(V_PREDICTION, base=ModelSamplingContinuousEDM))
+    with pytest.raises(ValueError, match="samples with ModelSamplingAdvanced, not a discrete DDPM schedule"):
+        bridge.bundle_from_comfy(edm, clip, vae)
+
+
+@pytest.fixture(scope="module")
+def sdxl_models():
+    return fake_comfy_models(build_tiny_sdxl_bundle())
+
+
+def test_sdxl_bundle_from_comfy_reproduces_every_weight(bridge, sdxl_models):
+    reference = build_tiny_sdxl_bundle()
+    bundle = bridge.bundle_from_comfy(*sdxl_models)
+    assert bundle.family == "sdxl" and bundle.name == "comfyui-SDXL"
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want, got = getattr(reference, part).state_dict(), getattr(bundle, part).state_dict()
+        assert set(want) == set(got) and all(torch.equal(want[key], got[key]) for key in want), part
+    assert bundle.vae.config.scaling_factor == pytest.approx(0.13025)
+    assert not any(p.requires_grad for p in bundle.text_encoder_2.parameters())
+
+
+def test_sdxl_bundle_applies_upstream_patches_of_both_text_encoders(bridge, sdxl_models):
+    model, clip, vae = sdxl_models
+    key = "clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    original = clip.patcher.weights[key].clone()
+    patched = clip.clone()  # as LoraLoader does
+    patched.add_patches({key: ("diff", (torch.ones_like(original),))}, 0.5)
+    bundle = bridge.bundle_from_comfy(model, patched, vae)
+    layer = getattr(bundle.text_encoder_2, "text_model", bundle.text_encoder_2).encoder.layers[0]
+    assert torch.allclose(layer.self_attn.q_proj.weight, original + 0.5)
+    assert torch.equal(clip.patcher.weights[key], original) and clip.patcher.patches == {}
+
+
+def test_clip_skip_defaults_to_the_familys_layer(bridge, sdxl_models):
+    """SDXL's CLIP without CLIPSetLastLayer conditions on the penultimate layer (ComfyUI's SDXL default)."""
+    clip = sdxl_models[1].clone()
+    assert bridge.clip_skip(clip) == 2
+    clip.layer_idx = -1  # CLIPSetLastLayer -1
+    assert bridge.clip_skip(clip) == 1
+    clip.layer_idx = -3
+    assert bridge.clip_skip(clip) == 3
 
 
 def test_missing_clip_is_named(bridge, fake_models):
@@ -65,7 +132,8 @@ def test_clip_skip_follows_clip_set_last_layer(bridge, fake_models):
 
 def test_text_encoder_alone(bridge, fake_models):
     reference = build_tiny_bundle()
-    tokenizer, encoder = bridge.text_encoder_from_comfy(fake_models[1])
+    family, (tokenizer,), (encoder,) = bridge.text_encoders_from_comfy(fake_models[1])
+    assert family == "sd15" and not any(p.requires_grad for p in encoder.parameters())
     ids = tokenizer(["a girl with a hat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(encoder(ids).last_hidden_state, reference.text_encoder(ids).last_hidden_state)

@@ -106,6 +106,21 @@ class Server:
                 inputs[name] = spec[0][0]
         return inputs
 
+    def widget_index(self, class_type: str, name: str) -> int:
+        """Where the frontend stores input `name` in a node's `widgets_values` (widgets in declaration order, the
+        control value after a seed)."""
+        info = self.object_info(class_type)["input"]
+        index = 0
+        for section in ("required", "optional"):
+            for input_name, spec in info.get(section, {}).items():
+                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if not (isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")):
+                    continue
+                if input_name == name:
+                    return index
+                index += 2 if options.get("control_after_generate") else 1
+        raise KeyError(f"{class_type} has no widget {name}")
+
     def output_index(self, class_type: str, kind: str) -> int:
         return self.object_info(class_type)["output"].index(kind)
 
@@ -143,6 +158,7 @@ def server(tmp_path_factory):
     started = server.harness(
         "start", "--comfy", COMFYUI_DIR, "--nodes", str(REPO_ROOT), "--name", PACK, "--models", str(server.models),
         "--input", str(server.input), "--port", str(server.port), "--timeout", "300", *python,
+        "--", "--use-pytorch-cross-attention",  # faster on a CPU (SDXL's bigG above all)
     )  # fmt: skip
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
     assert "import ok" in started.stdout, started.stdout
@@ -192,13 +208,13 @@ def test_training_workflow_queued_again_and_again_with_prompts_between(server, t
     prompt["901"] = {"class_type": "PreviewAny", "inputs": {"source": [ids["PivotalLoRATune"], 5]}}
     api = tmp_path / "shown.json"
     api.write_text(json.dumps(prompt))
-    # The same workflow as saved before if_exists (and bundle_embedding) existed: those widget values missing.
+    # The same workflow as saved before if_exists (and every widget added after it) existed: those values missing.
     saved = json.loads(workflow.read_text())
     for node in saved["nodes"]:
-        newer = {"TokenInversion": ["increment"], "PivotalLoRATune": ["increment", False]}.get(node["type"], [])
-        if newer:
-            assert node["widgets_values"][-len(newer):] == newer
-            del node["widgets_values"][-len(newer):]
+        if node["type"] in ("TokenInversion", "PivotalLoRATune"):
+            first_newer = server.widget_index(node["type"], "if_exists")
+            assert node["widgets_values"][first_newer] == "increment"
+            del node["widgets_values"][first_newer:]
     old = tmp_path / "saved_before_if_exists.json"
     old.write_text(json.dumps(saved))
     overrides = {**TRAIN_SMALL, "TokenInversion.embedding_name": "requeue", "PivotalLoRATune.lora_name": "requeue_lora"}
@@ -468,7 +484,8 @@ def test_one_file_per_character_with_the_loader_and_stock_nodes(server, tmp_path
     """bundle_embedding: one LoRA file holding the embedding (bundle_emb.tokb.clip_l). Pivotal LoRA Loader makes
     the trigger work through its CLIP only; stock LoraLoader loads every LoRA key (only the bundle key is left,
     as ComfyUI logs it); in the embeddings folder ComfyUI reads the bundled embedding as embedding:FILE.
-    Last in this file: it makes ComfyUI log a missing embedding on purpose."""
+    Last of the SD1.5 tests: it makes ComfyUI log a missing embedding on purpose (the SDXL tests after it read only
+    the log their own prompts wrote)."""
     train = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
         "2": {"class_type": "PivotalDatasetFromFolder", "inputs": {"folder": "character", "resolution": 64, "flip": False,
@@ -532,3 +549,289 @@ def test_one_file_per_character_with_the_loader_and_stock_nodes(server, tmp_path
     assert not_loaded == ["bundle_emb.tokb.clip_l"], log[-4000:]
     # ComfyUI read the bundled embedding from the embeddings folder (embedding:FILE): nothing is missing.
     assert "does not exist, ignoring" not in log and "NOT LOADED" not in log, log[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL: a tiny SDXL-family checkpoint (KOALA_700M layout, full-size text encoders: ~1.8 GiB each)
+# ---------------------------------------------------------------------------------------------
+
+MAKE_TINY_SDXL = TOOLS / "make_tiny_sdxl.py"
+# Where the two SDXL checkpoints are kept between runs (made there when missing, ~30 s and 4 GB of memory
+# each); a temporary folder when not set.
+SDXL_DIR = os.environ.get("PTI_TINY_SDXL_DIR")
+SDXL_CHECKPOINTS = {"tiny-sdxl.safetensors": [], "tiny-sdxl-vpred.safetensors": ["--vpred"]}
+SDXL_SMALL = {
+    "CheckpointLoaderSimple.ckpt_name": "tiny-sdxl.safetensors",
+    "EmptyLatentImage.width": 64,
+    "EmptyLatentImage.height": 64,
+    "KSampler.steps": 2,
+}
+SDXL_TRAIN_SMALL = {
+    **SDXL_SMALL,
+    "PivotalDatasetFromFolder.folder": "character",
+    "PivotalDatasetFromFolder.resolution": 64,
+    "TokenInversion.steps": 2,
+    "PivotalLoRATune.steps": 2,
+}
+# ComfyUI's SDXL second encoder, given an embedding file without `clip_g`, takes the file's first tensor and
+# drops it with this warning (comfy/sd1_clip.py): the prompt silently loses the token there.
+SHAPE_MISMATCH = "shape mismatch when trying to apply embedding, embedding will be ignored"
+
+
+@pytest.fixture(scope="module")
+def sdxl_checkpoints(tmp_path_factory) -> Path:
+    if not MAKE_TINY_SDXL.is_file():
+        pytest.skip(f"make_tiny_sdxl.py not in {TOOLS}")
+    folder = Path(SDXL_DIR) if SDXL_DIR else tmp_path_factory.mktemp("sdxl_checkpoints")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, flags in SDXL_CHECKPOINTS.items():
+        if not (folder / name).is_file():
+            made = subprocess.run([sys.executable, str(MAKE_TINY_SDXL), str(folder / name), *flags],
+                                  capture_output=True, text=True, timeout=900)  # fmt: skip
+            assert made.returncode == 0, made.stderr[-2000:]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sdxl_server(server, sdxl_checkpoints):
+    """The same server, with the SDXL checkpoints in its checkpoints folder (ComfyUI lists them on the next prompt)."""
+    for name in SDXL_CHECKPOINTS:
+        link = server.models / "checkpoints" / name
+        if not link.exists():
+            link.symlink_to(sdxl_checkpoints / name)
+    return server
+
+
+def run_prompt(server, tmp_path, name: str, prompt: dict, timeout=900) -> tuple[dict, str]:
+    """Queue an API-format prompt; `(result, the server log it wrote)`, after checking it ran."""
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(prompt))
+    before = len(server.log())
+    code, result, text = server.run(path, {}, timeout=timeout)
+    assert code == 0, text[-4000:]
+    return result, server.log()[before:]
+
+
+def embedding_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def image_array(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+# Run inside ComfyUI's Python, in float32: the bridge's SDXL bundle against ComfyUI's own SDXL models.
+SDXL_BRIDGE_CHECK = """
+import importlib, importlib.util, json, sys, torch
+comfy_dir, pack_dir, checkpoint = sys.argv[1:4]
+sys.argv = [sys.argv[0], "--cpu", "--force-fp32"]
+sys.path.insert(0, comfy_dir)
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.sd
+spec = importlib.util.spec_from_file_location("pack", pack_dir + "/__init__.py", submodule_search_locations=[pack_dir])
+pack = importlib.util.module_from_spec(spec); sys.modules["pack"] = pack; spec.loader.exec_module(pack)
+bridge = sys.modules["pack.nodes.bridge"]
+encode_conditioning = importlib.import_module("pack.pti_ops.training.text_conditioning").encode_conditioning
+model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
+bundle = bridge.bundle_from_comfy(model, clip, vae)
+torch.manual_seed(0)
+prompt = "a photo of a cat"
+x, t = torch.randn(1, 4, 16, 16), torch.tensor([500.0])
+unet = model.model.diffusion_model
+image = torch.rand(1, 64, 64, 3)
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+with torch.no_grad():
+    ours = encode_conditioning(bundle, [prompt], None)
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+    y = model.model.encode_adm(pooled_output=pooled, width=128, height=96, crop_w=8, crop_h=4, target_width=128, target_height=96)
+    time_ids = torch.tensor([[96.0, 128.0, 4.0, 8.0, 96.0, 128.0]])  # (original h, w), (crop top, left), (target h, w)
+    theirs = unet(x, t, context=cond, y=y).float()
+    mine = bundle.unet(x, t, **ours.unet_kwargs(time_ids)).sample
+    last = clip.clone()
+    last.clip_layer(-1)
+    cond_last = last.encode_from_tokens(last.tokenize(prompt))
+    alphas = bundle.noise_scheduler.alphas_cumprod
+    diffs = {
+        "hidden": rel(ours.hidden, cond), "pooled": rel(ours.pooled, pooled), "unet": rel(mine, theirs),
+        "hidden_last_layer": rel(encode_conditioning(bundle, [prompt], bridge.clip_skip(last)).hidden, cond_last),
+        "vae": rel(bundle.vae.encode(image.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mean, vae.encode(image)),
+        # the training schedule is ComfyUI's (zsnr: both pin the last step near pure noise, differently)
+        "sigmas": rel(((1 - alphas) / alphas).sqrt()[:-1], model.get_model_object("model_sampling").sigmas[:-1]),
+        "family": str(bundle.family), "prediction": bundle.noise_scheduler.config.prediction_type,
+        "zsnr": bool(bundle.noise_scheduler.config.get("rescale_betas_zero_snr", False)),
+        "encoders": [type(e).__name__ for e in bundle.text_encoders],
+    }
+print(json.dumps(diffs))
+"""
+
+
+def test_sdxl_bridge_reproduces_comfyuis_own_models(tmp_path, sdxl_checkpoints):
+    """The v-prediction + zsnr SDXL checkpoint: both encoders (penultimate and last layer), the pooled output, the
+    UNet with its added conditioning, the VAE and the noise schedule compute what ComfyUI's do."""
+    python = os.environ.get("COMFYUI_PYTHON") or str(Path(COMFYUI_DIR).parent / "venv" / "bin" / "python")
+    if not Path(python).is_file():
+        pytest.skip("set COMFYUI_PYTHON to the Python that runs ComfyUI")
+    script = tmp_path / "sdxl_bridge_check.py"
+    script.write_text(SDXL_BRIDGE_CHECK)
+    checkpoint = sdxl_checkpoints / "tiny-sdxl-vpred.safetensors"
+    done = subprocess.run([python, str(script), COMFYUI_DIR, str(REPO_ROOT), str(checkpoint)], capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    diffs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert diffs["family"] == "sdxl" and diffs["encoders"] == ["CLIPTextModel", "CLIPTextModelWithProjection"], diffs
+    assert diffs["prediction"] == "v_prediction" and diffs["zsnr"], diffs
+    assert all(diffs[key] < 1e-4 for key in ("hidden", "pooled", "unet", "hidden_last_layer", "vae", "sigmas")), diffs
+
+
+def test_sdxl_workflows_train_and_generate_with_stock_nodes(sdxl_server, tmp_path):
+    """pivotal_tuning_sdxl.json scaled down (its bf16, gradient checkpointing and offloaded text encoders on), then
+    use_trained_lora_sdxl.json (stock nodes only) on the files it wrote."""
+    server = sdxl_server
+    before = len(server.log())
+    overrides = {**SDXL_TRAIN_SMALL, "TokenInversion.embedding_name": "xlwf", "PivotalLoRATune.lora_name": "xlwf_lora"}
+    code, result, text = server.run(REPO_ROOT / "workflows" / "pivotal_tuning_sdxl.json", overrides, timeout=1500)
+    assert code == 0, text[-4000:]
+    tensors = embedding_tensors(server.models / "embeddings" / "xlwf.safetensors")
+    assert {key: list(value.shape) for key, value in tensors.items()} == {"clip_l": [1, 768], "clip_g": [1, 1280]}
+    lora = embedding_tensors(server.models / "loras" / "xlwf_lora.safetensors")
+    assert any(key.startswith("lora_unet_input_blocks_") for key in lora), sorted(lora)[:5]
+    assert server.output_files("pivotal_tuning_sdxl"), text
+    log = server.log()[before:]
+    assert not [problem for problem in (*LOG_PROBLEMS, SHAPE_MISMATCH) if problem in log], log[-4000:]
+
+    before = len(server.log())
+    use = {**SDXL_SMALL, "2.lora_name": "xlwf_lora.safetensors", "3.text": "an anime illustration of embedding:xlwf standing on the beach"}
+    code, _, text = server.run(REPO_ROOT / "workflows" / "use_trained_lora_sdxl.json", use)
+    assert code == 0, text[-4000:]
+    assert server.output_files("pivotal_character_sdxl"), text
+    log = server.log()[before:]
+    assert not [problem for problem in (*LOG_PROBLEMS, SHAPE_MISMATCH) if problem in log], log[-4000:]
+
+
+def stock_sdxl_graph(branches: dict[str, tuple[str, bool]]) -> dict:
+    """A stock SDXL text-to-image prompt with one branch per `prefix: (text, with the LoRA)`, 64 px, 2 steps."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sdxl.safetensors"}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "xlchain_lora.safetensors",
+                                                    "strength_model": 1.0, "strength_clip": 1.0}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    }  # fmt: skip
+    for index, (prefix, (text, with_lora)) in enumerate(branches.items()):
+        source, n = ("2" if with_lora else "1"), 10 * (index + 1)
+        prompt.update({
+            f"{n}": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": [source, 1]}},
+            f"{n + 1}": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": [source, 1]}},
+            f"{n + 2}": {"class_type": "KSampler", "inputs": {
+                "model": [source, 0], "seed": 0, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+                "positive": [f"{n}", 0], "negative": [f"{n + 1}", 0], "latent_image": ["3", 0], "denoise": 1.0}},
+            f"{n + 3}": {"class_type": "VAEDecode", "inputs": {"samples": [f"{n + 2}", 0], "vae": ["1", 2]}},
+            f"{n + 4}": {"class_type": "SaveImage", "inputs": {"images": [f"{n + 3}", 0], "filename_prefix": prefix}},
+        })  # fmt: skip
+    return prompt
+
+
+def test_sdxl_embedding_and_lora_chain_into_a_stock_sdxl_graph(sdxl_server, tmp_path):
+    """Our SDXL files in a second prompt of stock nodes: LoraLoader maps every key (UNet, lora_te1_, lora_te2_), the
+    embedding reaches both text encoders (its clip_g vectors change the image; a file without clip_g is dropped by
+    the second encoder), and the LoRA changes the image."""
+    server = sdxl_server
+    train = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sdxl.safetensors"}},
+        "2": {"class_type": "PivotalDatasetFromFolder", "inputs": {"folder": "character", "resolution": 64, "flip": False,
+                                                                   "caption_source": "template", "on_bad_image": "error"}},
+        "3": {"class_type": "TokenInversion", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "placeholder": "xlchain",
+            "initializer": "character", "num_vectors": 1, "templates": "a photo of {}", "steps": 2, "learning_rate": 0.05,
+            "batch_size": 1, "seed": 0, "norm_mode": "none", "embedding_name": "xlchain", "overwrite": False}},
+        "4": {"class_type": "PivotalLoRATune", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "embedding": ["3", 0], "rank": 2,
+            "alpha": 0.0, "targets": "attention", "learning_rate": 0.01, "steps": 2, "batch_size": 1, "seed": 0,
+            "schedule": "sequential", "train_text_encoder": True, "lora_name": "xlchain_lora", "overwrite": False}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 4]}},
+        # PivotalEvaluate on the SDXL base + the token and LoRA just trained (sampling SDXL in the real server)
+        "6": {"class_type": "PivotalEvaluate", "inputs": server.stock_inputs(
+            "PivotalEvaluate", model=["1", 0], clip=["1", 1], vae=["1", 2], embedding=["3", 0], lora=["4", 2],
+            prompts="a photo of {}", edit_prompts="a photo of {} on the beach", class_word="", seeds="0", steps=2, cfg=5.0,
+            sampler="euler", resolution=64, batch_size=2, lpips="off", clip_model_folder="", lora_strength=1.0)},
+        "7": {"class_type": "PreviewAny", "inputs": {"source": ["6", 0]}},
+    }  # fmt: skip
+    result, _ = run_prompt(server, tmp_path, "train", train, timeout=1500)
+    shown = shown_text(result, "7")
+    lines = {line.split("|")[1].strip(): line for line in shown.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "not computed" not in lines["locality_eps_mse"] and "not computed" not in lines["embedding_distance"], shown
+    lora = embedding_tensors(server.models / "loras" / "xlchain_lora.safetensors")
+    assert {prefix for prefix in ("lora_unet_", "lora_te1_", "lora_te2_") if any(k.startswith(prefix) for k in lora)} == {
+        "lora_unet_", "lora_te1_", "lora_te2_"}, sorted(lora)[:5]
+    ours = embedding_tensors(server.models / "embeddings" / "xlchain.safetensors")
+    from safetensors.torch import save_file
+
+    # The same clip_l with another clip_g; and clip_l alone (what an SD1.5-style file gives SDXL).
+    save_file({"clip_l": ours["clip_l"], "clip_g": ours["clip_g"] + 0.5}, str(server.models / "embeddings" / "xlchain_g2.safetensors"))
+    save_file({"clip_l": ours["clip_l"]}, str(server.models / "embeddings" / "xlchain_lonly.safetensors"))
+
+    text = "a photo of embedding:xlchain on the beach"
+    result, log = run_prompt(server, tmp_path, "chained", stock_sdxl_graph({
+        "xl_ours": (text, True), "xl_no_lora": (text, False),
+        "xl_other_g": ("a photo of embedding:xlchain_g2 on the beach", True)}))  # fmt: skip
+    assert not [problem for problem in (*LOG_PROBLEMS, SHAPE_MISMATCH) if problem in log], log[-4000:]
+    _, log_l = run_prompt(server, tmp_path, "clip_l_only", stock_sdxl_graph({"xl_l_only": ("a photo of embedding:xlchain_lonly on the beach", True)}))
+    dropped = [line for line in log_l.splitlines() if SHAPE_MISMATCH in line]
+    assert dropped and all("768 != 1280" in line for line in dropped), log_l[-3000:]
+
+    images = {prefix: image_array(server.output_files(prefix)[-1]) for prefix in ("xl_ours", "xl_no_lora", "xl_other_g", "xl_l_only")}
+    for other in ("xl_no_lora", "xl_other_g", "xl_l_only"):
+        assert (images["xl_ours"] != images[other]).any(), f"the image with our files equals {other}'s"
+
+
+def test_sdxl_model_sampling_discrete_is_honoured(sdxl_server, tmp_path):
+    """ModelSamplingDiscrete(v_prediction, zsnr) before TokenInversion trains what the v-pred checkpoint's own
+    markers train (the two files hold the same weights): the same embedding, bit for bit; without it, another.
+    SD1.5 alike: v_prediction changes the embedding."""
+    server = sdxl_server
+
+    def inversion(node: str, checkpoint: str, name: str, v_prediction: bool = False) -> dict:
+        loader, model = f"{node}0", [f"{node}0", 0]
+        graph = {loader: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}}}
+        if v_prediction:
+            graph[f"{node}3"] = {"class_type": "ModelSamplingDiscrete", "inputs": server.stock_inputs(
+                "ModelSamplingDiscrete", model=model, sampling="v_prediction", zsnr=True)}  # fmt: skip
+            model = [f"{node}3", 0]
+        graph[f"{node}1"] = {"class_type": "TokenInversion", "inputs": {
+            "model": model, "clip": [loader, 1], "vae": [loader, 2], "dataset": ["1", 0], "placeholder": "xlms",
+            "initializer": "character", "num_vectors": 1, "templates": "a photo of {}", "steps": 2, "learning_rate": 0.01,
+            "batch_size": 1, "seed": 0, "norm_mode": "none", "embedding_name": name, "overwrite": True}}  # fmt: skip
+        graph[f"{node}2"] = {"class_type": "PreviewAny", "inputs": {"source": [f"{node}1", 2]}}
+        return graph
+
+    prompt = {
+        "1": {"class_type": "PivotalDatasetFromFolder", "inputs": {"folder": "character", "resolution": 64, "flip": False,
+                                                                   "caption_source": "template", "on_bad_image": "error"}},
+        **inversion("10", "tiny-sdxl.safetensors", "ms_xl_eps"),
+        **inversion("20", "tiny-sdxl.safetensors", "ms_xl_node", v_prediction=True),
+        **inversion("30", "tiny-sdxl-vpred.safetensors", "ms_xl_markers"),
+        **inversion("40", "tiny-sd15.safetensors", "ms_sd15_eps"),
+        **inversion("50", "tiny-sd15.safetensors", "ms_sd15_v", v_prediction=True),
+    }  # fmt: skip
+    _, log = run_prompt(server, tmp_path, "model_sampling", prompt, timeout=1500)
+    assert not [problem for problem in LOG_PROBLEMS if problem in log], log[-4000:]
+    files = {name: embedding_tensors(server.models / "embeddings" / f"{name}.safetensors")
+             for name in ("ms_xl_eps", "ms_xl_node", "ms_xl_markers", "ms_sd15_eps", "ms_sd15_v")}  # fmt: skip
+    for key in ("clip_l", "clip_g"):
+        assert torch_equal(files["ms_xl_node"][key], files["ms_xl_markers"][key]), key
+        assert not torch_equal(files["ms_xl_eps"][key], files["ms_xl_node"][key]), key
+    assert not torch_equal(files["ms_sd15_eps"]["clip_l"], files["ms_sd15_v"]["clip_l"])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -73,6 +73,7 @@ def load(path):
 def test_the_workflows_ship():
     assert {p.name for p in WORKFLOWS} == {
         "pivotal_tuning_sd15.json", "use_trained_lora_sd15.json", "norm_stats.json", "lr_sweep_sd15.json",
+        "pivotal_tuning_sdxl.json", "use_trained_lora_sdxl.json",
     }  # fmt: skip
 
 
@@ -149,8 +150,9 @@ def check_value(where, spec, value):
         assert options.get("min", value) <= value <= options.get("max", value), f"{where}.{name}: {value} out of range"
 
 
-def test_pivotal_workflow_trains_and_generates_in_one_run(mappings):
-    workflow = load(REPO_ROOT / "workflows" / "pivotal_tuning_sd15.json")
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_pivotal_workflow_trains_and_generates_in_one_run(mappings, family):
+    workflow = load(REPO_ROOT / "workflows" / f"pivotal_tuning_{family}.json")
     types = {node["id"]: node["type"] for node in workflow["nodes"]}
     edges = {(types[origin], types[target]) for _, origin, _, target, _, _ in workflow["links"]}
     for edge in [
@@ -164,13 +166,30 @@ def test_pivotal_workflow_trains_and_generates_in_one_run(mappings):
         assert edge in edges, edge
 
 
-def test_use_trained_lora_workflow_names_the_files_the_training_writes(mappings):
-    trained = {n["type"]: named_widgets(n, mappings) for n in load(REPO_ROOT / "workflows" / "pivotal_tuning_sd15.json")["nodes"]}
-    use = load(REPO_ROOT / "workflows" / "use_trained_lora_sd15.json")
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_use_trained_lora_workflow_names_the_files_the_training_writes(mappings, family):
+    trained = {n["type"]: named_widgets(n, mappings) for n in load(REPO_ROOT / "workflows" / f"pivotal_tuning_{family}.json")["nodes"]}
+    use = load(REPO_ROOT / "workflows" / f"use_trained_lora_{family}.json")
+    assert {node["type"] for node in use["nodes"]} <= set(STOCK_NODES)  # stock ComfyUI only: runs without the pack
     loader = next(named_widgets(n, mappings) for n in use["nodes"] if n["type"] == "LoraLoader")
     assert loader["lora_name"] == trained["PivotalLoRATune"]["lora_name"] + ".safetensors"
     prompts = [named_widgets(n, mappings)["text"] for n in use["nodes"] if n["type"] == "CLIPTextEncode"]
     assert any(f"embedding:{trained['TokenInversion']['embedding_name']} " in prompt for prompt in prompts)
+
+
+def test_sdxl_workflows_default_to_1024_px_with_the_memory_options_on(mappings):
+    train = {n["type"]: named_widgets(n, mappings) for n in load(REPO_ROOT / "workflows" / "pivotal_tuning_sdxl.json")["nodes"]}
+    use = {n["type"]: named_widgets(n, mappings) for n in load(REPO_ROOT / "workflows" / "use_trained_lora_sdxl.json")["nodes"]}
+    assert train["PivotalDatasetFromFolder"]["resolution"] == 1024
+    for widgets in (train["EmptyLatentImage"], use["EmptyLatentImage"]):
+        assert (widgets["width"], widgets["height"]) == (1024, 1024)
+    for node in ("TokenInversion", "PivotalLoRATune"):
+        assert train[node]["mixed_precision"] == "bf16" and train[node]["gradient_checkpointing"] is True, node
+    assert train["PivotalLoRATune"]["offload_text_encoders"] is True  # allowed: sequential, text encoders frozen
+    assert train["PivotalLoRATune"]["schedule"] == "sequential" and train["PivotalLoRATune"]["train_text_encoder"] is False
+    # vSLERP around both encoders' centres (and the pooled one): the norm statistics measure every encoder
+    assert train["SlerpRegularizer"]["interpolation"] == "vslerp" and train["EmbeddingNormStats"].get("encoder", "all") == "all"
+    assert train["CheckpointLoaderSimple"]["ckpt_name"] == use["CheckpointLoaderSimple"]["ckpt_name"]
 
 
 def test_every_workflow_has_an_output_node():

@@ -123,12 +123,7 @@ def bundle_from_ldm_state(
     converted = convert_to_diffusers(state, configs, where, family)
     unet = _build_model(lambda: UNet2DConditionModel.from_config(configs["unet"]), converted["unet"], "UNet", where)
     vae = _build_model(lambda: AutoencoderKL.from_config(configs["vae"]), converted["vae"], "VAE", where)
-    encoders = []
-    for index, (part, spec) in enumerate(zip(parts, family.text_encoders)):
-        model_class = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
-        config = CLIPTextConfig.from_dict(configs[part])
-        what = "text encoder" if index == 0 else f"text encoder {index + 1}"
-        encoders.append(_build_model(lambda: model_class(config), converted[part], what, where))
+    encoders = _build_text_encoders(converted, configs, family, where)
     scheduler = DDPMScheduler.from_config(configs["scheduler"])
     family = detect_family(encoders[0], unet, encoders[1] if len(encoders) > 1 else None)
     return ModelBundle(
@@ -137,16 +132,29 @@ def bundle_from_ldm_state(
     )  # fmt: skip
 
 
-def text_encoder_from_ldm_state(state: dict[str, torch.Tensor], text_config: dict, where: Path) -> CLIPTextModel:
-    """The CLIP text encoder alone, from `cond_stage_model.transformer.*` tensors (for measurements).
+def text_encoders_from_ldm_state(
+    state: dict[str, torch.Tensor], configs: dict[str, dict], family: ModelFamily, where: Path
+) -> list[torch.nn.Module]:
+    """The family's text encoders alone, in family order, from their single-file-layout tensors (for measurements).
 
     Args:
-        state (`dict`): float32 tensors in the LDM layout (other parts are ignored).
-        text_config (`dict`): the `CLIPTextConfig` as a dict.
+        state (`dict`): float32 tensors under the text encoders' single-file prefixes (other parts are ignored).
+        configs (`dict`): the `CLIPTextConfig` dicts by part (`text_encoder` [, `text_encoder_2`]).
+        family (`ModelFamily`): gives the encoders' prefixes, namings and classes.
         where (`Path`): what error messages name (`where.name`).
     """
-    converted = {k: v for k, v in convert_ldm_clip_checkpoint(state).items() if not k.endswith(IGNORED_CLIP_SUFFIXES)}
-    return _build_model(lambda: CLIPTextModel(CLIPTextConfig.from_dict(text_config)), converted, "text encoder", where)
+    return _build_text_encoders(convert_text_encoders(state, configs, where, family), configs, family, where)
+
+
+def _build_text_encoders(converted: dict[str, dict], configs: dict[str, dict], family: ModelFamily, where: Path) -> list:
+    """The text encoders from their converted state dicts (`CLIPTextModelWithProjection` where the family's has one)."""
+    encoders = []
+    for index, (part, spec) in enumerate(zip(family.text_encoder_parts, family.text_encoders)):
+        model_class = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+        config = CLIPTextConfig.from_dict(configs[part])
+        what = "text encoder" if index == 0 else f"text encoder {index + 1}"
+        encoders.append(_build_model(lambda: model_class(config), converted[part], what, where))
+    return encoders
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -275,11 +283,25 @@ def scheduler_config_with_markers(config: dict, state: dict[str, torch.Tensor], 
     if not family.prediction_markers:
         return config
     v_pred, ztsnr = family.prediction_markers
-    config = dict(config)
-    if v_pred in state:
-        config["prediction_type"] = "v_prediction"
-        if ztsnr in state:
-            config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if v_pred not in state:
+        return config
+    return prediction_config(config, "v_prediction", zero_terminal_snr=ztsnr in state)
+
+
+def prediction_config(config: dict, prediction_type: str, zero_terminal_snr: bool) -> dict:
+    """A copy of a DDPM scheduler config predicting `prediction_type`, with zero terminal SNR when asked.
+
+    diffusers' zero-terminal-SNR schedule is `rescale_betas_zero_snr` with the `trailing` timestep spacing
+    it recommends; ComfyUI's `zsnr` rescales its sigmas by the same rule (Lin et al. 2023, Algorithm 1).
+
+    Args:
+        config (`dict`): a `DDPMScheduler` config.
+        prediction_type (`str`): diffusers' name (`epsilon`, `v_prediction`).
+        zero_terminal_snr (`bool`): rescale the betas so that the last timestep is pure noise.
+    """
+    config = dict(config, prediction_type=prediction_type)
+    if zero_terminal_snr:
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     return config
 
 
@@ -314,25 +336,43 @@ def convert_to_diffusers(
         "unet": convert_ldm_unet_checkpoint(state, configs["unet"]),
         "vae": convert_ldm_vae_checkpoint(state, configs["vae"]),
     }
-    specs = dict(zip(family.text_encoder_parts, family.text_encoders))
-    for part, spec in specs.items():
-        converted[part] = _convert_text_encoder(state, spec, configs[part])
-    for part, prefix in family.single_file_prefixes.items():
-        unused = _unused_keys(state, prefix, converted[part])
-        if part in specs and specs[part].open_clip_layout:
+    for part in ("unet", "vae"):
+        _raise_unused(_unused_keys(state, family.single_file_prefixes[part], converted[part]), part, path, family)
+    return {**converted, **convert_text_encoders(state, configs, path, family)}
+
+
+def convert_text_encoders(
+    state: dict[str, torch.Tensor], configs: dict[str, dict], path: Path, family: ModelFamily = DEFAULT_FAMILY
+) -> dict[str, dict]:
+    """Single-file state dict -> the diffusers state dict of each text encoder (`text_encoder`, …), every tensor used.
+
+    Args:
+        state (`dict`): tensors under the encoders' single-file prefixes (other parts are ignored).
+        configs (`dict`): the encoders' configs by part.
+        path (`Path`): the file, for messages.
+        family (`ModelFamily`): gives the encoders' prefixes and namings.
+    """
+    converted = {}
+    for part, spec in zip(family.text_encoder_parts, family.text_encoders):
+        weights = _convert_text_encoder(state, spec, configs[part])
+        unused = _unused_keys(state, spec.single_file_prefix, weights)
+        if spec.open_clip_layout:
             unused = [k for k in unused if not k.endswith(COPIED_OPEN_CLIP_SUFFIXES + IGNORED_OPEN_CLIP_SUFFIXES)]
-        if unused:
-            raise ModelLoadError(
-                f"{path.name}: {len(unused)} {part} tensor(s) were not converted, e.g. {', '.join(unused[:5])}: "
-                f"the file does not match the {family.display_name} architecture."
-            )
-    for part, spec in specs.items():
+        _raise_unused(unused, part, path, family)
         # An encoder with projection keeps its `text_projection.weight`.
         ignored = IGNORED_CLIP_SUFFIXES
         if spec.with_projection:
             ignored = tuple(suffix for suffix in IGNORED_CLIP_SUFFIXES if suffix != "text_projection.weight")
-        converted[part] = {k: v for k, v in converted[part].items() if not k.endswith(ignored)}
+        converted[part] = {k: v for k, v in weights.items() if not k.endswith(ignored)}
     return converted
+
+
+def _raise_unused(unused: list[str], part: str, path: Path, family: ModelFamily) -> None:
+    if unused:
+        raise ModelLoadError(
+            f"{path.name}: {len(unused)} {part} tensor(s) were not converted, e.g. {', '.join(unused[:5])}: "
+            f"the file does not match the {family.display_name} architecture."
+        )
 
 
 def _match_prefix(converted: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
