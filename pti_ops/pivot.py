@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, TokenizerError
 from .files.bundled_embeddings import split_bundled
 from .files.embedding_file import load_embedding, save_embedding
 from .files.lora_file import load_lora
@@ -121,19 +121,16 @@ class Pivot:
             raise InvalidInputError(f"this pivot holds vectors for {sorted(by_key)} but the model's text encoders are {list(keys)}.")
         vectors = [by_key[key] for key in keys]
         strings = [self.placeholder] if self.num_vectors == 1 else [f"{self.placeholder}_{i}" for i in range(self.num_vectors)]
-        # only tokens added as placeholders, never a vocabulary word
-        added = [tokenizer.get_added_vocab() for tokenizer in bundle.tokenizers]
-        if not all(s in vocab for vocab in added for s in strings):
+        try:  # only tokens added as placeholders, never a vocabulary word
+            tokens = placeholder_in_tokenizers(bundle.tokenizers, PlaceholderToken(self.placeholder, tuple(strings), (), self.initializer))
+        except TokenizerError:
             if len(keys) == 1:
                 return (add_placeholder(bundle.tokenizer, bundle.text_encoder, self.placeholder, self.initializer, vectors=self.vectors),)
             return add_placeholders(bundle.tokenizers, bundle.text_encoders, self.placeholder, self.initializer, vectors=vectors)
-        tokens = []
-        for vocab, encoder, rows in zip(added, bundle.text_encoders, vectors):
-            ids = [vocab[s] for s in strings]
-            weight = encoder.get_input_embeddings().weight
-            if weight.shape[1] != rows.shape[1]:
-                raise InvalidInputError(f"pivot vectors are {rows.shape[1]} wide but this text encoder needs {weight.shape[1]}.")
-            tokens.append(PlaceholderToken(self.placeholder, tuple(strings), tuple(ids), self.initializer))
+        for encoder, rows in zip(bundle.text_encoders, vectors):
+            width = encoder.get_input_embeddings().weight.shape[1]
+            if width != rows.shape[1]:
+                raise InvalidInputError(f"pivot vectors are {rows.shape[1]} wide but this text encoder needs {width}.")
         for token, encoder, rows in zip(tokens, bundle.text_encoders, vectors):  # all checked: now write
             weight = encoder.get_input_embeddings().weight
             with torch.no_grad():
